@@ -1,0 +1,283 @@
+"""The run configuration: one typed tree of dataclasses, loaded from YAML files plus
+``key=value`` overrides.
+
+Every key a user can set is a dataclass field, so a typo or a wrong type is caught
+before anything runs, and the error lists the valid keys. The resolved config is what
+gets saved with a run and hashed into its id by the grid launcher.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it."""
+
+
+@dataclass
+class DataConfig:
+    train_csv: str = ""                  # EmoSPeech CSV: id,label,transcription
+    audio_dir: str = ""                  # folder holding the files named by `id`
+    dev_csv: str | None = None           # explicit dev split; otherwise split from train_csv
+    dev_fraction: float = 0.16           # the authors' 480 of 3000
+    split_seed: int = 1234
+    test_csv: str | None = None          # id,transcription (label column optional)
+    test_audio_dir: str | None = None    # defaults to audio_dir
+    test_labels_csv: str | None = None   # gold id,label for the test CSV, when known
+    sample_rate: int = 16000             # must match the speech backbone
+    crop_seconds: float = 5.5            # random training crop; shorter clips are repeat-padded
+    augment_prob: float = 0.3
+    speeds: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    snr_db: list[float] = field(default_factory=lambda: [15.0, 25.0])
+    noise_dir: str | None = None         # e.g. MUSAN noise; generated noise when unset
+    rir_dir: str | None = None           # e.g. RIRS_NOISES; synthetic decaying RIR when unset
+    max_text_tokens: int = 128
+    num_workers: int = 0
+    eval_batch_size: int = 8
+
+
+@dataclass
+class EncoderConfig:
+    name: str = ""          # hub id or local folder, loaded with AutoModel.from_pretrained
+    layers: str = "last"    # "weighted": learned softmax weights over all hidden states; "last"
+
+
+@dataclass
+class ModelConfig:
+    modalities: str = "audio+text"   # "audio+text", "audio" or "text"
+    speech: EncoderConfig = field(default_factory=lambda: EncoderConfig(layers="weighted"))
+    text: EncoderConfig = field(default_factory=lambda: EncoderConfig(layers="last"))
+    fusion_dim: int | None = None    # common width; default: the wider encoder's
+    fusion_attention_heads: int = 0  # >0 adds one multi-head self-attention layer before pooling
+    head_width: int = 512
+    hidden_layers: int = 2           # N extra Linear+LN+GELU+Dropout blocks in the MLP head
+    dropout: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    grad_accum_steps: int = 1
+    epochs: int = 20
+    max_steps: int = 0               # >0 overrides epochs
+    eval_every: int = 100            # optimizer steps between dev evaluations
+    lr_decay: float = 0.9            # lr *= lr_decay after lr_patience evaluations without improvement
+    lr_patience: int = 10
+    early_stop_patience: int = 0     # stop after this many evaluations without improvement; 0 = never
+    class_weights: str = "inverse"   # "inverse" (the paper), "inverse_normalized" (mean 1), "none"
+    max_grad_norm: float = 0.0       # 0 = no clipping
+    seed: int = 1234
+    bf16: bool = False               # bf16 autocast for backbones and heads
+    device: str = "auto"             # "auto", "cpu", "cuda", "cuda:1", ...
+    log_every: int = 20
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = ""                    # the run folder; jobs/train.py and the grid launcher set it
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+_CHOICES = {
+    "model.modalities": ("audio+text", "audio", "text"),
+    "model.speech.layers": ("weighted", "last"),
+    "model.text.layers": ("weighted", "last"),
+    "train.class_weights": ("inverse", "inverse_normalized", "none"),
+}
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every settable dotted key, e.g. ``train.lr``."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += valid_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key '{key}' ({where}).{hint}\nValid keys: {', '.join(keys)}")
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    """Check ``value`` against a field's type; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, where)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' ({where}) must be a list, got {value!r}")
+        return [_coerce(v, item, key, where) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads "5e-5" (no dot) as a string; that spelling is common for learning rates.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. a model name that YAML read as a number
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"config key '{key}' ({where}) must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def set_key(cfg: Config, key: str, value: Any, where: str = "override") -> None:
+    """Set a dotted key on the config tree, validating key and type."""
+    parts = key.split(".")
+    node: Any = cfg
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            raise _unknown_key(key, where)
+        node = getattr(node, part)
+    if not dataclasses.is_dataclass(node):
+        raise _unknown_key(key, where)
+    hints = typing.get_type_hints(type(node))
+    last = parts[-1]
+    if last not in hints:
+        raise _unknown_key(key, where)
+    if dataclasses.is_dataclass(hints[last]):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' ({where}) is a section; give a mapping or set its keys")
+        for sub, v in value.items():
+            set_key(cfg, f"{key}.{sub}", v, where)
+        return
+    setattr(node, last, _coerce(value, hints[last], key, where))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=1e-4`` -> ("train.lr", 1e-4). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+    return key.strip(), value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_tree(cfg: Config, tree: dict[str, Any], where: str) -> Config:
+    for key, value in flatten(tree).items():
+        set_key(cfg, key, value, where)
+    return cfg
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Defaults <- base tree <- each YAML file in order <- ``key=value`` overrides."""
+    cfg = Config()
+    if base:
+        apply_tree(cfg, base, "base")
+    for path in files:
+        apply_tree(cfg, read_yaml(path), str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        set_key(cfg, key, value, f"override '{text}'")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any], where: str = "config") -> Config:
+    cfg = apply_tree(Config(), tree, where)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+    flat = flatten(cfg.to_dict())
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {flat[key]!r}")
+    positive = ["data.sample_rate", "data.crop_seconds", "data.max_text_tokens", "data.eval_batch_size",
+                "model.head_width", "train.lr", "train.batch_size", "train.grad_accum_steps",
+                "train.eval_every", "train.log_every"]
+    for key in positive:
+        if not flat[key] > 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]!r}")
+    for key in ["model.hidden_layers", "model.fusion_attention_heads", "train.max_steps", "train.epochs",
+                "train.weight_decay", "train.early_stop_patience", "train.max_grad_norm", "data.num_workers"]:
+        if flat[key] < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]!r}")
+    for key in ["data.augment_prob", "model.dropout", "data.dev_fraction"]:
+        if not 0 <= flat[key] < 1 or (key == "data.dev_fraction" and flat[key] == 0 and not cfg.data.dev_csv):
+            raise ConfigError(f"config key '{key}' must be in [0, 1), got {flat[key]!r}")
+    if not 0 < cfg.train.lr_decay <= 1:
+        raise ConfigError(f"config key 'train.lr_decay' must be in (0, 1], got {cfg.train.lr_decay!r}")
+    if len(cfg.data.snr_db) != 2 or cfg.data.snr_db[0] > cfg.data.snr_db[1]:
+        raise ConfigError(f"config key 'data.snr_db' must be [low, high], got {cfg.data.snr_db!r}")
+    if any(s <= 0 for s in cfg.data.speeds):
+        raise ConfigError(f"config key 'data.speeds' must hold positive factors, got {cfg.data.speeds!r}")
+    if cfg.train.max_steps == 0 and cfg.train.epochs == 0:
+        raise ConfigError("set train.epochs or train.max_steps above 0")
+    if cfg.model.fusion_dim is not None and cfg.model.fusion_dim <= 0:
+        raise ConfigError(f"config key 'model.fusion_dim' must be > 0, got {cfg.model.fusion_dim!r}")
+    if cfg.model.fusion_attention_heads and cfg.model.fusion_dim and cfg.model.fusion_dim % cfg.model.fusion_attention_heads:
+        raise ConfigError("model.fusion_dim must be divisible by model.fusion_attention_heads")
+    if "audio" in cfg.model.modalities.split("+") and not cfg.model.speech.name:
+        raise ConfigError("config key 'model.speech.name' is required for the audio modality")
+    if "text" in cfg.model.modalities.split("+") and not cfg.model.text.name:
+        raise ConfigError("config key 'model.text.name' is required for the text modality")

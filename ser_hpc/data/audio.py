@@ -1,0 +1,61 @@
+"""Audio decoding, resampling and cropping.
+
+soundfile decodes (torchaudio 2.9 has no I/O of its own without FFmpeg); torchaudio
+resamples. The public code fed 44.1 kHz audio to 16 kHz models: every clip here is
+resampled to the backbone's rate.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+
+class AudioError(ValueError):
+    """An audio file cannot be used; the message names it."""
+
+
+@functools.lru_cache(maxsize=16)
+def _resampler(orig_sr: int, target_sr: int) -> torchaudio.transforms.Resample:
+    # The transform precomputes its filter kernel; building it per clip costs more than resampling.
+    return torchaudio.transforms.Resample(orig_sr, target_sr)
+
+
+def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    if orig_sr == target_sr:
+        return wave
+    with torch.no_grad():
+        out = _resampler(orig_sr, target_sr)(torch.from_numpy(np.ascontiguousarray(wave)))
+    return out.numpy()
+
+
+def load_audio(path: str | Path, target_sr: int) -> np.ndarray:
+    """Decode, downmix to mono and resample: float32 samples at ``target_sr``."""
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise AudioError(f"unreadable audio file {path}: {exc}") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"audio file {path} is empty (0 samples)")
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    return resample(np.ascontiguousarray(mono, dtype=np.float32), sr, target_sr)
+
+
+def fit_length(wave: np.ndarray, n: int) -> np.ndarray:
+    """Repeat-pad (the authors' choice, no silence) or trim to exactly ``n`` samples."""
+    if len(wave) >= n:
+        return wave[:n]
+    reps = -(-n // len(wave))
+    return np.tile(wave, reps)[:n]
+
+
+def random_crop(wave: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random window of ``n`` samples; shorter clips are repeat-padded."""
+    if len(wave) <= n:
+        return fit_length(wave, n)
+    start = int(rng.integers(0, len(wave) - n + 1))
+    return wave[start:start + n]

@@ -1,0 +1,90 @@
+"""Torch datasets: random augmented crops for training, whole clips for evaluation.
+
+Each training item's randomness comes from (seed, epoch, index), so a crop does not depend
+on which worker loads it or on how many items came before: runs are reproducible and a
+resumed run sees the same data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .audio import fit_length, load_audio, random_crop
+from .augment import Augmenter
+from .corpus import Example
+
+
+@dataclass
+class Batch:
+    ids: list[str]
+    waves: torch.Tensor        # [B, T] float32, zero-padded
+    wave_lengths: torch.Tensor  # [B] valid samples per clip
+    texts: list[str]
+    labels: torch.Tensor       # [B] long, -1 where unknown
+
+
+class TrainCrops(Dataset):
+    def __init__(self, examples: list[Example], sample_rate: int, crop_seconds: float,
+                 augmenter: Augmenter | None, seed: int):
+        self.examples = examples
+        self.sample_rate = sample_rate
+        self.crop = int(round(crop_seconds * sample_rate))
+        self.augmenter = augmenter
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        ex = self.examples[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        wave = load_audio(ex.audio_path, self.sample_rate)
+        choice = self.augmenter.choose(rng) if self.augmenter else None
+        need = Augmenter.input_length(choice, self.crop)
+        crop = random_crop(wave, need, rng)
+        if choice is not None:
+            crop = fit_length(self.augmenter.apply(crop, choice, rng), self.crop)
+        return {"id": ex.id, "wave": crop, "text": ex.text, "label": -1 if ex.label is None else ex.label}
+
+
+class WholeClips(Dataset):
+    """Evaluation: the whole clip, no augmentation."""
+
+    def __init__(self, examples: list[Example], sample_rate: int):
+        self.examples = examples
+        self.sample_rate = sample_rate
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        ex = self.examples[index]
+        wave = load_audio(ex.audio_path, self.sample_rate)
+        return {"id": ex.id, "wave": wave, "text": ex.text, "label": -1 if ex.label is None else ex.label}
+
+
+def collate(items: list[dict]) -> Batch:
+    lengths = torch.tensor([len(it["wave"]) for it in items], dtype=torch.long)
+    waves = torch.zeros(len(items), int(lengths.max()), dtype=torch.float32)
+    for i, it in enumerate(items):
+        waves[i, : len(it["wave"])] = torch.from_numpy(np.asarray(it["wave"], dtype=np.float32))
+    return Batch(
+        ids=[it["id"] for it in items],
+        waves=waves,
+        wave_lengths=lengths,
+        texts=[it["text"] for it in items],
+        labels=torch.tensor([it["label"] for it in items], dtype=torch.long),
+    )
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Index batches of similar-length clips: evaluation pads less and runs faster."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

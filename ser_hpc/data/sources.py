@@ -1,0 +1,38 @@
+"""From the data config to checked train / dev / test example lists.
+
+Everything a run reads is validated here, before any model is built: columns, labels,
+that each audio file exists, opens and is not empty.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import DataConfig
+from .corpus import Example, check_audio, read_corpus
+from .split import stratified_split
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]                   # may be empty
+    durations: dict[str, float]           # clip id -> seconds, for length-sorted evaluation
+    test_has_labels: bool = False
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    train = read_corpus(cfg.train_csv, cfg.audio_dir, require_labels=True)
+    durations = dict(zip((e.id for e in train), check_audio(train, cfg.train_csv)))
+    if cfg.dev_csv:
+        dev = read_corpus(cfg.dev_csv, cfg.audio_dir, require_labels=True)
+        durations.update(zip((e.id for e in dev), check_audio(dev, cfg.dev_csv)))
+    else:
+        train, dev = stratified_split(train, cfg.dev_fraction, cfg.split_seed)
+    test: list[Example] = []
+    if cfg.test_csv:
+        test = read_corpus(cfg.test_csv, cfg.test_audio_dir or cfg.audio_dir, require_labels=bool(cfg.test_labels_csv),
+                           labels_csv=cfg.test_labels_csv)
+        durations.update(zip((e.id for e in test), check_audio(test, cfg.test_csv)))
+    has_labels = bool(test) and all(e.label is not None for e in test)
+    return Splits(train, dev, test, durations, has_labels)

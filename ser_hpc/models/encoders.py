@@ -1,0 +1,157 @@
+"""Frozen pretrained encoders, loaded from a hub id or a local folder.
+
+They return ALL hidden states; the layer mixing weights live in the trainable head, so
+several heads can share one backbone forward and each learn its own mix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoTokenizer
+
+
+class BackboneError(ValueError):
+    """A backbone cannot be loaded; the message names it."""
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def _load(kind: str, name: str, loader, **kwargs):
+    if not name:
+        raise BackboneError(f"no {kind} model name given")
+    if _looks_like_path(name) and not Path(name).expanduser().exists():
+        raise BackboneError(f"{kind} model path does not exist: {name}")
+    try:
+        return loader(str(Path(name).expanduser()) if _looks_like_path(name) else name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise BackboneError(
+            f"cannot load {kind} model {name!r}: {exc}\n"
+            "Compute nodes are usually offline: prefetch hub models on the login node "
+            "(jobs/prefetch_models.py) or give a local folder.") from None
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class SpeechEncoder(nn.Module):
+    """wav2vec 2.0 / XLS-R, WavLM, HuBERT: waveform -> every layer's frame features."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        config = _load("speech", name, AutoConfig.from_pretrained)
+        if getattr(config, "mask_time_prob", 0):
+            config.mask_time_prob = 0.0  # SpecAugment masking is for pretraining only
+        self.backbone = _freeze(_load("speech", name, AutoModel.from_pretrained, config=config))
+        try:
+            fe = AutoFeatureExtractor.from_pretrained(str(Path(name).expanduser()) if _looks_like_path(name) else name)
+            self.sample_rate = int(getattr(fe, "sampling_rate", 16000))
+            self.normalize = bool(getattr(fe, "do_normalize", True))
+        except (OSError, ValueError):
+            self.sample_rate, self.normalize = 16000, True
+        # Group-norm feature extractors (wav2vec2-base, HuBERT/WavLM base) mix statistics over
+        # the whole padded input, so padding would change their output: run those clip by clip.
+        self.accepts_padding_mask = getattr(config, "feat_extract_norm", "layer") == "layer"
+        self.width = config.hidden_size
+        self.num_states = config.num_hidden_layers + 1
+
+    def train(self, mode: bool = True):  # the backbone stays in eval mode (no dropout)
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def frame_lengths(self, wave_lengths: torch.Tensor) -> torch.Tensor:
+        return self.backbone._get_feat_extract_output_lengths(wave_lengths).long()
+
+    def _normalise(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Zero mean, unit variance over each clip's valid samples (the feature extractor's do_normalize)."""
+        if not self.normalize:
+            return waves
+        mask = (torch.arange(waves.shape[1], device=waves.device)[None] < lengths[:, None]).to(waves.dtype)
+        n = lengths.to(waves.dtype)[:, None]
+        mean = (waves * mask).sum(1, keepdim=True) / n
+        var = (((waves - mean) * mask) ** 2).sum(1, keepdim=True) / n
+        return (waves - mean) / torch.sqrt(var + 1e-7) * mask
+
+    @torch.no_grad()
+    def forward(self, waves: torch.Tensor, wave_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (states [L, B, F, D], frame mask [B, F] bool)."""
+        waves = self._normalise(waves, wave_lengths)
+        frames = self.frame_lengths(wave_lengths)
+        if self.accepts_padding_mask:
+            mask = torch.arange(waves.shape[1], device=waves.device)[None] < wave_lengths[:, None]
+            out = self.backbone(waves, attention_mask=mask.long(), output_hidden_states=True)
+            states = torch.stack(out.hidden_states)
+        else:
+            per_clip = [torch.stack(self.backbone(waves[i:i + 1, : wave_lengths[i]], output_hidden_states=True).hidden_states)
+                        for i in range(waves.shape[0])]
+            states = waves.new_zeros(len(per_clip[0]), waves.shape[0], int(frames.max()), per_clip[0].shape[-1],
+                                     dtype=per_clip[0].dtype)
+            for i, s in enumerate(per_clip):
+                states[:, i, : s.shape[2]] = s[:, 0]
+        f = states.shape[2]
+        frame_mask = torch.arange(f, device=states.device)[None] < frames[:, None].to(states.device)
+        return states, frame_mask
+
+
+class TextEncoder(nn.Module):
+    """RoBERTa, BERT, BETO, XLM-R: transcription -> every layer's token features."""
+
+    def __init__(self, name: str, max_tokens: int = 128):
+        super().__init__()
+        self.name = name
+        self.tokenizer = _load("text", name, AutoTokenizer.from_pretrained)
+        self.backbone = _freeze(_load("text", name, AutoModel.from_pretrained))
+        config = self.backbone.config
+        self.max_tokens = min(max_tokens, getattr(config, "max_position_embeddings", max_tokens) - 2)
+        self.width = config.hidden_size
+        self.num_states = config.num_hidden_layers + 1
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (states [L, B, S, D], token mask [B, S] bool)."""
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
+                             return_tensors="pt").to(device)
+        out = self.backbone(**enc, output_hidden_states=True)
+        return torch.stack(out.hidden_states), enc["attention_mask"].bool()
+
+
+@dataclass
+class BackboneOutput:
+    speech: torch.Tensor | None = None       # [L, B, F, D]
+    speech_mask: torch.Tensor | None = None  # [B, F]
+    text: torch.Tensor | None = None         # [L, B, S, D]
+    text_mask: torch.Tensor | None = None    # [B, S]
+
+
+class FrozenBackbones(nn.Module):
+    """The speech and/or text encoders a run needs; never trained, never checkpointed."""
+
+    def __init__(self, speech_name: str | None, text_name: str | None, max_text_tokens: int = 128):
+        super().__init__()
+        self.speech = SpeechEncoder(speech_name) if speech_name else None
+        self.text = TextEncoder(text_name, max_text_tokens) if text_name else None
+
+    @torch.no_grad()
+    def forward(self, waves: torch.Tensor | None, wave_lengths: torch.Tensor | None,
+                texts: list[str] | None, device: torch.device) -> BackboneOutput:
+        out = BackboneOutput()
+        if self.speech is not None:
+            out.speech, out.speech_mask = self.speech(waves.to(device), wave_lengths.to(device))
+        if self.text is not None:
+            out.text, out.text_mask = self.text(texts, device)
+        return out

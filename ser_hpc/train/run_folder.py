@@ -1,0 +1,81 @@
+"""One run's folder in the results tree, and every file in it.
+
+All writes are atomic (``ser_hpc.atomic_io``): a reader on another node or a rerun after a
+crash never sees a torn file. A finished run (``final.json`` with status done) is never
+redone; a folder holding a different config is never overwritten.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .. import atomic_io
+from ..config import Config, ConfigError
+from ..data.labels import LABELS
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.yaml")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    final = property(lambda self: self.path / "final.json")
+    best_head = property(lambda self: self.path / "best_head.safetensors")
+    dev_probs = property(lambda self: self.path / "dev_probs.csv")
+    test_probs = property(lambda self: self.path / "test_probs.csv")
+
+    def read_final(self) -> dict | None:
+        try:
+            return json.loads(self.final.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+
+    def is_done(self) -> bool:
+        final = self.read_final()
+        return bool(final) and final.get("status") == "done"
+
+    def prepare(self, cfg: Config) -> None:
+        """Claim the folder for this config; refuse one that holds another config's results."""
+        text = cfg.to_yaml()
+        if self.config.exists():
+            old = yaml.safe_load(self.config.read_text(encoding="utf-8"))
+            if old != yaml.safe_load(text):
+                raise ConfigError(
+                    f"run folder {self.path} already holds a run with a different config ({self.config}); "
+                    "choose another run.dir or remove the folder")
+        else:
+            atomic_io.write_text(self.config, text)
+        # A restart from scratch: the earlier attempt's evaluation log no longer applies.
+        if self.metrics.exists():
+            self.metrics.unlink()
+
+    def log_metrics(self, record: dict) -> None:
+        atomic_io.append_line(self.metrics, json.dumps(record))
+
+    def write_final(self, record: dict) -> None:
+        atomic_io.write_json(self.final, record)
+
+    def save_head(self, state: dict[str, torch.Tensor]) -> None:
+        atomic_io.write_bytes(self.best_head, st_save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
+
+    def load_head(self) -> dict[str, torch.Tensor]:
+        return st_load(self.best_head.read_bytes())
+
+    @staticmethod
+    def write_probs(path: Path, ids: list[str], labels: np.ndarray, probs: np.ndarray) -> None:
+        """``id,label,<one column per class>``; label is the gold name or empty."""
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["id", "label", *LABELS])
+        for ident, label, row in zip(ids, labels, probs):
+            writer.writerow([ident, LABELS[label] if label >= 0 else "", *(f"{p:.6f}" for p in row)])
+        atomic_io.write_text(path, buf.getvalue())

@@ -1,0 +1,82 @@
+import math
+
+import pytest
+import torch
+
+from ser_hpc.config import ModelConfig
+from ser_hpc.models.encoders import BackboneOutput
+from ser_hpc.models.head import EmotionHead, LayerMix
+from ser_hpc.models.pooling import AttentionPooling
+
+
+def test_attention_pooling_equals_hand_computation():
+    torch.manual_seed(0)
+    pool = AttentionPooling(4)
+    h = torch.randn(1, 3, 4)
+    mask = torch.tensor([[True, True, False]])
+    u = pool.u.detach()
+    # By hand: scores u.h_t / sqrt(E) over the two real steps, softmax, weighted sum.
+    s = [float(u @ h[0, t]) / math.sqrt(4) for t in range(2)]
+    e = [math.exp(v - max(s)) for v in s]
+    w = [v / sum(e) for v in e]
+    expected = w[0] * h[0, 0] + w[1] * h[0, 1]
+    assert torch.allclose(pool(h, mask)[0], expected, atol=1e-6)
+    weights = pool.weights(h, mask)[0]
+    assert weights[2] == 0 and torch.allclose(weights[:2], torch.tensor(w), atol=1e-6)
+
+
+def test_pooling_ignores_padding_values():
+    pool = AttentionPooling(8)
+    h = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 3 + [False] * 2, [True] * 5])
+    out = pool(h, mask)
+    h2 = h.clone()
+    h2[0, 3:] = 1e6  # garbage in the padding
+    assert torch.allclose(pool(h2, mask), out)
+    assert torch.allclose(pool(h[:1, :3], mask[:1, :3]), out[:1], atol=1e-6)
+
+
+def test_layer_mix_is_softmax_normalised():
+    mix = LayerMix(3)
+    with torch.no_grad():
+        mix.logits.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    states = torch.randn(3, 2, 4, 5)
+    w = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0)
+    assert torch.allclose(mix(states), (w[:, None, None, None] * states).sum(0), atol=1e-6)
+
+
+def _feats(b=2, f=7, s=4, dw=24, tw=16, l_s=3, l_t=2):
+    return BackboneOutput(torch.randn(l_s, b, f, dw), torch.ones(b, f, dtype=torch.bool),
+                          torch.randn(l_t, b, s, tw), torch.ones(b, s, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("heads", [0, 4])
+def test_unequal_widths_are_projected_to_a_common_width(heads):
+    cfg = ModelConfig(fusion_attention_heads=heads, head_width=32, hidden_layers=2)
+    head = EmotionHead(cfg, speech_shape=(3, 24), text_shape=(2, 16)).eval()
+    assert isinstance(head.text.proj, torch.nn.Linear) and head.text.proj.out_features == 24
+    assert isinstance(head.speech.proj, torch.nn.Identity)
+    feats = _feats()
+    h, mask = head.fuse(feats)
+    assert h.shape == (2, 7 + 4, 24) and mask.shape == (2, 11)  # joined along time
+    assert head(feats).shape == (2, 6)
+    fixed = EmotionHead(ModelConfig(fusion_dim=20), (3, 24), (2, 16))
+    assert fixed.speech.proj.out_features == 20 and fixed.text.proj.out_features == 20
+
+
+def test_mlp_shape_follows_the_paper():
+    head = EmotionHead(ModelConfig(hidden_layers=3, head_width=512, dropout=0.2), (3, 24), None)
+    linears = [m for m in head.classifier if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(24, 512)] + [(512, 512)] * 3 + [(512, 6)]
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in head.classifier) == 4
+    assert head.text is None
+
+
+def test_single_modalities():
+    feats = _feats()
+    audio = EmotionHead(ModelConfig(modalities="audio"), (3, 24), None).eval()
+    text = EmotionHead(ModelConfig(modalities="text"), None, (2, 16)).eval()
+    assert audio(feats).shape == (2, 6) and text(feats).shape == (2, 6)
+    # The audio-only head does not look at text at all.
+    feats2 = BackboneOutput(feats.speech, feats.speech_mask, torch.randn_like(feats.text), feats.text_mask)
+    assert torch.equal(audio(feats), audio(feats2))
