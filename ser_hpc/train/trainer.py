@@ -25,7 +25,7 @@ from ..data.sources import Splits, load_splits
 from ..data.split import class_weights
 from ..models.encoders import FrozenBackbones
 from ..models.head import EmotionHead, build_head
-from .metrics import summarize
+from ..metrics import score
 from .run_folder import RunFolder
 
 log = logging.getLogger("ser_hpc.train")
@@ -177,7 +177,7 @@ class Trainer:
                          self.total_steps, epoch, window_loss / window_n, self.optimizer.param_groups[0]["lr"], rate)
             if step % t.eval_every == 0 or step == self.total_steps:
                 preds = self.predict(dev_loader)
-                scores = summarize(preds.labels, preds.probs)
+                scores = score(preds.labels, preds.probs.argmax(1))
                 record = {"step": step, "epoch": epoch, "train_loss": window_loss / max(window_n, 1),
                           "dev_loss": preds.loss, "dev_macro_f1": scores["macro_f1"],
                           "lr": self.optimizer.param_groups[0]["lr"], "elapsed_s": round(time.monotonic() - start, 2)}
@@ -217,7 +217,7 @@ class Trainer:
             test = self.predict(self.eval_loader(self.splits.test))
             RunFolder.write_probs(self.folder.test_probs, test.ids, test.labels, test.probs)
             if self.splits.test_has_labels:
-                scores = summarize(test.labels, test.probs)
+                scores = score(test.labels, test.probs.argmax(1))
                 final.update(test_macro_f1=scores["macro_f1"], test_per_class_f1=scores["per_class_f1"],
                              test_confusion_matrix=scores["confusion_matrix"])
         return final

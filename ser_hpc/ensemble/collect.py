@@ -1,0 +1,138 @@
+"""Read a results tree (plan.json + runs/<run_id>/) into one record per run.
+
+Training jobs may crash, be cancelled or never start, so every reader here is defensive:
+a run is "done" only if final.json says so AND it has what the ensemble needs; anything
+else becomes "failed" (with a reason) or "missing" (no final.json at all), so the
+aggregation can always report on the whole grid instead of dying on the first bad run.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ser_hpc.data.labels import LABEL_TO_ID, LABELS
+
+
+class AggregateError(RuntimeError):
+    """A problem the user must fix (no finished run, inconsistent member outputs...)."""
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    name: str
+    status: str  # "done" | "failed" | "missing"
+    reason: str | None = None
+    dev_macro_f1: float | None = None
+    test_macro_f1: float | None = None
+    best_step: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None
+
+
+@dataclass
+class ProbTable:
+    """One dev_probs.csv / test_probs.csv: rows in file order, columns in LABELS order."""
+
+    ids: list[str]
+    gold: list[int | None]  # None where the label cell is empty (unlabelled test set)
+    probs: np.ndarray  # (n, len(LABELS)) float64
+
+    @property
+    def has_gold(self) -> bool:
+        return bool(self.ids) and all(g is not None for g in self.gold)
+
+
+def load_plan(results_dir: Path) -> dict[str, Any]:
+    """plan.json, or {} when absent (unit tests, or a results tree built by hand)."""
+    path = Path(results_dir) / "plan.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AggregateError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _read_run(run_id: str, name: str | None, overrides: dict, run_dir: Path) -> RunRecord:
+    rec = RunRecord(run_id=run_id, name=name or run_id, status="missing",
+                    overrides=dict(overrides), run_dir=run_dir)
+    final_path = run_dir / "final.json"
+    if not final_path.exists():
+        return rec  # never finished: crashed hard, cancelled, still queued...
+    try:
+        final = json.loads(final_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        rec.status, rec.reason = "failed", f"unreadable final.json: {exc}"
+        return rec
+    rec.name = name or final.get("name") or run_id
+    rec.dev_macro_f1 = _finite(final.get("dev_macro_f1"))
+    rec.test_macro_f1 = _finite(final.get("test_macro_f1"))
+    rec.best_step = final.get("best_step")
+    status = final.get("status")
+    if status != "done":
+        rec.status = "failed"
+        rec.reason = final.get("reason") or (f"status {status!r}" if status != "failed" else "no reason given")
+    # A "done" run the ensemble cannot use is reported as failed rather than silently skipped.
+    elif rec.dev_macro_f1 is None:
+        rec.status, rec.reason = "failed", "status done but dev_macro_f1 is missing or not finite"
+    elif not (run_dir / "dev_probs.csv").exists():
+        rec.status, rec.reason = "failed", "status done but dev_probs.csv is missing"
+    else:
+        rec.status = "done"
+    return rec
+
+
+def collect_runs(results_dir: Path, plan: dict[str, Any] | None = None) -> list[RunRecord]:
+    """One record per run: the plan's runs in plan order, then run folders the plan lacks."""
+    results_dir = Path(results_dir)
+    plan = load_plan(results_dir) if plan is None else plan
+    runs_dir = results_dir / "runs"
+    records, seen = [], set()
+    for entry in plan.get("runs", []):
+        run_id = str(entry["run_id"])
+        seen.add(run_id)
+        records.append(_read_run(run_id, entry.get("name"), entry.get("overrides") or {}, runs_dir / run_id))
+    # Folders not in the plan (e.g. a plan rewritten after a relaunch) still count: they hold results.
+    if runs_dir.is_dir():
+        for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir() and p.name not in seen):
+            records.append(_read_run(run_dir.name, None, {}, run_dir))
+    return records
+
+
+def read_probs(path: Path) -> ProbTable:
+    """Parse a probs CSV by header name (column order is not trusted) and validate it."""
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        need = ["id", "label", *LABELS]
+        absent = [c for c in need if c not in (reader.fieldnames or [])]
+        if absent:
+            raise AggregateError(f"{path}: missing columns {absent}")
+        ids, gold, rows = [], [], []
+        for line_no, row in enumerate(reader, start=2):
+            label = (row["label"] or "").strip()
+            if label and label not in LABEL_TO_ID:
+                raise AggregateError(f"{path}:{line_no}: unknown label {label!r}")
+            ids.append(row["id"])
+            gold.append(LABEL_TO_ID[label] if label else None)
+            try:
+                rows.append([float(row[c]) for c in LABELS])
+            except (TypeError, ValueError) as exc:
+                raise AggregateError(f"{path}:{line_no}: bad probability ({exc})") from exc
+    probs = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(LABELS))
+    if len(set(ids)) != len(ids):
+        raise AggregateError(f"{path}: duplicate ids")
+    if not np.isfinite(probs).all():
+        raise AggregateError(f"{path}: non-finite probabilities (NaN/inf)")
+    return ProbTable(ids=ids, gold=gold, probs=probs)
