@@ -65,3 +65,7 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     path = Path(path)
     old = path.read_text(encoding="utf-8") if path.exists() else ""
     write_text(path, old + line.rstrip("\n") + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

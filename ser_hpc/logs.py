@@ -2,6 +2,7 @@
 and submitit capture into the job's log file."""
 import logging
 import os
+import warnings
 
 
 def setup_logging(level: str | None = None) -> None:
@@ -9,3 +10,5 @@ def setup_logging(level: str | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("urllib3", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Emitted on every forward of some frozen backbones (WavLM); it is about their code, not ours.
+    warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask and attn_mask")

@@ -1,0 +1,59 @@
+"""Launch a grid: ``python jobs/launch_grid.py GRID.yaml [--cluster slurm|local|debug] [--dry-run] [--wait] [key=value ...]``
+
+Expands backbone pairs x head hyperparameters into runs, checks the data and that every
+backbone loads offline, then submits ONE training array (a task per pack of runs) and an
+aggregation job that depends on it. Finished runs are skipped on relaunch. With Slurm it
+returns at once with the job ids unless --wait is given; local and debug run to the end.
+"""
+import argparse
+import sys
+
+import _bootstrap  # noqa: F401
+
+from ser_hpc.config import ConfigError
+from ser_hpc.data.audio import AudioError
+from ser_hpc.data.corpus import CorpusError
+from ser_hpc.grid.checks import CheckError
+from ser_hpc.grid.launch import describe, launch, prepare, summary
+from ser_hpc.logs import setup_logging
+from ser_hpc.models.encoders import BackboneError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", help="grid YAML, e.g. configs/grid/emospeech2024.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value run-config overrides applied to every run")
+    parser.add_argument("--cluster", choices=["slurm", "local", "debug"], help="executor (default: the profile's)")
+    parser.add_argument("--profile", help="cluster profile YAML (default: the grid's 'cluster')")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and submit nothing")
+    parser.add_argument("--wait", action="store_true", help="with slurm: wait for the aggregation job")
+    parser.add_argument("--quick-check", action="store_true",
+                        help="check audio files exist without opening them (huge corpora on slow file systems)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        lp = prepare(args.grid, args.overrides, args.cluster, args.profile, args.quick_check)
+    except (ConfigError, CorpusError, AudioError, BackboneError, CheckError, FileNotFoundError) as exc:
+        print(f"error: {exc}\nnothing was submitted", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(describe(lp))
+        return 0
+    sub = launch(lp, args.overrides)
+    out = lp.spec.out_dir
+    if sub.executor == "slurm":
+        print(f"submitted: train array {sub.train_job or '(nothing to train)'} ({len(sub.packs)} task(s)), "
+              f"aggregation {sub.aggregate_job} (afterany)\nresults: {out}")
+        if not args.wait:
+            return 0
+        try:
+            sub.handles["aggregate"].result()
+        except Exception as exc:  # the aggregation's own error, e.g. no run finished
+            print(f"aggregation failed: {exc}", file=sys.stderr)
+    print(summary(out))
+    ok = (out / "ensemble" / "ensemble.json").exists()
+    return 0 if ok and not sub.failed_packs else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Everything the launcher checks before it submits anything.
+
+A grid of hundreds of GPU jobs must not fail one by one an hour later on a typo: the data
+of every distinct data config is read and checked, and every backbone must resolve
+offline (config, weights, tokenizer / feature extractor) as it will on a compute node.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ..config import DataConfig, config_from_dict
+from ..data.corpus import read_corpus
+from ..data.sources import load_splits
+from .expand import PlannedRun
+
+log = logging.getLogger("ser_hpc.grid")
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class CheckError(ValueError):
+    """A pre-submission check failed; nothing was submitted."""
+
+
+def check_data(runs: list[PlannedRun], quick: bool = False) -> int:
+    """Read every distinct data config once. ``quick`` checks files exist but does not open them."""
+    seen: set[str] = set()
+    for run in runs:
+        data = config_from_dict(run.config).data
+        key = json.dumps(vars(data), sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        _check_one_data(data, quick)
+    return len(seen)
+
+
+def _check_one_data(data: DataConfig, quick: bool) -> None:
+    if quick:
+        read_corpus(data.train_csv, data.audio_dir, require_labels=True)
+        if data.dev_csv:
+            read_corpus(data.dev_csv, data.audio_dir, require_labels=True)
+        if data.test_csv:
+            read_corpus(data.test_csv, data.test_audio_dir or data.audio_dir,
+                        require_labels=bool(data.test_labels_csv), labels_csv=data.test_labels_csv)
+    else:
+        load_splits(data)
+    for folder in (data.noise_dir, data.rir_dir):
+        if folder and not Path(folder).is_dir():
+            raise CheckError(f"augmentation folder not found: {folder}")
+
+
+def _resolve_offline(name: str, filename: str) -> str | None:
+    """Path of ``filename`` for a local folder or a hub id in the local cache, or None."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return str(local / filename) if (local / filename).is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+    found = try_to_load_from_cache(name, filename)
+    return found if isinstance(found, str) else None
+
+
+def check_backbone(name: str, kind: str) -> None:
+    """The checkpoint must load with no network: config, weights, and the preprocessor."""
+    if _resolve_offline(name, "config.json") is None:
+        where = "folder" if Path(name).expanduser().exists() or name.startswith(("/", ".")) else "hub cache"
+        hint = ("" if where == "folder" else
+                f" (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}); run jobs/prefetch_models.py on the login node")
+        raise CheckError(f"{kind} model {name!r}: no config.json in the {where}{hint}")
+    if not any(_resolve_offline(name, f) for f in WEIGHT_FILES):
+        raise CheckError(f"{kind} model {name!r}: no weights ({', '.join(WEIGHT_FILES)}) available offline")
+    if kind == "text":
+        from transformers import AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise CheckError(f"text model {name!r}: tokenizer does not load offline: {exc}") from None
+        if len(tok) < 100:
+            raise CheckError(f"text model {name!r}: tokenizer has only {len(tok)} tokens; the tokenizer files "
+                             "were probably not found")
+
+
+def check_backbones(runs: list[PlannedRun]) -> list[tuple[str, str]]:
+    """Check each distinct backbone once; returns the (kind, name) pairs checked."""
+    wanted: dict[tuple[str, str], None] = {}
+    for run in runs:
+        model: dict[str, Any] = run.config["model"]
+        modalities = model["modalities"].split("+")
+        if "audio" in modalities:
+            wanted[("speech", model["speech"]["name"])] = None
+        if "text" in modalities:
+            wanted[("text", model["text"]["name"])] = None
+    for kind, name in wanted:
+        check_backbone(name, kind)
+    return list(wanted)

@@ -1,0 +1,152 @@
+"""Cluster profiles (configs/cluster/*.yaml): where and with what resources jobs run.
+
+Every value that reaches an sbatch script is checked here: option names must look like
+sbatch options and no value may hold a newline, so a profile cannot inject lines into a
+job script. Values on command lines are passed as argv items or ``shlex.quote``d.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, read_yaml
+
+EXECUTORS = ("slurm", "local", "debug")
+OPTION_RE = re.compile(r"^--([a-z][a-z0-9-]*)(?:=(.*))?$")
+ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass
+class JobResources:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_task: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float | None = None
+    time_min: int = 60
+    signal_delay_s: int = 120        # --signal=USR2@N: warning before the time limit
+    extra_sbatch: list[str] = field(default_factory=list)  # e.g. ["--exclusive", "--constraint=a100"]
+
+
+@dataclass
+class ClusterProfile:
+    name: str = "local"
+    executor: str = "local"
+    train: JobResources = field(default_factory=JobResources)
+    aggregate: JobResources = field(default_factory=lambda: JobResources(time_min=30))
+    array_parallelism: int = 8       # %N: most array tasks running at once
+    setup: list[str] = field(default_factory=list)   # shell lines run before each job (module load ...)
+    env: dict[str, str] = field(default_factory=dict)  # exported in each job (HF_HOME=...)
+
+
+def _no_newline(value: Any, where: str) -> None:
+    if isinstance(value, str) and ("\n" in value or "\r" in value or "\0" in value):
+        raise ConfigError(f"{where}: value {value!r} contains a newline or NUL")
+
+
+def _resources(tree: dict[str, Any], where: str, base: JobResources | None = None) -> JobResources:
+    res = JobResources(**vars(base)) if base else JobResources()
+    names = {f.name: f for f in fields(JobResources)}
+    for key, value in (tree or {}).items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key '{key}'; valid: {', '.join(names)}")
+        _no_newline(value, f"{where}.{key}")
+        setattr(res, key, value)
+    for key in ("nodes", "tasks_per_node", "gpus_per_task", "cpus_per_task", "time_min", "signal_delay_s"):
+        if not isinstance(getattr(res, key), int) or getattr(res, key) < 0:
+            raise ConfigError(f"{where}.{key} must be a non-negative integer, got {getattr(res, key)!r}")
+    for key in ("partition", "account", "qos"):
+        value = getattr(res, key)
+        if value is not None and not re.match(r"^[A-Za-z0-9_.,-]+$", str(value)):
+            raise ConfigError(f"{where}.{key}: {value!r} is not a valid Slurm name")
+    if not isinstance(res.extra_sbatch, list):
+        raise ConfigError(f"{where}.extra_sbatch must be a list of --option[=value] strings")
+    for line in res.extra_sbatch:
+        _no_newline(line, f"{where}.extra_sbatch")
+        if not isinstance(line, str) or not OPTION_RE.match(line):
+            raise ConfigError(f"{where}.extra_sbatch: {line!r} is not an sbatch option like --name=value")
+    return res
+
+
+def load_profile(path: str | Path) -> ClusterProfile:
+    path = Path(path)
+    tree = read_yaml(path)
+    allowed = {"name", "executor", "train", "aggregate", "array_parallelism", "setup", "env", "description"}
+    unknown = set(tree) - allowed
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(allowed))}")
+    executor = tree.get("executor", "slurm")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"{path}: executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    train = _resources(tree.get("train") or {}, f"{path}: train")
+    aggregate = _resources(tree.get("aggregate") or {}, f"{path}: aggregate",
+                           JobResources(partition=train.partition, account=train.account, qos=train.qos,
+                                        cpus_per_task=1, time_min=30))
+    setup = tree.get("setup") or []
+    if not isinstance(setup, list):
+        raise ConfigError(f"{path}: setup must be a list of shell lines")
+    for line in setup:
+        _no_newline(line, f"{path}: setup")
+    env = {str(k): str(v) for k, v in (tree.get("env") or {}).items()}
+    for key, value in env.items():
+        if not ENV_RE.match(key):
+            raise ConfigError(f"{path}: env name {key!r} is not a valid variable name")
+        _no_newline(value, f"{path}: env.{key}")
+    parallel = tree.get("array_parallelism", 8)
+    if not isinstance(parallel, int) or parallel < 1:
+        raise ConfigError(f"{path}: array_parallelism must be an integer >= 1, got {parallel!r}")
+    return ClusterProfile(name=str(tree.get("name") or path.stem), executor=executor, train=train,
+                          aggregate=aggregate, array_parallelism=parallel, setup=list(setup), env=env)
+
+
+def job_env_lines(profile: ClusterProfile) -> list[str]:
+    """Shell lines each job starts with: offline hub, the profile's env and setup."""
+    lines = ["export HF_HUB_OFFLINE=1", "export TRANSFORMERS_OFFLINE=1"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in profile.env.items()]
+    return lines + list(profile.setup)
+
+
+def submitit_parameters(res: JobResources, profile: ClusterProfile, job_name: str) -> dict[str, Any]:
+    """AutoExecutor.update_parameters(**this) for one kind of job."""
+    extra: dict[str, Any] = {}
+    for line in res.extra_sbatch:
+        key, value = OPTION_RE.match(line).groups()
+        extra[key.replace("-", "_")] = True if value is None else value
+    if res.account:
+        extra["account"] = res.account
+    if res.qos:
+        extra["qos"] = res.qos
+    params: dict[str, Any] = {
+        "name": job_name, "timeout_min": res.time_min, "nodes": res.nodes,
+        "tasks_per_node": res.tasks_per_node, "cpus_per_task": res.cpus_per_task,
+        "slurm_signal_delay_s": res.signal_delay_s, "slurm_setup": job_env_lines(profile),
+        "slurm_additional_parameters": extra,
+    }
+    if res.partition:
+        params["slurm_partition"] = res.partition
+    if res.gpus_per_task:
+        params["gpus_per_node"] = res.gpus_per_task * res.tasks_per_node
+    if res.mem_gb:
+        params["mem_gb"] = res.mem_gb
+    return params
+
+
+def sbatch_args(res: JobResources, job_name: str) -> list[str]:
+    """The same resources as sbatch command-line options (for slurm/submit_grid.sh)."""
+    args = [f"--job-name={job_name}", f"--time={res.time_min}", f"--nodes={res.nodes}",
+            f"--ntasks-per-node={res.tasks_per_node}", f"--cpus-per-task={res.cpus_per_task}",
+            f"--signal=USR2@{res.signal_delay_s}"]
+    for key in ("partition", "account", "qos"):
+        if getattr(res, key):
+            args.append(f"--{key}={getattr(res, key)}")
+    if res.gpus_per_task:
+        args.append(f"--gpus-per-task={res.gpus_per_task}")
+    if res.mem_gb:
+        args.append(f"--mem={int(res.mem_gb * 1024)}M")
+    return args + list(res.extra_sbatch)

@@ -1,0 +1,165 @@
+"""The launcher's logic: expand, check, plan, skip finished work, submit, record."""
+from __future__ import annotations
+
+import logging
+import platform
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .. import atomic_io
+from ..config import ConfigError, parse_override
+from .checks import check_backbones, check_data
+from .cluster import ClusterProfile, load_profile, sbatch_args
+from .expand import PlannedRun, expand, make_packs
+from .plan import build_plan, read_plan, run_states, write_plan
+from .spec import GridSpec, load_grid
+from .submit import Submission, job_name, run_debug, run_local, submit_slurm
+
+log = logging.getLogger("ser_hpc.grid")
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("torch", "torchaudio", "transformers", "submitit", "deepspeed", "scikit-learn", "numpy", "soundfile")
+
+
+@dataclass
+class LaunchPlan:
+    spec: GridSpec
+    profile: ClusterProfile
+    runs: list[PlannedRun]
+    packs: list[list[PlannedRun]]
+    states: dict[str, str]       # run_id -> done / failed / missing, before this launch
+    to_run: list[int]            # pack indices to (re)submit
+
+    @property
+    def skipped(self) -> list[PlannedRun]:
+        return [r for r in self.runs if self.states.get(r.run_id) == "done"]
+
+
+def prepare(grid_path: str, overrides: list[str], cluster: str | None = None, profile_path: str | None = None,
+            quick_check: bool = False) -> LaunchPlan:
+    """Expand and check everything; nothing is written or submitted here."""
+    cli = dict(parse_override(o) for o in overrides)
+    spec = load_grid(grid_path, cli)
+    runs = expand(spec)
+    packs = make_packs(runs, spec.pack_size)
+    profile_file = profile_path or spec.cluster or "configs/cluster/local.yaml"
+    profile = load_profile(profile_file)
+    if cluster:
+        profile.executor = cluster
+    n_data = check_data(runs, quick=quick_check)
+    models = check_backbones(runs)
+    log.info("checked %d data config(s) and %d backbone(s): %s", n_data, len(models),
+             ", ".join(f"{k} {n}" for k, n in models))
+    plan = build_plan(spec, runs, packs)
+    states = run_states(plan)
+    to_run = [i for i, pack in enumerate(packs) if any(states[r.run_id] != "done" for r in pack)]
+    return LaunchPlan(spec, profile, runs, packs, states, to_run)
+
+
+def describe(lp: LaunchPlan) -> str:
+    """The --dry-run report: runs, packs, resources and the sbatch parameters."""
+    lines = [f"grid {lp.spec.name}: {len(lp.runs)} runs in {len(lp.packs)} packs -> {lp.spec.out_dir}",
+             f"executor {lp.profile.executor}, profile {lp.profile.name}", "", "runs:"]
+    for r in lp.runs:
+        lines.append(f"  pack {r.pack:3d}  {lp.states[r.run_id]:7s}  {r.run_id}  ({r.name})")
+    lines.append("")
+    lines.append(f"to submit: {len(lp.to_run)} pack(s) {lp.to_run}; skipping {len(lp.skipped)} finished run(s)")
+    if lp.profile.executor == "slurm":
+        array = ",".join(map(str, lp.to_run)) + f"%{lp.profile.array_parallelism}"
+        lines.append("train array:  sbatch --array=" + array + " " +
+                     " ".join(shlex.quote(a) for a in sbatch_args(lp.profile.train, job_name(lp.spec.name, "train"))))
+        lines.append("aggregation:  sbatch --dependency=afterany:<array> " +
+                     " ".join(shlex.quote(a) for a in sbatch_args(lp.profile.aggregate, job_name(lp.spec.name, "aggregate"))))
+    return "\n".join(lines)
+
+
+def write_grid_files(lp: LaunchPlan) -> Path:
+    out = lp.spec.out_dir
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    grid_file = out / "grid.yaml"
+    new = lp.spec.to_dict()
+    if grid_file.exists():
+        old = yaml.safe_load(grid_file.read_text(encoding="utf-8"))
+        if old != new:
+            # Keep the earlier grid next to the new one: its finished runs stay in runs/.
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            atomic_io.write_text(out / f"grid.{stamp}.yaml", grid_file.read_text(encoding="utf-8"))
+            plan_file = out / "plan.json"
+            if plan_file.exists():
+                atomic_io.write_text(out / f"plan.{stamp}.json", plan_file.read_text(encoding="utf-8"))
+            log.warning("grid %s changed since the last launch; the previous grid and plan are kept as *.%s.*",
+                        lp.spec.name, stamp)
+    atomic_io.write_text(grid_file, yaml.safe_dump(new, sort_keys=False, allow_unicode=True))
+    return write_plan(build_plan(lp.spec, lp.runs, lp.packs), out)
+
+
+def _git_commit() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                    capture_output=True, text=True).stdout.strip())
+        return {"git_commit": commit, "git_dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": None, "git_dirty": None}
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def record_launch(lp: LaunchPlan, sub: Submission, overrides: list[str]) -> None:
+    """Append this launch to manifest.json (every relaunch is kept)."""
+    path = lp.spec.out_dir / "manifest.json"
+    manifest = atomic_io.read_json(path) if path.exists() else {"grid_name": lp.spec.name, "launches": []}
+    manifest["launches"].append({
+        "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
+        **_git_commit(), "versions": _versions(), "executor": sub.executor, "profile": lp.profile.name,
+        "overrides": overrides, "job_ids": {"train_array": sub.train_job, "aggregate": sub.aggregate_job},
+        "packs": sub.packs, "skipped_runs": [r.run_id for r in lp.skipped],
+    })
+    atomic_io.write_json(path, manifest)
+
+
+def launch(lp: LaunchPlan, overrides: list[str]) -> Submission:
+    plan_path = write_grid_files(lp)
+    out = lp.spec.out_dir
+    if lp.skipped:
+        log.info("skipping %d finished run(s): %s", len(lp.skipped), ", ".join(r.run_id for r in lp.skipped))
+    executor = lp.profile.executor
+    if executor == "slurm":
+        sub = submit_slurm(plan_path.resolve(), out, lp.to_run, lp.profile, lp.spec.name)
+    elif executor == "local":
+        sub = run_local(plan_path.resolve(), out, lp.to_run, lp.profile)
+    elif executor == "debug":
+        sub = run_debug(plan_path.resolve(), out, lp.to_run)
+    else:
+        raise ConfigError(f"unknown executor {executor!r}")
+    record_launch(lp, sub, overrides)
+    return sub
+
+
+def summary(out_dir: Path) -> str:
+    plan = read_plan(out_dir)
+    states = run_states(plan)
+    counts = {s: sum(v == s for v in states.values()) for s in ("done", "failed", "missing")}
+    text = f"{len(states)} runs: {counts['done']} done, {counts['failed']} failed, {counts['missing']} not finished"
+    ens = out_dir / "ensemble" / "ensemble.json"
+    if ens.exists():
+        e = atomic_io.read_json(ens)
+        text += (f"\nensemble of {len(e['members'])} ({e['method']}): dev macro-F1 {e['dev_macro_f1']:.4f}"
+                 + (f", test macro-F1 {e['test_macro_f1']:.4f}" if e.get("test_macro_f1") is not None else "")
+                 + f"\nleaderboard: {out_dir / 'ensemble' / 'leaderboard.md'}")
+    return text

@@ -1,0 +1,60 @@
+"""results/<grid>/plan.json: the expanded grid that array tasks and aggregation read.
+
+It holds every run's full resolved config, so a task never re-reads the grid YAML (which
+the researcher may have edited since) and the sbatch templates need only a pack index.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import atomic_io
+from ..train.run_folder import RunFolder
+from .expand import PlannedRun
+from .spec import GridSpec
+
+
+def build_plan(spec: GridSpec, runs: list[PlannedRun], packs: list[list[PlannedRun]]) -> dict[str, Any]:
+    return {
+        "grid_name": spec.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "launch_dir": os.getcwd(),  # run configs hold paths relative to it
+        "results_dir": str(spec.out_dir),
+        "ensemble": spec.ensemble,
+        "packs": [[r.run_id for r in pack] for pack in packs],
+        "runs": [{"run_id": r.run_id, "name": r.name, "pair": r.pair, "pack": r.pack,
+                  "overrides": r.overrides, "config": r.config} for r in runs],
+    }
+
+
+def write_plan(plan: dict[str, Any], out_dir: Path) -> Path:
+    path = Path(out_dir) / "plan.json"
+    atomic_io.write_json(path, plan)
+    return path
+
+
+def read_plan(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "plan.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no plan at {path}: launch the grid first (jobs/launch_grid.py)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def run_folder(plan: dict[str, Any], run: dict[str, Any]) -> RunFolder:
+    """A run's folder, wherever the current directory is (configs hold launch-relative paths)."""
+    path = Path(run["config"]["run"]["dir"])
+    return RunFolder(path if path.is_absolute() else Path(plan["launch_dir"]) / path)
+
+
+def run_states(plan: dict[str, Any]) -> dict[str, str]:
+    """run_id -> "done", "failed" or "missing", from the runs' final.json files."""
+    states = {}
+    for run in plan["runs"]:
+        final = run_folder(plan, run).read_final()
+        states[run["run_id"]] = "missing" if final is None else ("done" if final.get("status") == "done" else "failed")
+    return states

@@ -1,0 +1,131 @@
+"""The grid YAML: a base run config, backbone pairs, and axes of head hyperparameters.
+
+```yaml
+name: emospeech2024                 # results/<name>/
+run_config: ../run/emospeech2024.yaml   # base run config, relative to this file
+overrides: {train.epochs: 30}       # applied to every run (dotted or nested keys)
+backbone_pairs:                     # one axis whose values set several keys at once
+  - {name: roberta+xlsr, text: llange/xlm-roberta-large-spanish, speech: facebook/wav2vec2-xls-r-300m}
+axes:                               # any run-config key; the grid is the cartesian product
+  model.hidden_layers: [2, 3]
+  train.weight_decay: [0.01, 0.1]
+pack_size: 1                        # runs per array task (they share backbones and data)
+ensemble: {top_k: 3, method: mean}
+cluster: configs/cluster/local.yaml # default cluster profile (relative to the working directory)
+results_dir: results
+```
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, flatten, read_yaml, valid_keys
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+GRID_KEYS = {"name", "run_config", "overrides", "backbone_pairs", "axes", "pack_size", "ensemble",
+             "cluster", "results_dir", "description"}
+PAIR_KEYS = {"name", "speech", "text"}
+ENSEMBLE_METHODS = ("mean", "vote")
+
+
+@dataclass
+class BackbonePair:
+    name: str
+    overrides: dict[str, Any]  # dotted run-config keys this pair sets
+
+
+@dataclass
+class GridSpec:
+    name: str
+    path: Path
+    base: dict[str, Any]                      # the base run config tree (already merged)
+    overrides: dict[str, Any]                 # dotted keys applied to every run
+    pairs: list[BackbonePair]
+    axes: dict[str, list[Any]]
+    pack_size: int = 1
+    ensemble: dict[str, Any] = field(default_factory=lambda: {"top_k": 3, "method": "mean"})
+    cluster: str | None = None
+    results_dir: str = "results"
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.results_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved grid, saved as results/<name>/grid.yaml."""
+        return {"name": self.name, "source": str(self.path), "base_run_config": self.base,
+                "overrides": self.overrides,
+                "backbone_pairs": [{"name": p.name, **p.overrides} for p in self.pairs],
+                "axes": self.axes, "pack_size": self.pack_size, "ensemble": self.ensemble,
+                "cluster": self.cluster, "results_dir": self.results_dir}
+
+
+def _check_keys(keys, where: str) -> None:
+    known = set(valid_keys())
+    for key in keys:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown run-config key '{key}'. Valid keys: {', '.join(sorted(known))}")
+
+
+def load_grid(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> GridSpec:
+    path = Path(path)
+    tree = read_yaml(path)
+    unknown = set(tree) - GRID_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown grid key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(GRID_KEYS))}")
+    name = str(tree.get("name") or path.stem)
+    if not NAME_RE.match(name):
+        raise ConfigError(f"{path}: grid name {name!r} must be 1-64 letters, digits, '.', '_', '+' or '-' "
+                          "(it names a folder and the Slurm jobs)")
+    base: dict[str, Any] = {}
+    if tree.get("run_config"):
+        base_path = (path.parent / tree["run_config"]).resolve()
+        base = read_yaml(base_path)
+    overrides = flatten(tree.get("overrides") or {})
+    overrides.update(cli_overrides or {})
+    _check_keys(overrides, f"{path}: overrides")
+
+    pairs = []
+    for i, raw in enumerate(tree.get("backbone_pairs") or []):
+        where = f"{path}: backbone_pairs[{i}]"
+        if not isinstance(raw, dict) or "name" not in raw:
+            raise ConfigError(f"{where}: each pair is a mapping with a 'name'")
+        pair_over = {k: v for k, v in flatten({k: v for k, v in raw.items() if k not in PAIR_KEYS}).items()}
+        _check_keys(pair_over, where)
+        if raw.get("speech") is not None:
+            pair_over["model.speech.name"] = str(raw["speech"])
+        if raw.get("text") is not None:
+            pair_over["model.text.name"] = str(raw["text"])
+        pairs.append(BackbonePair(str(raw["name"]), pair_over))
+    names = [p.name for p in pairs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"{path}: duplicate backbone pair name(s) {', '.join(sorted(dupes))}")
+    if not pairs:
+        pairs = [BackbonePair("base", {})]
+
+    axes = tree.get("axes") or {}
+    if not isinstance(axes, dict):
+        raise ConfigError(f"{path}: 'axes' must map run-config keys to lists of values")
+    axes = flatten(axes) if any(isinstance(v, dict) for v in axes.values()) else dict(axes)
+    _check_keys(axes, f"{path}: axes")
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: axis '{key}' must be a non-empty list of values, got {values!r}")
+
+    pack_size = tree.get("pack_size", 1)
+    if not isinstance(pack_size, int) or pack_size < 1:
+        raise ConfigError(f"{path}: pack_size must be an integer >= 1, got {pack_size!r}")
+    ensemble = {"top_k": 3, "method": "mean", **(tree.get("ensemble") or {})}
+    if set(ensemble) - {"top_k", "method"}:
+        raise ConfigError(f"{path}: ensemble takes top_k and method, got {', '.join(sorted(ensemble))}")
+    if not isinstance(ensemble["top_k"], int) or ensemble["top_k"] < 1:
+        raise ConfigError(f"{path}: ensemble.top_k must be an integer >= 1, got {ensemble['top_k']!r}")
+    if ensemble["method"] not in ENSEMBLE_METHODS:
+        raise ConfigError(f"{path}: ensemble.method must be one of {', '.join(ENSEMBLE_METHODS)}")
+    return GridSpec(name=name, path=path, base=base, overrides=overrides, pairs=pairs, axes=axes,
+                    pack_size=pack_size, ensemble=ensemble, cluster=tree.get("cluster"),
+                    results_dir=str(tree.get("results_dir") or "results"))

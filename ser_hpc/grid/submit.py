@@ -1,0 +1,110 @@
+"""Submitting a planned grid: one training array and one dependent aggregation job.
+
+slurm: submitit, ONE job array over the packs to (re)train (throttled with %N), then the
+       aggregation job with ``afterany`` on the array (it runs even when some tasks fail;
+       ``afterok`` would leave it pending forever).
+local: the same entry point (jobs/train.py --plan --pack) as subprocesses, at most
+       ``array_parallelism`` at a time, then aggregation; waits for them.
+debug: everything in this process, one pack after the other (for pdb and tracebacks).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cluster import ClusterProfile, submitit_parameters
+from .tasks import run_aggregation, run_pack
+
+log = logging.getLogger("ser_hpc.grid")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Submission:
+    executor: str
+    train_job: str | None = None        # the array's job id (slurm)
+    aggregate_job: str | None = None
+    packs: list[int] = field(default_factory=list)
+    failed_packs: list[int] = field(default_factory=list)  # local / debug only
+    handles: dict = field(default_factory=dict)             # submitit job objects (slurm)
+
+
+def job_name(grid_name: str, kind: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", f"ser-{grid_name}-{kind}")[:64]
+
+
+def submit_slurm(plan_path: Path, out_dir: Path, packs: list[int], profile: ClusterProfile, grid_name: str) -> Submission:
+    import submitit
+
+    sub = Submission("slurm", packs=packs)
+    logs = out_dir / "logs"
+    array_job = None
+    if packs:
+        executor = submitit.AutoExecutor(folder=logs / "%A_%a", cluster="slurm")
+        executor.update_parameters(**submitit_parameters(profile.train, profile, job_name(grid_name, "train")),
+                                   slurm_array_parallelism=profile.array_parallelism)
+        jobs = executor.map_array(run_pack, [str(plan_path)] * len(packs), packs)
+        array_job = jobs[0].job_id.split("_")[0]
+        sub.train_job, sub.handles["train"] = array_job, jobs
+    executor = submitit.AutoExecutor(folder=logs / "%j", cluster="slurm")
+    params = submitit_parameters(profile.aggregate, profile, job_name(grid_name, "aggregate"))
+    if array_job:
+        params["slurm_additional_parameters"] = {**params["slurm_additional_parameters"],
+                                                 "dependency": f"afterany:{array_job}"}
+    executor.update_parameters(**params)
+    job = executor.submit(run_aggregation, str(out_dir.resolve()))
+    sub.aggregate_job, sub.handles["aggregate"] = job.job_id, job
+    return sub
+
+
+def run_local(plan_path: Path, out_dir: Path, packs: list[int], profile: ClusterProfile) -> Submission:
+    """Packs as subprocesses of the same entry point the sbatch template calls."""
+    sub = Submission("local", packs=packs)
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    parallel = max(1, profile.array_parallelism)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **profile.env}
+    # Share the cores between concurrent packs instead of oversubscribing them.
+    env.setdefault("SER_HPC_THREADS", str(max(1, (os.cpu_count() or 1) // min(parallel, max(1, len(packs))))))
+    queue, running = list(packs), {}
+    start = time.monotonic()
+    while queue or running:
+        while queue and len(running) < parallel:
+            pack = queue.pop(0)
+            log_path = logs / f"local_pack{pack}.log"
+            fh = open(log_path, "ab")
+            proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), "--plan", str(plan_path),
+                                     "--pack", str(pack)], stdout=fh, stderr=subprocess.STDOUT, env=env)
+            running[pack] = (proc, fh, log_path)
+            log.info("pack %d started (pid %d), log %s", pack, proc.pid, log_path)
+        time.sleep(0.5)
+        for pack, (proc, fh, log_path) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            fh.close()
+            del running[pack]
+            done = len(packs) - len(queue) - len(running)
+            if proc.returncode:
+                sub.failed_packs.append(pack)
+                log.warning("pack %d exited with %d (see %s)", pack, proc.returncode, log_path)
+            log.info("%d/%d packs finished, %.0f s elapsed", done, len(packs), time.monotonic() - start)
+    run_aggregation(str(out_dir))
+    return sub
+
+
+def run_debug(plan_path: Path, out_dir: Path, packs: list[int]) -> Submission:
+    sub = Submission("debug", packs=packs)
+    for pack in packs:
+        try:
+            run_pack(str(plan_path), pack)
+        except Exception as exc:
+            log.warning("pack %d: %s", pack, exc)
+            sub.failed_packs.append(pack)
+    run_aggregation(str(out_dir))
+    return sub
