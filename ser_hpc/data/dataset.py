@@ -28,8 +28,9 @@ class Batch:
 
 class TrainCrops(Dataset):
     def __init__(self, examples: list[Example], sample_rate: int, crop_seconds: float,
-                 augmenter: Augmenter | None, seed: int):
+                 augmenter: Augmenter | None, seed: int, with_audio: bool = True):
         self.examples = examples
+        self.with_audio = with_audio  # a text-only run never decodes audio
         self.sample_rate = sample_rate
         self.crop = int(round(crop_seconds * sample_rate))
         self.augmenter = augmenter
@@ -44,6 +45,8 @@ class TrainCrops(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
+        if not self.with_audio:
+            return _item(ex, np.zeros(1, np.float32))
         rng = np.random.default_rng([self.seed, self.epoch, index])
         wave = load_audio(ex.audio_path, self.sample_rate)
         choice = self.augmenter.choose(rng) if self.augmenter else None
@@ -51,23 +54,34 @@ class TrainCrops(Dataset):
         crop = random_crop(wave, need, rng)
         if choice is not None:
             crop = fit_length(self.augmenter.apply(crop, choice, rng), self.crop)
-        return {"id": ex.id, "wave": crop, "text": ex.text, "label": -1 if ex.label is None else ex.label}
+        return _item(ex, crop)
 
 
 class WholeClips(Dataset):
     """Evaluation: the whole clip, no augmentation."""
 
-    def __init__(self, examples: list[Example], sample_rate: int):
+    # Shorter clips are repeat-padded to this: a backbone needs a few frames to say anything.
+    MIN_SECONDS = 0.5
+
+    def __init__(self, examples: list[Example], sample_rate: int, with_audio: bool = True):
         self.examples = examples
         self.sample_rate = sample_rate
+        self.with_audio = with_audio
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
+        if not self.with_audio:
+            return _item(ex, np.zeros(1, np.float32))
         wave = load_audio(ex.audio_path, self.sample_rate)
-        return {"id": ex.id, "wave": wave, "text": ex.text, "label": -1 if ex.label is None else ex.label}
+        minimum = int(self.MIN_SECONDS * self.sample_rate)
+        return _item(ex, fit_length(wave, minimum) if len(wave) < minimum else wave)
+
+
+def _item(ex: Example, wave: np.ndarray) -> dict:
+    return {"id": ex.id, "wave": wave, "text": ex.text, "label": -1 if ex.label is None else ex.label}
 
 
 def collate(items: list[dict]) -> Batch:

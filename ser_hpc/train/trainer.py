@@ -91,7 +91,9 @@ class Trainer:
         self.loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=self.device))
         augmenter = Augmenter(cfg.data.sample_rate, cfg.data.augment_prob, cfg.data.speeds, cfg.data.snr_db,
                               cfg.data.noise_dir, cfg.data.rir_dir)
-        self.train_set = TrainCrops(splits.train, cfg.data.sample_rate, cfg.data.crop_seconds, augmenter, cfg.train.seed)
+        self.with_audio = "audio" in modalities
+        self.train_set = TrainCrops(splits.train, cfg.data.sample_rate, cfg.data.crop_seconds, augmenter,
+                                    cfg.train.seed, self.with_audio)
         self.sampler = EpochPermutation(len(self.train_set), cfg.train.seed)
         self.train_loader = DataLoader(self.train_set, batch_size=cfg.train.batch_size, sampler=self.sampler,
                                        num_workers=cfg.data.num_workers, collate_fn=collate,
@@ -104,7 +106,7 @@ class Trainer:
     # ---- evaluation -------------------------------------------------------------------
     def eval_loader(self, examples) -> DataLoader:
         durations = [self.splits.durations.get(e.id, 0.0) for e in examples]
-        return DataLoader(WholeClips(examples, self.cfg.data.sample_rate), collate_fn=collate,
+        return DataLoader(WholeClips(examples, self.cfg.data.sample_rate, self.with_audio), collate_fn=collate,
                           batch_sampler=length_sorted_batches(durations, self.cfg.data.eval_batch_size),
                           num_workers=self.cfg.data.num_workers)
 
