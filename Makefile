@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(PY) jobs/make_demo_data.py --out $(DEMO_DATA)
-	$(PY) jobs/train.py configs/run/demo.yaml run.dir=results/demo_run
+	$(PY) jobs/launch_grid.py configs/grid/demo.yaml --cluster local
 
 # The Slurm tests need a real local cluster; its packages come from Debian (root needed).
 cluster-deps:

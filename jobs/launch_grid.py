@@ -14,7 +14,7 @@ from ser_hpc.config import ConfigError
 from ser_hpc.data.audio import AudioError
 from ser_hpc.data.corpus import CorpusError
 from ser_hpc.grid.checks import CheckError
-from ser_hpc.grid.launch import describe, launch, prepare, summary
+from ser_hpc.grid.launch import describe, emit_sbatch, launch, prepare, summary
 from ser_hpc.logs import setup_logging
 from ser_hpc.models.encoders import BackboneError
 
@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", help="cluster profile YAML (default: the grid's 'cluster')")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and submit nothing")
     parser.add_argument("--wait", action="store_true", help="with slurm: wait for the aggregation job")
+    parser.add_argument("--emit-sbatch", action="store_true",
+                        help="write the plan and sbatch arguments for slurm/submit_grid.sh; print that file's path")
     parser.add_argument("--quick-check", action="store_true",
                         help="check audio files exist without opening them (huge corpora on slow file systems)")
     args = parser.parse_args(argv)
@@ -38,6 +40,9 @@ def main(argv=None) -> int:
         return 2
     if args.dry_run:
         print(describe(lp))
+        return 0
+    if args.emit_sbatch:
+        print(emit_sbatch(lp, args.overrides))
         return 0
     sub = launch(lp, args.overrides)
     out = lp.spec.out_dir

@@ -16,7 +16,7 @@ import yaml
 from .. import atomic_io
 from ..config import ConfigError, parse_override
 from .checks import check_backbones, check_data
-from .cluster import ClusterProfile, load_profile, sbatch_args
+from .cluster import ClusterProfile, job_env_lines, load_profile, sbatch_args
 from .expand import PlannedRun, expand, make_packs
 from .plan import build_plan, read_plan, run_states, write_plan
 from .spec import GridSpec, load_grid
@@ -149,6 +149,27 @@ def launch(lp: LaunchPlan, overrides: list[str]) -> Submission:
         raise ConfigError(f"unknown executor {executor!r}")
     record_launch(lp, sub, overrides)
     return sub
+
+
+def emit_sbatch(lp: LaunchPlan, overrides: list[str]) -> Path:
+    """Write the plan and a file of shell-quoted sbatch arguments for slurm/submit_grid.sh."""
+    plan_path = write_grid_files(lp).resolve()
+    out = lp.spec.out_dir.resolve()
+    setup = out / "job_setup.sh"
+    atomic_io.write_text(setup, "# sourced by slurm/*.sbatch: the cluster profile's env and setup\n"
+                         + "\n".join(job_env_lines(lp.profile)) + "\n")
+    array = ",".join(map(str, lp.to_run))
+    if array:
+        array += f"%{lp.profile.array_parallelism}"
+    q = shlex.quote
+    lines = [f"RESULTS={q(str(out))}", f"PLAN={q(str(plan_path))}", f"ARRAY={q(array)}",
+             f"SER_HPC_JOB_SETUP={q(str(setup))}",
+             "TRAIN_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.train, job_name(lp.spec.name, "train"))) + ")",
+             "AGG_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.aggregate, job_name(lp.spec.name, "aggregate"))) + ")"]
+    env_file = out / "sbatch_env.sh"
+    atomic_io.write_text(env_file, "\n".join(lines) + "\n")
+    record_launch(lp, Submission("sbatch", packs=lp.to_run), overrides)
+    return env_file
 
 
 def summary(out_dir: Path) -> str:

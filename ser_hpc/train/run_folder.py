@@ -43,7 +43,7 @@ class RunFolder:
         final = self.read_final()
         return bool(final) and final.get("status") == "done"
 
-    def prepare(self, cfg: Config) -> None:
+    def claim(self, cfg: Config) -> None:
         """Claim the folder for this config; refuse one that holds another config's results."""
         text = cfg.to_yaml()
         if self.config.exists():
@@ -54,7 +54,9 @@ class RunFolder:
                     "choose another run.dir or remove the folder")
         else:
             atomic_io.write_text(self.config, text)
-        # A restart from scratch: the earlier attempt's evaluation log no longer applies.
+
+    def start_attempt(self) -> None:
+        """A restart from scratch: the earlier attempt's evaluation log no longer applies."""
         if self.metrics.exists():
             self.metrics.unlink()
 

@@ -234,10 +234,11 @@ def train_run(cfg: Config) -> dict:
     if not cfg.run.dir:
         raise ConfigError("config key 'run.dir' (the run folder) is not set")
     folder = RunFolder(cfg.run.dir)
+    folder.claim(cfg)
     if folder.is_done():
         log.info("run %s already done in %s: skipping", cfg.run.name, folder.path)
         return folder.read_final()
-    folder.prepare(cfg)
+    folder.start_attempt()
     start = time.monotonic()
     base = {"run_id": folder.path.name, "name": cfg.run.name}
     try:

@@ -1,0 +1,26 @@
+#!/bin/bash
+# Submit a grid by hand with plain sbatch (no submitit on the login node needed at run time):
+#   slurm/submit_grid.sh configs/grid/emospeech2024.yaml [--profile P.yaml] [key=value ...]
+# jobs/launch_grid.py --emit-sbatch checks everything, writes the plan and a file of
+# shell-quoted sbatch arguments; this script submits the array and the aggregation job.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export SER_HPC_PYTHON=${SER_HPC_PYTHON:-$(command -v python3 || command -v python)}
+env_file=$("$SER_HPC_PYTHON" jobs/launch_grid.py "$@" --cluster slurm --emit-sbatch)
+# shellcheck disable=SC1090  # defines RESULTS PLAN ARRAY TRAIN_ARGS AGG_ARGS SER_HPC_JOB_SETUP
+source "$env_file"
+export SER_HPC_JOB_SETUP
+agg_dep=()
+if [[ -n "$ARRAY" ]]; then
+  train=$(sbatch --parsable --array="$ARRAY" "${TRAIN_ARGS[@]}" --output="$RESULTS/logs/%A_%a.out" \
+          slurm/train_array.sbatch "$PLAN")
+  train=${train%%;*}
+  echo "train array: $train"
+  agg_dep=(--dependency="afterany:$train")
+else
+  echo "every run is finished: only aggregating"
+fi
+agg=$(sbatch --parsable "${agg_dep[@]}" "${AGG_ARGS[@]}" --output="$RESULTS/logs/%j_aggregate.out" \
+      slurm/aggregate.sbatch "$RESULTS")
+echo "aggregation: ${agg%%;*}"
+echo "results: $RESULTS"
