@@ -46,7 +46,7 @@ def submit_slurm(plan_path: Path, out_dir: Path, packs: list[int], profile: Clus
     logs = out_dir / "logs"
     array_job = None
     if packs:
-        executor = submitit.AutoExecutor(folder=logs / "%A_%a", cluster="slurm")
+        executor = submitit.AutoExecutor(folder=logs / "%j", cluster="slurm")  # array tasks: logs/<A>_<a>/
         executor.update_parameters(**submitit_parameters(profile.train, profile, job_name(grid_name, "train")),
                                    slurm_array_parallelism=profile.array_parallelism)
         jobs = executor.map_array(run_pack, [str(plan_path)] * len(packs), packs)
