@@ -158,3 +158,17 @@ def test_debug_launch_runs_aggregates_and_relaunch_skips(demo_assets, tmp_path):
     assert "skipping 4 finished run(s)" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/final.json")} == finals
     assert len(json.loads((out / "manifest.json").read_text())["launches"]) == 2
+
+
+def test_prefetch_checks_local_folders_and_names_unreachable_models(demo_assets, tmp_path):
+    path = write_grid(tmp_path, demo_assets)
+    res = subprocess.run([PY, str(REPO / "jobs" / "prefetch_models.py"), str(path)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("local folder; loads offline") == 4
+    hub = write_grid(tmp_path, demo_assets, name="hub", pairs=[{"name": "p", "speech": "facebook/not-cached-here",
+                                                                 "text": str(demo_assets["backbones"]["roberta-tiny"])}])
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    res = subprocess.run([PY, str(REPO / "jobs" / "prefetch_models.py"), str(hub)], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 1 and "facebook/not-cached-here" in res.stderr
