@@ -39,6 +39,7 @@ class DataConfig:
     snr_db: list[float] = field(default_factory=lambda: [15.0, 25.0])
     noise_dir: str | None = None         # e.g. MUSAN noise; generated noise when unset
     rir_dir: str | None = None           # e.g. RIRS_NOISES; synthetic decaying RIR when unset
+    prepared_dir: str | None = None     # 16 kHz audio decoded once (jobs/prepare_audio.py); decode on the fly if unset
     max_text_tokens: int = 128
     num_workers: int = 0
     eval_batch_size: int = 8

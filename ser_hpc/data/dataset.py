@@ -7,6 +7,7 @@ resumed run sees the same data.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -15,6 +16,13 @@ from torch.utils.data import Dataset
 from .audio import fit_length, load_audio, random_crop
 from .augment import Augmenter
 from .corpus import Example
+
+# (example, sample_rate) -> mono float32 samples; decodes the source file by default.
+AudioLoader = Callable[[Example, int], np.ndarray]
+
+
+def decode_source(ex: Example, sample_rate: int) -> np.ndarray:
+    return load_audio(ex.audio_path, sample_rate)
 
 
 @dataclass
@@ -28,8 +36,10 @@ class Batch:
 
 class TrainCrops(Dataset):
     def __init__(self, examples: list[Example], sample_rate: int, crop_seconds: float,
-                 augmenter: Augmenter | None, seed: int, with_audio: bool = True):
+                 augmenter: Augmenter | None, seed: int, with_audio: bool = True,
+                 audio_loader: AudioLoader = decode_source):
         self.examples = examples
+        self.audio_loader = audio_loader
         self.with_audio = with_audio  # a text-only run never decodes audio
         self.sample_rate = sample_rate
         self.crop = int(round(crop_seconds * sample_rate))
@@ -48,7 +58,7 @@ class TrainCrops(Dataset):
         if not self.with_audio:
             return _item(ex, np.zeros(1, np.float32))
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        wave = load_audio(ex.audio_path, self.sample_rate)
+        wave = self.audio_loader(ex, self.sample_rate)
         choice = self.augmenter.choose(rng) if self.augmenter else None
         need = Augmenter.input_length(choice, self.crop)
         crop = random_crop(wave, need, rng)
@@ -63,8 +73,10 @@ class WholeClips(Dataset):
     # Shorter clips are repeat-padded to this: a backbone needs a few frames to say anything.
     MIN_SECONDS = 0.5
 
-    def __init__(self, examples: list[Example], sample_rate: int, with_audio: bool = True):
+    def __init__(self, examples: list[Example], sample_rate: int, with_audio: bool = True,
+                 audio_loader: AudioLoader = decode_source):
         self.examples = examples
+        self.audio_loader = audio_loader
         self.sample_rate = sample_rate
         self.with_audio = with_audio
 
@@ -75,7 +87,7 @@ class WholeClips(Dataset):
         ex = self.examples[index]
         if not self.with_audio:
             return _item(ex, np.zeros(1, np.float32))
-        wave = load_audio(ex.audio_path, self.sample_rate)
+        wave = self.audio_loader(ex, self.sample_rate)
         minimum = int(self.MIN_SECONDS * self.sample_rate)
         return _item(ex, fit_length(wave, minimum) if len(wave) < minimum else wave)
 
