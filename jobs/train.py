@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     if final["status"] != "done":
         print(f"run failed: {final['reason']}", file=sys.stderr)
         return 1
-    print(f"results: {cfg.run.dir}\ndev macro-F1: {final['dev_macro_f1']:.4f}")
+    if os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0":
+        print(f"results: {cfg.run.dir}\ndev macro-F1: {final['dev_macro_f1']:.4f}")
     return 0
 
 

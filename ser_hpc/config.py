@@ -49,6 +49,7 @@ class DataConfig:
 class EncoderConfig:
     name: str = ""          # hub id or local folder, loaded with AutoModel.from_pretrained
     layers: str = "last"    # "weighted": learned softmax weights over all hidden states; "last"
+    finetune_top_layers: int = 0  # >0 unfreezes the top N transformer layers (trained at train.backbone_lr)
 
 
 @dataclass
@@ -81,6 +82,11 @@ class TrainConfig:
     bf16: bool = False               # bf16 autocast for backbones and heads
     device: str = "auto"             # "auto", "cpu", "cuda", "cuda:1", ...
     log_every: int = 20
+    strategy: str = "single"         # "single", "ddp" (torchrun / srun ranks) or "deepspeed"
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    backbone_lr: float = 1e-5        # learning rate of unfrozen backbone layers
+    checkpoint_every: int = 0        # optimizer steps between resumable checkpoints; 0 = at each evaluation
+    max_requeues: int = 3            # Slurm requeues after time-limit warnings before the run fails
 
 
 @dataclass
@@ -108,6 +114,7 @@ _CHOICES = {
     "model.speech.layers": ("weighted", "last"),
     "model.text.layers": ("weighted", "last"),
     "train.class_weights": ("inverse", "inverse_normalized", "none"),
+    "train.strategy": ("single", "ddp", "deepspeed"),
 }
 
 
@@ -260,6 +267,8 @@ def validate(cfg: Config) -> None:
         if not flat[key] > 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]!r}")
     for key in ["model.hidden_layers", "model.fusion_attention_heads", "train.max_steps", "train.epochs",
+                "model.speech.finetune_top_layers", "model.text.finetune_top_layers", "train.checkpoint_every",
+                "train.max_requeues",
                 "train.weight_decay", "train.early_stop_patience", "train.max_grad_norm", "data.num_workers"]:
         if flat[key] < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]!r}")

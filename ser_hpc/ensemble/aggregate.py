@@ -5,11 +5,14 @@ failed and missing runs are reported, never fatal, unless nothing at all finishe
 Every output goes through atomic writes; ensemble.json is written last so a reader that
 sees it also sees the files it describes, and outputs this call did not (re)write are
 removed so ensemble/ never mixes results from two different aggregations.
+The folder is self-contained for inference (members/, see members.py) and carries the
+grid's report (report.md and its figures, see report.py).
 """
 from __future__ import annotations
 
 import csv
 import io
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,14 +24,17 @@ from ser_hpc.data.labels import LABELS
 from ser_hpc.ensemble.collect import AggregateError, ProbTable, RunRecord, collect_runs, load_plan, read_probs
 from ser_hpc.ensemble.combine import METHODS, combine, stack
 from ser_hpc.ensemble.leaderboard import rank_runs, render_csv, render_md
+from ser_hpc.ensemble.members import copy_members, remove_members
 from ser_hpc.ensemble.plots import plot_confusion
+from ser_hpc.ensemble.report import REPORT_FILES, write_report
 from ser_hpc.metrics import score
 
 __all__ = ["aggregate", "AggregateError"]
+log = logging.getLogger("ser_hpc.ensemble")
 
 DEFAULT_TOP_K = 3
 OUTPUTS = ("ensemble.json", "dev_probs.csv", "test_probs.csv", "predictions_test.csv",
-           "confusion_matrix.png", "confusion_matrix_test.png")
+           "confusion_matrix.png", "confusion_matrix_test.png", *REPORT_FILES)
 
 
 def _probs_csv(ref: ProbTable, scores: np.ndarray) -> str:
@@ -60,7 +66,7 @@ def _ensemble_split(members: Sequence[RunRecord], split: str, method: str):
 
 
 def _build(grid_name: str, out: Path, members: list[RunRecord], k: int, method: str,
-           records: list[RunRecord], notes: list[str], written: set[str]) -> dict[str, Any]:
+           records: list[RunRecord], notes: list[str], written: set[str], plan: dict[str, Any]) -> dict[str, Any]:
     ref, scores, pred, dev = _ensemble_split(members, "dev", method)
     if dev is None:
         raise AggregateError("dev_probs.csv rows without a gold label in a member; cannot score the ensemble")
@@ -88,9 +94,9 @@ def _build(grid_name: str, out: Path, members: list[RunRecord], k: int, method: 
 
     failed = [r for r in records if r.status == "failed"]
     missing = [r for r in records if r.status == "missing"]
-    return {
+    result = {
         "grid_name": grid_name,
-        "members": [{"run_id": m.run_id, "name": m.name, "dev_macro_f1": m.dev_macro_f1} for m in members],
+        "members": copy_members(out, members, plan, notes),
         "method": method,
         "top_k": k,
         "n_members": len(members),
@@ -110,6 +116,12 @@ def _build(grid_name: str, out: Path, members: list[RunRecord], k: int, method: 
         "notes": notes,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    try:
+        written |= write_report(out, result, rank_runs(records), records, plan)
+    except Exception as exc:  # the report is a by-product: never lose the ensemble over a figure
+        log.exception("report not written")
+        notes.append(f"report.md not written: {type(exc).__name__}: {exc}")
+    return result
 
 
 def _summary(results_dir: Path, ranked: list[RunRecord], records: list[RunRecord],
@@ -177,6 +189,7 @@ def aggregate(results_dir: str | Path, top_k: int | None = None, method: str | N
             write_json(out / "ensemble.json", result)
         else:
             (out / "ensemble.json").unlink(missing_ok=True)
+            remove_members(out)
         print(_summary(results_dir, ranked, records, result, notes), flush=True)
 
     try:
@@ -188,7 +201,7 @@ def aggregate(results_dir: str | Path, top_k: int | None = None, method: str | N
         if others:
             notes.append(f"ensemble built from the {len(ranked)} done run(s) only; "
                          f"{len(others)} run(s) failed or missing")
-        result = _build(grid_name, out, members, k, method, records, notes, written)
+        result = _build(grid_name, out, members, k, method, records, notes, written, plan)
     except BaseException:
         finish(None)
         raise

@@ -47,8 +47,11 @@ def submit_slurm(plan_path: Path, out_dir: Path, packs: list[int], profile: Clus
     array_job = None
     if packs:
         executor = submitit.AutoExecutor(folder=logs / "%j", cluster="slurm")  # array tasks: logs/<A>_<a>/
-        executor.update_parameters(**submitit_parameters(profile.train, profile, job_name(grid_name, "train")),
-                                   slurm_array_parallelism=profile.array_parallelism)
+        params = submitit_parameters(profile.train, profile, job_name(grid_name, "train"))
+        # A task requeues itself after a time-limit warning; keep its log across restarts.
+        params["slurm_additional_parameters"] = {**params["slurm_additional_parameters"],
+                                                 "requeue": True, "open_mode": "append"}
+        executor.update_parameters(**params, slurm_array_parallelism=profile.array_parallelism)
         jobs = executor.map_array(run_pack, [str(plan_path)] * len(packs), packs)
         array_job = jobs[0].job_id.split("_")[0]
         sub.train_job, sub.handles["train"] = array_job, jobs

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import torch
 
 from ..config import config_from_dict
 from ..logs import setup_logging
+from ..train.preemption import Preempted, PreemptionFlag
 from ..train.trainer import train_run
-from .plan import read_plan
+from .plan import read_plan, run_folder
 
 log = logging.getLogger("ser_hpc.grid")
 
@@ -43,19 +46,58 @@ def run_pack(plan_path: str, pack_index: int) -> dict[str, str]:
         raise IndexError(f"pack {pack_index} out of range: the plan has {len(plan['packs'])} packs")
     by_id = {r["run_id"]: r for r in plan["runs"]}
     statuses = {}
-    for run_id in plan["packs"][pack_index]:
-        run = by_id[run_id]
-        log.info("pack %d: run %s (%s)", pack_index, run_id, run["name"])
-        try:
-            final = train_run(config_from_dict(run["config"], f"plan run {run_id}"))
-            statuses[run_id] = final["status"]
-        except Exception as exc:  # recorded in the run's final.json by train_run
-            log.error("pack %d: run %s failed: %s", pack_index, run_id, exc)
-            statuses[run_id] = "failed"
+    # Our handler replaces submitit's: it only sets a flag; the loop checkpoints at the next step.
+    with PreemptionFlag() as flag:
+        for run_id in plan["packs"][pack_index]:
+            run = by_id[run_id]
+            log.info("pack %d: run %s (%s)", pack_index, run_id, run["name"])
+            cfg = config_from_dict(run["config"], f"plan run {run_id}")
+            try:
+                final = train_run(cfg, flag)
+                statuses[run_id] = final["status"]
+            except Preempted as exc:
+                handle_preemption(exc, cfg, plan, run)  # requeues (and waits to be stopped) or fails the run
+                statuses[run_id] = "failed"
+                break
+            except Exception as exc:  # recorded in the run's final.json by train_run
+                log.error("pack %d: run %s failed: %s", pack_index, run_id, exc)
+                statuses[run_id] = "failed"
     failed = [r for r, s in statuses.items() if s != "done"]
     if failed:
         raise RuntimeError(f"pack {pack_index}: {len(failed)} of {len(statuses)} run(s) failed: {', '.join(failed)}")
     return statuses
+
+
+def slurm_job_id() -> str | None:
+    """This task's id as scontrol knows it (``A_a`` for an array task)."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def handle_preemption(exc: Preempted, cfg, plan: dict, run: dict) -> None:
+    """After a checkpoint on a signal: requeue this task on Slurm, within the requeue budget.
+
+    A requeued task starts the same pack again; finished runs are skipped and the
+    interrupted one resumes from its checkpoint. A run that keeps being stopped ends as
+    failed (the rest of the grid goes on).
+    """
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    job = slurm_job_id()
+    if exc.wants_requeue and job and restarts < cfg.train.max_requeues:
+        log.warning("run %s: %s; requeueing Slurm job %s (restart %d of at most %d)", run["run_id"], exc, job,
+                    restarts + 1, cfg.train.max_requeues)
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+        time.sleep(600)  # Slurm stops this instance now; never fall through to other runs
+        raise SystemExit(1)
+    if exc.wants_requeue and job:
+        reason = (f"time limit reached {restarts + 1} time(s); requeue budget "
+                  f"(train.max_requeues={cfg.train.max_requeues}) used up")
+    else:
+        reason = f"interrupted: {exc}; relaunch to resume from the checkpoint"
+    run_folder(plan, run).write_final({"run_id": run["run_id"], "name": run["name"], "status": "failed",
+                                       "reason": reason, "dev_macro_f1": None, "checkpoint_step": exc.step})
+    log.error("run %s: %s", run["run_id"], reason)
 
 
 def run_aggregation(results_dir: str) -> dict:

@@ -42,10 +42,30 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def unfreeze_top_layers(model: nn.Module, n: int) -> list[str]:
+    """Make the top ``n`` transformer layers trainable (and a final encoder LayerNorm after
+    them, as in pre-LN XLS-R); returns the names of the unfrozen parameters."""
+    if n <= 0:
+        return []
+    encoder = getattr(model, "encoder", None)
+    layers = getattr(encoder, "layers", None) or getattr(encoder, "layer", None)
+    if layers is None:
+        raise BackboneError(f"cannot find the transformer layers of {type(model).__name__} to fine-tune")
+    if n > len(layers):
+        raise BackboneError(f"finetune_top_layers={n} but {type(model).__name__} has {len(layers)} layers")
+    modules = list(layers[-n:])
+    if getattr(encoder, "layer_norm", None) is not None and getattr(model.config, "do_stable_layer_norm", False):
+        modules.append(encoder.layer_norm)
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
 class SpeechEncoder(nn.Module):
     """wav2vec 2.0 / XLS-R, WavLM, HuBERT: waveform -> every layer's frame features."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, finetune_top_layers: int = 0):
         super().__init__()
         self.name = name
         config = _load("speech", name, AutoConfig.from_pretrained)
@@ -63,6 +83,7 @@ class SpeechEncoder(nn.Module):
         self.accepts_padding_mask = getattr(config, "feat_extract_norm", "layer") == "layer"
         self.width = config.hidden_size
         self.num_states = config.num_hidden_layers + 1
+        self.tuned = unfreeze_top_layers(self.backbone, finetune_top_layers)
 
     def train(self, mode: bool = True):  # the backbone stays in eval mode (no dropout)
         super().train(mode)
@@ -82,9 +103,12 @@ class SpeechEncoder(nn.Module):
         var = (((waves - mean) * mask) ** 2).sum(1, keepdim=True) / n
         return (waves - mean) / torch.sqrt(var + 1e-7) * mask
 
-    @torch.no_grad()
     def forward(self, waves: torch.Tensor, wave_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (states [L, B, F, D], frame mask [B, F] bool)."""
+        with torch.set_grad_enabled(bool(self.tuned) and torch.is_grad_enabled()):
+            return self._forward(waves, wave_lengths)
+
+    def _forward(self, waves: torch.Tensor, wave_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         waves = self._normalise(waves, wave_lengths)
         frames = self.frame_lengths(wave_lengths)
         if self.accepts_padding_mask:
@@ -106,7 +130,7 @@ class SpeechEncoder(nn.Module):
 class TextEncoder(nn.Module):
     """RoBERTa, BERT, BETO, XLM-R: transcription -> every layer's token features."""
 
-    def __init__(self, name: str, max_tokens: int = 128):
+    def __init__(self, name: str, max_tokens: int = 128, finetune_top_layers: int = 0):
         super().__init__()
         self.name = name
         self.tokenizer = _load("text", name, AutoTokenizer.from_pretrained)
@@ -115,18 +139,19 @@ class TextEncoder(nn.Module):
         self.max_tokens = min(max_tokens, getattr(config, "max_position_embeddings", max_tokens) - 2)
         self.width = config.hidden_size
         self.num_states = config.num_hidden_layers + 1
+        self.tuned = unfreeze_top_layers(self.backbone, finetune_top_layers)
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.backbone.eval()
         return self
 
-    @torch.no_grad()
     def forward(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (states [L, B, S, D], token mask [B, S] bool)."""
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
                              return_tensors="pt").to(device)
-        out = self.backbone(**enc, output_hidden_states=True)
+        with torch.set_grad_enabled(bool(self.tuned) and torch.is_grad_enabled()):
+            out = self.backbone(**enc, output_hidden_states=True)
         return torch.stack(out.hidden_states), enc["attention_mask"].bool()
 
 
@@ -141,12 +166,17 @@ class BackboneOutput:
 class FrozenBackbones(nn.Module):
     """The speech and/or text encoders a run needs; never trained, never checkpointed."""
 
-    def __init__(self, speech_name: str | None, text_name: str | None, max_text_tokens: int = 128):
+    def __init__(self, speech_name: str | None, text_name: str | None, max_text_tokens: int = 128,
+                 speech_finetune: int = 0, text_finetune: int = 0):
         super().__init__()
-        self.speech = SpeechEncoder(speech_name) if speech_name else None
-        self.text = TextEncoder(text_name, max_text_tokens) if text_name else None
+        self.speech = SpeechEncoder(speech_name, speech_finetune) if speech_name else None
+        self.text = TextEncoder(text_name, max_text_tokens, text_finetune) if text_name else None
 
-    @torch.no_grad()
+    @property
+    def tuned(self) -> bool:
+        """True when some backbone layers train (then no two heads can share a forward)."""
+        return any(enc is not None and enc.tuned for enc in (self.speech, self.text))
+
     def forward(self, waves: torch.Tensor | None, wave_lengths: torch.Tensor | None,
                 texts: list[str] | None, device: torch.device) -> BackboneOutput:
         out = BackboneOutput()

@@ -66,11 +66,36 @@ class RunFolder:
     def write_final(self, record: dict) -> None:
         atomic_io.write_json(self.final, record)
 
-    def save_head(self, state: dict[str, torch.Tensor]) -> None:
-        atomic_io.write_bytes(self.best_head, st_save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
+    best_backbone = property(lambda self: self.path / "best_backbone.safetensors")
 
-    def load_head(self) -> dict[str, torch.Tensor]:
-        return st_load(self.best_head.read_bytes())
+    def save_best(self, weights: dict[str, torch.Tensor]) -> None:
+        """The best trainable weights: the head in best_head.safetensors (its own key names),
+        unfrozen backbone layers, if any, in best_backbone.safetensors."""
+        def pack(prefix):
+            return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in weights.items() if k.startswith(prefix)}
+        tuned = pack("backbones.")
+        if tuned:
+            atomic_io.write_bytes(self.best_backbone, st_save(tuned))
+        atomic_io.write_bytes(self.best_head, st_save(pack("head.")))
+
+    def load_best(self) -> dict[str, torch.Tensor]:
+        """The best weights with model key names (``head.*``, ``backbones.*``)."""
+        weights = {f"head.{k}": v for k, v in st_load(self.best_head.read_bytes()).items()}
+        if self.best_backbone.exists():
+            weights.update({f"backbones.{k}": v for k, v in st_load(self.best_backbone.read_bytes()).items()})
+        return weights
+
+    def restore(self, saved: Path) -> None:
+        """Put back a file kept in a checkpoint (the best-so-far at that step)."""
+        atomic_io.write_bytes(self.path / saved.name, saved.read_bytes())
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop evaluations logged after the checkpoint a run resumes from (they will be redone)."""
+        if not self.metrics.exists():
+            return
+        lines = [l for l in self.metrics.read_text(encoding="utf-8").splitlines()
+                 if l.strip() and json.loads(l)["step"] <= step]
+        atomic_io.write_text(self.metrics, "".join(l + "\n" for l in lines))
 
     @staticmethod
     def write_probs(path: Path, ids: list[str], labels: np.ndarray, probs: np.ndarray) -> None:

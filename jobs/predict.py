@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Label recordings with an aggregated ensemble (results/<grid>/ensemble, or a copy of it).
+
+    python jobs/predict.py ENSEMBLE_DIR --csv FILE [--audio-dir DIR] --out preds.csv
+    python jobs/predict.py ENSEMBLE_DIR --audio clip.wav --text "la transcripción"
+
+The CSV is in EmoSPeech format: `id` (the audio file name in --audio-dir, default the
+CSV's folder), `transcription` and, optionally, `label`. The output has `id,label` and one
+probability column per class (the ensemble's scores: mean probabilities, or vote shares
+for a vote ensemble). With gold labels, macro-F1 and per-class F1 are printed.
+
+Clips are batched by length and run on the GPU when there is one. A clip longer than
+--window seconds (default 15, the longest training clip) is scored over windows of that
+length, --hop seconds apart (default half the window), the last one ending at the clip's
+end; each member's probabilities are averaged over the windows. Backbones load offline
+(HF_HUB_OFFLINE=1 unless set): from the HF cache or the paths in ensemble.json, which
+--backbone OLD=NEW can replace on a machine where they live elsewhere.
+
+Exit status: 0 every row labelled; 1 some rows not labelled (missing or unreadable audio,
+each reported with its id; the others are still written); 2 bad input (arguments, the
+ensemble folder, the CSV, a backbone, or transcriptions that the members need).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import _bootstrap  # noqa: F401  (repo root on sys.path)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never hang on an offline compute node
+
+from ser_hpc.atomic_io import write_text  # noqa: E402
+from ser_hpc.data.corpus import CorpusError  # noqa: E402
+from ser_hpc.inference.ensemble import EnsembleError, load_ensemble  # noqa: E402
+from ser_hpc.inference.inputs import InputRow, read_input_csv  # noqa: E402
+from ser_hpc.inference.output import errors_text, metrics_text, predictions_csv, single_clip_text  # noqa: E402
+from ser_hpc.inference.predictor import MissingTextError, predict  # noqa: E402
+from ser_hpc.inference.windows import DEFAULT_HOP_FRACTION, DEFAULT_WINDOW_S  # noqa: E402
+from ser_hpc.models.encoders import BackboneError  # noqa: E402
+
+
+def _device(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ensemble_dir", type=Path, help="the ensemble folder (results/<grid>/ensemble)")
+    parser.add_argument("--csv", type=Path, help="EmoSPeech-format CSV: id[,label],transcription")
+    parser.add_argument("--audio-dir", type=Path, help="folder of the CSV's audio files (default: the CSV's folder)")
+    parser.add_argument("--out", type=Path, help="output CSV (required with --csv)")
+    parser.add_argument("--audio", type=Path, help="one clip to label")
+    parser.add_argument("--text", help="the clip's transcription (with --audio)")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips (or windows) per forward (default 8)")
+    parser.add_argument("--window", type=float, default=DEFAULT_WINDOW_S,
+                        help=f"window length in seconds for long clips (default {DEFAULT_WINDOW_S:g})")
+    parser.add_argument("--hop", type=float, default=None,
+                        help=f"hop between windows in seconds (default {DEFAULT_HOP_FRACTION:g} x window)")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--workers", type=int, default=0, help="audio decoding worker processes (default 0)")
+    parser.add_argument("--backbone", action="append", default=[], metavar="OLD=NEW",
+                        help="load backbone NEW where ensemble.json names OLD (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if bool(args.csv) == bool(args.audio):
+        parser.error("give either --csv (with --out) or --audio")
+    if args.csv and not args.out:
+        parser.error("--csv needs --out")
+    if args.text is not None and not args.audio:
+        parser.error("--text goes with --audio")
+    if args.batch_size < 1 or args.window <= 0 or (args.hop is not None and args.hop <= 0) or args.workers < 0:
+        parser.error("--batch-size, --window and --hop must be positive, --workers >= 0")
+    mapping = {}
+    for item in args.backbone:
+        if "=" not in item:
+            parser.error(f"--backbone {item!r} is not OLD=NEW")
+        old, new = item.split("=", 1)
+        mapping[old] = new
+
+    try:
+        if args.csv:
+            rows = read_input_csv(args.csv, args.audio_dir or args.csv.parent)
+        else:
+            rows = [InputRow(args.audio.name, args.audio, args.text, None, 0)]
+        ensemble = load_ensemble(args.ensemble_dir, _device(args.device), mapping)
+        result = predict(ensemble, rows, args.batch_size, args.window, args.hop, args.workers,
+                         progress=False if args.no_progress else None)
+    except (CorpusError, EnsembleError, BackboneError, MissingTextError) as exc:
+        print(f"predict: error: {exc}", file=sys.stderr)
+        return 2
+
+    for note in result.notes:
+        print(f"predict: note: {note}", file=sys.stderr)
+    if args.csv:
+        write_text(args.out, predictions_csv(result))
+        print(f"labelled {len(result.labelled)} of {len(rows)} row(s) -> {args.out} "
+              f"({result.audio_s:.0f} s of audio in {result.elapsed_s:.1f} s on {ensemble.device})")
+    elif result.labelled:
+        print(single_clip_text(result))
+    metrics = metrics_text(result)
+    if metrics:
+        print(metrics)
+    if result.errors:
+        print(errors_text(result), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Make ensemble/ self-contained: a copy of each member's head and config, and where its
+backbones are.
+
+The run folders may be cleaned up, moved or left behind on the cluster, so inference must
+not need them: ``ensemble/members/<run_id>/`` holds ``best_head.safetensors`` and
+``config.yaml``, and ensemble.json names each member's backbones with relative paths
+resolved against the launch directory (run configs hold paths relative to it), so the
+folder loads from any working directory and on another machine.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from ser_hpc.atomic_io import write_bytes
+from ser_hpc.ensemble.collect import RunRecord
+
+MEMBERS_DIR = "members"
+HEAD_FILE = "best_head.safetensors"
+CONFIG_FILE = "config.yaml"
+
+
+def resolve_backbone(name: str | None, launch_dir: str | Path | None) -> str | None:
+    """A local path made absolute (relative to the launch dir); a hub id left as is."""
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if launch_dir:
+        candidate = Path(launch_dir) / path
+        # "org/model" is a hub id unless such a folder exists; "./x" is always a path.
+        if name.startswith(".") or candidate.exists():
+            return str(candidate.resolve())
+    return str(path.resolve()) if path.exists() else name
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return tree if isinstance(tree, dict) else {}
+
+
+def describe_member(record: RunRecord, config: dict[str, Any], launch_dir: str | None,
+                    pair: str | None) -> dict[str, Any]:
+    """The ensemble.json entry of one member: what inference needs to rebuild it."""
+    model = config.get("model") or {}
+    modalities = str(model.get("modalities") or "audio+text")
+    used = modalities.split("+")
+    speech = (model.get("speech") or {}).get("name") if "audio" in used else None
+    text = (model.get("text") or {}).get("name") if "text" in used else None
+    return {
+        "run_id": record.run_id, "name": record.name, "dev_macro_f1": record.dev_macro_f1,
+        "pair": pair, "modalities": modalities,
+        "backbones": {"speech": resolve_backbone(speech, launch_dir), "text": resolve_backbone(text, launch_dir)},
+        "head": f"{MEMBERS_DIR}/{record.run_id}/{HEAD_FILE}",
+        "config": f"{MEMBERS_DIR}/{record.run_id}/{CONFIG_FILE}",
+    }
+
+
+def copy_members(out: Path, members: Sequence[RunRecord], plan: dict[str, Any],
+                 notes: list[str]) -> list[dict[str, Any]]:
+    """Copy heads and configs into out/members/ and return the members' ensemble.json entries.
+
+    The copy is all or nothing: if any member lacks its head or config (a tree built by
+    hand, a run folder damaged after training), no members/ folder is written and a note
+    says the ensemble cannot be used for inference, rather than a folder that half loads.
+    """
+    pairs = {r.get("run_id"): r.get("pair") for r in plan.get("runs", [])}
+    launch_dir = plan.get("launch_dir")
+    lacking = [m.run_id for m in members
+               if not (m.run_dir / HEAD_FILE).is_file() or not (m.run_dir / CONFIG_FILE).is_file()]
+    entries = [describe_member(m, _read_config(m.run_dir / CONFIG_FILE), launch_dir, pairs.get(m.run_id))
+               for m in members]
+    target = out / MEMBERS_DIR
+    if lacking:
+        remove_members(out)
+        notes.append(f"member(s) {', '.join(lacking)} lack {HEAD_FILE} or {CONFIG_FILE}: "
+                     "ensemble/members/ not written, jobs/predict.py cannot use this ensemble")
+        for e in entries:
+            e["head"] = e["config"] = None
+        return entries
+    for m in members:
+        for name in (HEAD_FILE, CONFIG_FILE):
+            write_bytes(target / m.run_id / name, (m.run_dir / name).read_bytes())
+    # Members of an earlier aggregation that are no longer members must not linger.
+    keep = {m.run_id for m in members}
+    for stale in [p for p in target.iterdir() if p.name not in keep]:
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    return entries
+
+
+def remove_members(out: Path) -> None:
+    shutil.rmtree(out / MEMBERS_DIR, ignore_errors=True)

@@ -1,0 +1,240 @@
+"""ensemble/report.md: the grid's outcome laid out like the paper's poster.
+
+Sections: best dev macro-F1 per backbone pair (the poster's first table, with a bar
+chart), the head grid (top runs with hidden layers and weight decay, then the ensemble
+row), training curves of the top runs, and the ensemble's confusion matrix and per-class
+F1. Images sit next to report.md and are linked by relative name, so the folder can be
+copied anywhere. Only small files are read: plan.json, run configs and metrics.jsonl of
+the plotted runs. No timestamp, so a rerun on the same tree gives the same bytes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from ser_hpc.atomic_io import write_text
+from ser_hpc.data.labels import LABELS
+from ser_hpc.ensemble.collect import RunRecord
+from ser_hpc.ensemble.members import resolve_backbone
+from ser_hpc.ensemble.report_plots import pair_bars, per_class_bars, training_curves
+
+REPORT_MD = "report.md"
+PAIRS_PNG = "report_pairs.png"
+CURVES_PNG = "report_curves.png"
+PER_CLASS_PNG = "report_per_class_f1.png"
+REPORT_FILES = (REPORT_MD, PAIRS_PNG, CURVES_PNG, PER_CLASS_PNG)
+TOP_RUNS = 10      # rows of the head-grid table
+CURVE_RUNS = 5     # runs drawn in the training-curves figure
+
+
+@dataclass
+class RunInfo:
+    pair: str
+    speech: str | None
+    text: str | None
+    hidden_layers: Any
+    weight_decay: Any
+
+
+def _config(record: RunRecord, entry: dict) -> dict:
+    """The run's resolved config: from plan.json when it has it, else the run's config.yaml."""
+    if isinstance(entry.get("config"), dict):
+        return entry["config"]
+    try:
+        tree = yaml.safe_load((record.run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, TypeError):
+        return {}
+    return tree if isinstance(tree, dict) else {}
+
+
+def short(name: str | None, launch_dir: str | None = None) -> str:
+    """A model's display name: a local folder's last part, or the hub id."""
+    if not name:
+        return "—"
+    resolved = resolve_backbone(name, launch_dir)
+    return Path(resolved).name if Path(resolved).exists() else name
+
+
+def run_info(record: RunRecord, entry: dict) -> RunInfo:
+    cfg = _config(record, entry)
+    model, train = cfg.get("model") or {}, cfg.get("train") or {}
+    used = str(model.get("modalities") or "audio+text").split("+")
+    speech = (model.get("speech") or {}).get("name") if "audio" in used else None
+    text = (model.get("text") or {}).get("name") if "text" in used else None
+    pair = entry.get("pair") or (f"{short(text)}+{short(speech)}" if (speech or text) else "—")
+    return RunInfo(pair, speech, text, model.get("hidden_layers", "—"), train.get("weight_decay", "—"))
+
+
+def hidden_size(name: str | None, launch_dir: str | None) -> int | None:
+    """``hidden_size`` from the model's config.json: a local folder, or the HF cache (offline)."""
+    if not name:
+        return None
+    resolved = resolve_backbone(name, launch_dir)
+    path = Path(resolved) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            cached = try_to_load_from_cache(resolved, "config.json")
+        except Exception:  # not a valid repo id, or no hub library: unknown, not an error
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        size = json.loads(path.read_text(encoding="utf-8")).get("hidden_size")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return size if isinstance(size, int) else None
+
+
+def _output_dim(info: RunInfo, launch_dir: str | None) -> str:
+    """One number when the pair's encoders agree (as in the poster), else audio / text."""
+    dims = [hidden_size(n, launch_dir) for n in (info.speech, info.text) if n]
+    if not dims:
+        return "?"
+    if len(set(dims)) == 1:
+        return "?" if dims[0] is None else str(dims[0])
+    return " / ".join("?" if d is None else str(d) for d in dims)
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.2f}"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
+def _pairs_section(out: Path, ranked: Sequence[RunRecord], infos: dict[str, RunInfo],
+                   launch_dir: str | None, written: set[str]) -> list[str]:
+    best: dict[str, RunRecord] = {}
+    count: dict[str, int] = {}
+    for r in ranked:  # ranked best first: the first run seen of a pair is its best
+        pair = infos[r.run_id].pair
+        best.setdefault(pair, r)
+        count[pair] = count.get(pair, 0) + 1
+    rows, names, values = [], [], []
+    for pair, r in best.items():
+        info = infos[r.run_id]
+        dim = _output_dim(info, launch_dir)
+        rows.append([pair, short(info.text, launch_dir), short(info.speech, launch_dir), dim, _pct(r.dev_macro_f1),
+                     _pct(r.test_macro_f1), count[pair]])
+        names.append(pair)
+        values.append(r.dev_macro_f1)
+    lines = ["## Backbone pairs", "",
+             "Best dev macro-F1 (%) per backbone pair, the poster's first table recomputed from this grid. "
+             "Output dimension: the encoders' `hidden_size` (audio / text when they differ). "
+             "Test macro-F1 is that of the pair's best run.", ""]
+    lines += _table(["pair", "text model", "audio model", "output dim", "best dev macro-F1",
+                     "test macro-F1", "runs done"], rows)
+    if best:
+        pair_bars(names, values, out / PAIRS_PNG, "Best dev macro-F1 per backbone pair")
+        written.add(PAIRS_PNG)
+        lines += ["", f"![Best dev macro-F1 per backbone pair]({PAIRS_PNG})"]
+    return lines
+
+
+def _head_grid_section(ranked: Sequence[RunRecord], infos: dict[str, RunInfo], result: dict) -> list[str]:
+    members = {m["run_id"] for m in result["members"]}
+    rows = []
+    for rank, r in enumerate(ranked[:TOP_RUNS], 1):
+        info = infos[r.run_id]
+        rows.append([f"{rank}{' *' if r.run_id in members else ''}", r.name, info.pair, info.hidden_layers,
+                     info.weight_decay, _pct(r.dev_macro_f1), _pct(r.test_macro_f1)])
+    rows.append(["ensemble", f"{result['method']} of the top {result['n_members']}", "", "", "",
+                 _pct(result["dev_macro_f1"]), _pct(result.get("test_macro_f1"))])
+    more = f" ({len(ranked) - TOP_RUNS} more in [leaderboard.md](leaderboard.md))" if len(ranked) > TOP_RUNS else ""
+    return (["## Head grid", "",
+             f"Top {min(TOP_RUNS, len(ranked))} runs by dev macro-F1 (%){more}; `*` marks ensemble members.", ""]
+            + _table(["rank", "run", "pair", "hidden layers", "weight decay", "dev macro-F1", "test macro-F1"], rows))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl lines; a torn or foreign line is skipped rather than failing the report."""
+    out = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
+            out.append(rec)
+    return out
+
+
+def _curves_section(out: Path, ranked: Sequence[RunRecord], written: set[str]) -> list[str]:
+    series = []
+    for r in ranked[:CURVE_RUNS]:
+        recs = read_metrics(r.run_dir / "metrics.jsonl") if r.run_dir else []
+        if recs:
+            series.append({"label": r.name, "step": [x["step"] for x in recs],
+                           **{k: [x.get(k) for x in recs] for k in ("dev_macro_f1", "train_loss", "dev_loss")}})
+    lines = ["## Training curves", ""]
+    if not series:
+        return lines + ["No metrics.jsonl in the top runs: no curves to draw."]
+    training_curves(series, out / CURVES_PNG, f"Top {len(series)} runs")
+    written.add(CURVES_PNG)
+    return lines + [f"Dev macro-F1 and loss vs optimizer step of the top {len(series)} runs.", "",
+                    f"![Training curves of the top runs]({CURVES_PNG})"]
+
+
+def _confusion_tables(cm: list[list[int]]) -> list[str]:
+    counts = [["**" + LABELS[i] + "**", *row] for i, row in enumerate(cm)]
+    norm = [["**" + LABELS[i] + "**", *(f"{v / sum(row):.2f}" if sum(row) else "0.00" for v in row)]
+            for i, row in enumerate(cm)]
+    head = ["true \\ predicted", *LABELS]
+    return (["Counts:", ""] + _table(head, counts) + ["", "Normalised by true class (recall on the diagonal):", ""]
+            + _table(head, norm))
+
+
+def _ensemble_section(out: Path, result: dict, written: set[str]) -> list[str]:
+    lines = ["## Ensemble: confusion matrix and per-class F1", "",
+             f"{result['method']} of {result['n_members']}: "
+             + ", ".join(f"`{m['run_id']}`" for m in result["members"]) + ".", "",
+             f"### Dev (macro-F1 {_pct(result['dev_macro_f1'])})", ""]
+    lines += _confusion_tables(result["confusion_matrix_dev"]) + ["", "![Dev confusion matrix](confusion_matrix.png)"]
+    splits = {"dev": [result["per_class_f1_dev"][c] for c in LABELS]}
+    if result.get("confusion_matrix_test"):
+        lines += ["", f"### Test (macro-F1 {_pct(result['test_macro_f1'])})", ""]
+        lines += _confusion_tables(result["confusion_matrix_test"])
+        lines += ["", "![Test confusion matrix](confusion_matrix_test.png)"]
+        splits["test"] = [result["per_class_f1_test"][c] for c in LABELS]
+    rows = [[c, *(_pct(v[k]) for v in splits.values())] for k, c in enumerate(LABELS)]
+    lines += ["", "### Per-class F1 (%)", ""] + _table(["class", *splits], rows)
+    per_class_bars(LABELS, splits, out / PER_CLASS_PNG, "Ensemble per-class F1")
+    written.add(PER_CLASS_PNG)
+    return lines + ["", f"![Ensemble per-class F1]({PER_CLASS_PNG})"]
+
+
+def write_report(out: Path, result: dict, ranked: Sequence[RunRecord], records: Sequence[RunRecord],
+                 plan: dict) -> set[str]:
+    """Write report.md and its figures into ``out``; return the file names written."""
+    entries = {r.get("run_id"): r for r in plan.get("runs", [])}
+    infos = {r.run_id: run_info(r, entries.get(r.run_id, {})) for r in ranked}
+    written: set[str] = set()
+    n_failed = sum(r.status == "failed" for r in records)
+    n_missing = sum(r.status == "missing" for r in records)
+    lines = [f"# Report — {result['grid_name']}", "",
+             f"{len(records)} runs: {len(ranked)} done, {n_failed} failed, {n_missing} missing "
+             "(see [leaderboard.md](leaderboard.md)). Macro-F1 in %; the ensemble is the "
+             f"{result['method']} of the top {result['n_members']} runs by dev macro-F1: "
+             f"dev {_pct(result['dev_macro_f1'])}"
+             + (f", test {_pct(result['test_macro_f1'])}" if result.get("test_macro_f1") is not None else "") + ".", ""]
+    lines += _pairs_section(out, ranked, infos, plan.get("launch_dir"), written) + [""]
+    lines += _head_grid_section(ranked, infos, result) + [""]
+    lines += _curves_section(out, ranked, written) + [""]
+    lines += _ensemble_section(out, result, written)
+    if result.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
+    write_text(out / REPORT_MD, "\n".join(lines) + "\n")
+    return written | {REPORT_MD}

@@ -1,0 +1,257 @@
+"""Where a grid stands: one row per run with its state, pack, best dev macro-F1 so far,
+steps, elapsed time, and for failures the reason and the log to read.
+
+States: pending, running, requeued, done, failed. The results tree says what finished
+(final.json) and what has started (config.yaml, metrics.jsonl); Slurm (squeue / sacct for
+the job ids in manifest.json) says what is queued, running, requeued or died without a
+word (timeout, cancel, node failure). Without Slurm the tree alone is used. Only small
+files are read (plan.json, manifest.json, final.json, and metrics.jsonl of unfinished
+runs), so hundreds of runs take well under a second.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .slurm_query import TaskState, query
+
+STATES = ("pending", "running", "requeued", "done", "failed")
+RUNNING = frozenset({"RUNNING", "COMPLETING", "CONFIGURING"})
+
+
+@dataclass
+class PackTask:
+    executor: str
+    task_id: str | None = None   # Slurm "<array>_<index>", when known
+    log: str | None = None       # the log a failed run's traceback went to
+
+
+@dataclass
+class RunStatus:
+    run_id: str
+    name: str
+    pack: int | None
+    state: str = "pending"
+    dev_macro_f1: float | None = None
+    steps: int | None = None
+    max_steps: int | None = None
+    elapsed_s: float | None = None
+    reason: str | None = None
+    log: str | None = None
+    slurm: str | None = None     # e.g. "12_3 RUNNING", "12_4 PENDING (Priority)"
+    info: str | None = None      # a hint for a human (no scheduler info, last write age)
+
+
+@dataclass
+class GridStatus:
+    results_dir: str
+    grid_name: str
+    runs: list[RunStatus]
+    slurm: str                   # where scheduler states came from, in words
+    aggregate: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(r.state == s for r in self.runs) for s in STATES}
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def pack_tasks(results_dir: Path, manifest: dict) -> tuple[dict[int, PackTask], str | None]:
+    """The latest launch's task (and log) of every pack, and the latest aggregation job id."""
+    logs = results_dir / "logs"
+    try:
+        names = os.listdir(logs)
+    except OSError:
+        names = []
+    # slurm/submit_grid.sh launches record no job ids; their logs are named <array>_<pack>.out.
+    sbatch_logs: dict[int, int] = {}
+    for n in names:
+        m = re.fullmatch(r"(\d+)_(\d+)\.out", n)
+        if m:
+            sbatch_logs[int(m.group(2))] = max(sbatch_logs.get(int(m.group(2)), 0), int(m.group(1)))
+    tasks: dict[int, PackTask] = {}
+    aggregate = None
+    for launch in manifest.get("launches", []):
+        executor, packs = launch.get("executor"), launch.get("packs") or []
+        ids = launch.get("job_ids") or {}
+        aggregate = ids.get("aggregate") or aggregate
+        for i, pack in enumerate(packs):
+            if executor == "slurm" and ids.get("train_array"):
+                # submitit arrays index tasks 0..n-1 over the submitted packs.
+                tid = f"{ids['train_array']}_{i}"
+                err, out = logs / tid / f"{tid}_0_log.err", logs / tid / f"{tid}_0_log.out"
+                tasks[pack] = PackTask(executor, tid, str(err if err.exists() or not out.exists() else out))
+            elif executor == "sbatch":
+                array = sbatch_logs.get(pack)
+                tasks[pack] = PackTask(executor, f"{array}_{pack}" if array else None,
+                                       str(logs / f"{array}_{pack}.out") if array else None)
+            elif executor == "local":
+                tasks[pack] = PackTask(executor, None, str(logs / f"local_pack{pack}.log"))
+            else:
+                tasks[pack] = PackTask(executor or "?")
+    return tasks, aggregate
+
+
+def read_progress(run_dir: Path) -> dict[str, Any]:
+    """Best dev macro-F1 so far, last step and elapsed time from metrics.jsonl."""
+    best = step = elapsed = None
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        f1 = rec.get("dev_macro_f1")
+        if isinstance(f1, (int, float)) and (best is None or f1 > best):
+            best = f1
+        step, elapsed = rec.get("step", step), rec.get("elapsed_s", elapsed)
+    return {"dev_macro_f1": best, "steps": step, "elapsed_s": elapsed}
+
+
+def _age(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
+
+
+def _resolve(row: RunStatus, run_dir: Path, task: TaskState | None, pack_task: PackTask | None,
+             turn: list[bool], now: float) -> None:
+    """Set row.state and its details. ``turn[0]``: no earlier run of this pack is in progress."""
+    final_path = run_dir / "final.json"
+    final = _json(final_path) if final_path.exists() else None
+    final_t, metrics_t = _mtime(final_path), _mtime(run_dir / "metrics.jsonl")
+    if task is not None:
+        row.slurm = f"{task.job_id} {task.state}" + (f" ({task.reason})" if task.reason not in ("", "None") else "")
+        if task.requeues:
+            row.slurm += f", requeued {task.requeues}x"
+    if isinstance(final, dict) and final.get("status") == "done":
+        row.state = "done"
+    elif task is not None and task.active:
+        # A failed final.json older than this attempt is from an earlier launch: being retried.
+        fresh = isinstance(final, dict) and task.start is not None and final_t is not None and final_t >= task.start
+        if fresh:
+            row.state = "failed"
+        elif task.state in RUNNING and turn[0]:
+            row.state, turn[0] = "running", False
+            final = None
+        else:
+            row.state = "requeued" if task.requeues and task.state not in RUNNING else "pending"
+            final = None
+    elif isinstance(final, dict) or final_path.exists():
+        # No live task: a metrics.jsonl newer than the failed final.json is a retry under way.
+        if task is None and metrics_t and final_t and metrics_t > final_t:
+            row.state, final = "running", None
+            row.info = f"no scheduler info; last write {_age(now - metrics_t)} ago"
+        else:
+            row.state = "failed"
+            if not isinstance(final, dict):
+                row.reason, final = "unreadable final.json", None
+    elif task is not None:  # the task ended (or is gone) and the run never wrote final.json
+        row.state = "failed"
+        row.reason = f"no final.json: Slurm task {task.job_id} ended {task.state}"
+    elif metrics_t or (run_dir / "config.yaml").exists():
+        row.state = "running"
+        last = max(t for t in (metrics_t, _mtime(run_dir / "config.yaml")) if t)
+        row.info = f"no scheduler info; last write {_age(now - last)} ago"
+    if isinstance(final, dict):
+        row.dev_macro_f1, row.steps, row.elapsed_s = final.get("dev_macro_f1"), final.get("steps"), final.get("elapsed_s")
+        if row.state == "failed":
+            row.reason = row.reason or str(final.get("reason") or "no reason given").splitlines()[0]
+    elif row.state in ("running", "failed"):
+        row.__dict__.update(read_progress(run_dir))
+    if row.state == "failed" and pack_task is not None:
+        row.log = pack_task.log
+
+
+def grid_status(results_dir: str | Path, use_slurm: bool = True) -> GridStatus:
+    results_dir = Path(results_dir)
+    plan = _json(results_dir / "plan.json")
+    if not isinstance(plan, dict):
+        raise FileNotFoundError(f"{results_dir / 'plan.json'} not found or unreadable: is this a launched grid?")
+    manifest = _json(results_dir / "manifest.json") or {}
+    tasks, aggregate_id = pack_tasks(results_dir, manifest)
+    slurm_ids = {t.task_id.split("_")[0] for t in tasks.values() if t.task_id} | ({str(aggregate_id)} if aggregate_id else set())
+    states, source = None, "not used (--no-slurm): results tree only"
+    if use_slurm and not slurm_ids:
+        source = "no Slurm job ids in manifest.json or logs/: results tree only"
+    elif use_slurm:
+        states = query(sorted(slurm_ids))
+        source = "squeue/sacct" if states is not None else "squeue/sacct did not answer: results tree only"
+    now = time.time()
+    runs, turns = [], {}
+    planned = plan.get("runs", [])
+    for entry in planned:
+        pack = entry.get("pack")
+        train = (entry.get("config") or {}).get("train") or {}
+        row = RunStatus(entry["run_id"], entry.get("name") or entry["run_id"], pack,
+                        max_steps=train.get("max_steps") or None)
+        pack_task = tasks.get(pack)
+        task = states.get(pack_task.task_id) if states and pack_task and pack_task.task_id else None
+        _resolve(row, results_dir / "runs" / row.run_id, task, pack_task, turns.setdefault(pack, [True]), now)
+        runs.append(row)
+    status = GridStatus(str(results_dir), plan.get("grid_name") or results_dir.name, runs, source)
+    if states and aggregate_id and str(aggregate_id) in states:
+        agg = states[str(aggregate_id)]
+        status.aggregate = f"{aggregate_id} {agg.state}" + (f" ({agg.reason})" if agg.reason not in ("", "None") else "")
+    extra = _extra_folders(results_dir, {e["run_id"] for e in planned})
+    if extra:
+        status.notes.append(f"{len(extra)} run folder(s) not in plan.json (an earlier grid): {', '.join(extra[:5])}"
+                            + (" ..." if len(extra) > 5 else ""))
+    return status
+
+
+def _extra_folders(results_dir: Path, planned: set[str]) -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(results_dir / "runs") if n not in planned)
+    except OSError:
+        return []
+
+
+def _fmt_elapsed(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def render(status: GridStatus, only: str | None = None) -> str:
+    c = status.counts()
+    lines = [f"grid {status.grid_name} ({status.results_dir}): {len(status.runs)} runs, "
+             + ", ".join(f"{c[s]} {s}" for s in STATES) + f"; Slurm: {status.slurm}"]
+    if status.aggregate:
+        lines.append(f"aggregation job {status.aggregate}")
+    rows = [r for r in status.runs if only is None or r.state == only]
+    width = max([len("run"), *(len(r.run_id) for r in rows)])
+    lines.append(f"{'run':<{width}}  {'state':<8}  {'pack':>4}  {'dev F1':>6}  {'steps':>9}  {'elapsed':>7}  details")
+    for r in rows:
+        f1 = "-" if r.dev_macro_f1 is None else f"{100 * r.dev_macro_f1:.2f}"
+        steps = "-" if r.steps is None else (f"{r.steps}/{r.max_steps}" if r.max_steps else str(r.steps))
+        details = "; ".join(x for x in (r.reason, f"log: {r.log}" if r.log else None, r.slurm, r.info) if x)
+        pack = "-" if r.pack is None else str(r.pack)
+        lines.append(f"{r.run_id:<{width}}  {r.state:<8}  {pack:>4}  {f1:>6}  {steps:>9}  "
+                     f"{_fmt_elapsed(r.elapsed_s):>7}  {details}")
+    lines += [f"note: {n}" for n in status.notes]
+    return "\n".join(lines)
+
+
+def to_json(status: GridStatus) -> str:
+    return json.dumps({**asdict(status), "counts": status.counts()}, indent=2)

@@ -1,0 +1,1 @@
+"""Labelling new recordings with an aggregated ensemble folder (jobs/predict.py)."""

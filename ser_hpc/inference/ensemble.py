@@ -1,0 +1,176 @@
+"""Load an ensemble folder (results/<grid>/ensemble/, or a copy of it) for inference.
+
+Everything comes from the folder itself: ensemble.json (members, method, labels,
+backbone ids or paths) and members/<run_id>/{config.yaml, best_head.safetensors}. Members
+are grouped by the backbones they need, so a backbone pair is loaded once and run once per
+batch however many heads use it; a single-modality member joins a group that already runs
+its encoder (a head reads only the modalities it was built for).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ser_hpc.config import Config, ConfigError, config_from_dict
+from ser_hpc.data.labels import LABELS
+from ser_hpc.ensemble.combine import METHODS
+from ser_hpc.models.encoders import FrozenBackbones
+from ser_hpc.models.head import EmotionHead, build_head
+
+
+class EnsembleError(ValueError):
+    """The ensemble folder cannot be used; the message names the file."""
+
+
+@dataclass
+class Member:
+    run_id: str
+    name: str
+    config: Config
+    speech: str | None   # backbone id/path, None when the member does not use audio
+    text: str | None
+    head: EmotionHead | None = None
+
+    @property
+    def needs_audio(self) -> bool:
+        return self.speech is not None
+
+    @property
+    def needs_text(self) -> bool:
+        return self.text is not None
+
+    @property
+    def bf16(self) -> bool:
+        return self.config.train.bf16
+
+
+@dataclass
+class BackboneGroup:
+    speech: str | None
+    text: str | None
+    max_text_tokens: int
+    sample_rate: int
+    members: list[int] = field(default_factory=list)   # indices into LoadedEnsemble.members
+    backbones: FrozenBackbones | None = None
+    bf16: bool = False   # any member trained under bf16 autocast: its backbone forward was bf16
+
+
+@dataclass
+class LoadedEnsemble:
+    path: Path
+    method: str
+    members: list[Member]
+    groups: list[BackboneGroup]
+    device: torch.device
+
+    @property
+    def needs_audio(self) -> bool:
+        return any(m.needs_audio for m in self.members)
+
+    @property
+    def audio_only(self) -> list[Member]:
+        """The members that can label a clip without a transcription."""
+        return [m for m in self.members if not m.needs_text]
+
+    @property
+    def sample_rates(self) -> list[int]:
+        return sorted({g.sample_rate for g in self.groups if g.speech is not None})
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise EnsembleError(f"{path} not found: give the ensemble folder written by jobs/aggregate.py "
+                            "(results/<grid>/ensemble)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EnsembleError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _member(folder: Path, entry: dict, backbone_map: dict[str, str]) -> Member:
+    run_id = entry.get("run_id", "?")
+    if not entry.get("head") or not entry.get("config"):
+        raise EnsembleError(f"{folder / 'ensemble.json'}: member {run_id} has no copied head/config "
+                            "(an ensemble aggregated before members/ existed, or with incomplete runs); "
+                            "re-run jobs/aggregate.py on the grid")
+    config_path = folder / entry["config"]
+    if not config_path.is_file():
+        raise EnsembleError(f"member {run_id}: {config_path} not found")
+    try:
+        cfg = config_from_dict(yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}, str(config_path))
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise EnsembleError(f"member {run_id}: {config_path}: {exc}") from None
+    used = cfg.model.modalities.split("+")
+    # ensemble.json holds the names resolved at aggregation time (absolute paths or hub ids).
+    names = entry.get("backbones") or {}
+    speech = (names.get("speech") or cfg.model.speech.name) if "audio" in used else None
+    text = (names.get("text") or cfg.model.text.name) if "text" in used else None
+    return Member(run_id, entry.get("name") or run_id, cfg,
+                  backbone_map.get(speech, speech) if speech else None,
+                  backbone_map.get(text, text) if text else None)
+
+
+def _group(members: list[Member]) -> list[BackboneGroup]:
+    groups: dict[tuple, BackboneGroup] = {}
+    for i, m in enumerate(members):
+        key = (m.speech, m.text, m.config.data.max_text_tokens if m.text else None,
+               m.config.data.sample_rate if m.speech else None)
+        groups.setdefault(key, BackboneGroup(m.speech, m.text, key[2] or 128, key[3] or 16000)).members.append(i)
+    # Fold single-modality groups into a two-modality group running the same encoder.
+    full = [k for k in groups if k[0] and k[1]]
+    for key in [k for k in groups if not (k[0] and k[1])]:
+        host = next((f for f in full if (key[0] and (f[0], f[3]) == (key[0], key[3]))
+                     or (key[1] and (f[1], f[2]) == (key[1], key[2]))), None)
+        if host is not None:
+            groups[host].members += groups.pop(key).members
+    return list(groups.values())
+
+
+def load_ensemble(folder: str | Path, device: torch.device | str = "cpu",
+                  backbone_map: dict[str, str] | None = None) -> LoadedEnsemble:
+    """Read the folder, load each backbone group once and every member's head onto ``device``.
+
+    ``backbone_map`` replaces backbone names (old -> new), for a copy of the folder on a
+    machine where the backbones live elsewhere.
+    """
+    folder = Path(folder).expanduser().resolve()
+    device = torch.device(device)
+    meta = _read_json(folder / "ensemble.json")
+    labels = meta.get("labels") or list(LABELS)
+    if list(labels) != list(LABELS):
+        raise EnsembleError(f"{folder / 'ensemble.json'}: labels {labels} differ from this code's {list(LABELS)}")
+    method = meta.get("method", "mean")
+    if method not in METHODS:
+        raise EnsembleError(f"{folder / 'ensemble.json'}: unknown ensemble method {method!r}")
+    entries = meta.get("members") or []
+    if not entries:
+        raise EnsembleError(f"{folder / 'ensemble.json'}: no members")
+    members = [_member(folder, e, backbone_map or {}) for e in entries]
+    groups = _group(members)
+    for g in groups:
+        g.backbones = FrozenBackbones(g.speech, g.text, g.max_text_tokens).to(device).eval()
+        if g.backbones.speech is not None and g.backbones.speech.sample_rate != g.sample_rate:
+            raise EnsembleError(f"backbone {g.speech} expects {g.backbones.speech.sample_rate} Hz but its members "
+                                f"were trained at data.sample_rate {g.sample_rate}")
+        g.bf16 = any(members[i].bf16 for i in g.members)
+        for i in g.members:
+            m = members[i]
+            # The head is built for the member's own modalities even inside a wider group.
+            view = SimpleNamespace(speech=g.backbones.speech if m.needs_audio else None,
+                                   text=g.backbones.text if m.needs_text else None)
+            head = build_head(m.config.model, view)
+            weights = folder / entries[i]["head"]
+            if not weights.is_file():
+                raise EnsembleError(f"member {m.run_id}: {weights} not found")
+            try:
+                head.load_state_dict(load_file(str(weights)))
+            except RuntimeError as exc:
+                raise EnsembleError(f"member {m.run_id}: {weights} does not match its config: {exc}") from None
+            m.head = head.to(device).eval()
+    return LoadedEnsemble(folder, method, members, groups, device)

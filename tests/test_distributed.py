@@ -1,0 +1,138 @@
+"""Resume, torn checkpoints, DDP (torchrun and srun) and DeepSpeed ZeRO-2 on CPU."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_config_tree
+
+TRAIN = str(REPO / "jobs" / "train.py")
+TORCHRUN = str(REPO / ".venv" / "bin" / "torchrun") if (REPO / ".venv" / "bin" / "torchrun").exists() else "torchrun"
+
+
+def _write_cfg(assets, tmp_path, name, **over):
+    tree = run_config_tree(assets, tmp_path / name, **over)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", **extra)
+    return env
+
+
+def _final(run_dir):
+    return json.loads((run_dir / "final.json").read_text())
+
+
+def _metrics(run_dir):
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a, b, atol=1e-5):
+    """Same evaluations, same best checkpoint, same final metrics (float noise aside)."""
+    fa, fb = _final(a), _final(b)
+    for key in ("status", "dev_macro_f1", "best_step", "test_macro_f1", "confusion_matrix", "steps"):
+        assert fa[key] == fb[key], (key, fa[key], fb[key])
+    ma, mb = _metrics(a), _metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for x, y in zip(ma, mb):
+        assert x["dev_macro_f1"] == y["dev_macro_f1"]
+        assert x["dev_loss"] == pytest.approx(y["dev_loss"], abs=atol)
+        assert x["train_loss"] == pytest.approx(y["train_loss"], abs=atol)
+
+
+LONG = {"train.max_steps": 40, "train.eval_every": 8, "train.checkpoint_every": 4, "train.log_every": 4}
+
+
+def test_killed_run_resumes_to_the_same_result(demo_assets, tmp_path):
+    ref = _write_cfg(demo_assets, tmp_path, "ref", **LONG)
+    subprocess.run([sys.executable, TRAIN, str(ref)], env=_env(), check=True, capture_output=True, timeout=900)
+    cfg = _write_cfg(demo_assets, tmp_path, "killed", **LONG)
+    proc = subprocess.Popen([sys.executable, TRAIN, str(cfg)], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    latest = tmp_path / "killed" / "checkpoint" / "latest.json"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["step"] >= 12:
+            break
+        time.sleep(0.2)
+    time.sleep(0.7)  # somewhere between two checkpoints
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final.json").exists()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert 12 <= killed_at < 40
+    subprocess.run([sys.executable, TRAIN, str(cfg)], env=_env(), check=True, capture_output=True, timeout=900)
+    assert _final(tmp_path / "killed")["resumed_from"] == [killed_at]
+    assert_same_run(tmp_path / "ref", tmp_path / "killed")
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(demo_assets, tmp_path):
+    ref = _write_cfg(demo_assets, tmp_path, "ref", **LONG)
+    subprocess.run([sys.executable, TRAIN, str(ref)], env=_env(), check=True, capture_output=True, timeout=900)
+    cfg = _write_cfg(demo_assets, tmp_path, "torn", **LONG)
+    res = subprocess.run([sys.executable, TRAIN, str(cfg)], env=_env(SER_HPC_FAULT_KILL_IN_CHECKPOINT="16"),
+                         capture_output=True, timeout=900)
+    assert res.returncode == -signal.SIGKILL
+    ckpt = tmp_path / "torn" / "checkpoint"
+    assert (ckpt / ".tmp-step_000016" / "weights.safetensors").exists()  # the torn one
+    assert json.loads((ckpt / "latest.json").read_text())["step"] == 12  # still points at the previous
+    subprocess.run([sys.executable, TRAIN, str(cfg)], env=_env(), check=True, capture_output=True, timeout=900)
+    assert _final(tmp_path / "torn")["resumed_from"] == [12]
+    assert not list(ckpt.glob(".tmp-*"))
+    assert_same_run(tmp_path / "ref", tmp_path / "torn")
+
+
+# Same global batch, no dropout or augmentation: one process and two ranks see the same data.
+SAME = {"train.max_steps": 8, "train.eval_every": 4, "model.dropout": 0.0, "data.augment_prob": 0.0,
+        "train.batch_size": 8}
+
+
+def test_ddp_two_ranks_under_torchrun_match_one_process(demo_assets, tmp_path):
+    single = _write_cfg(demo_assets, tmp_path, "single", **SAME)
+    ddp = _write_cfg(demo_assets, tmp_path, "ddp", **SAME, **{"train.strategy": "ddp"})
+    subprocess.run([sys.executable, TRAIN, str(single)], env=_env(), check=True, capture_output=True, timeout=900)
+    res = subprocess.run([TORCHRUN, "--nproc_per_node=2", "--master_port=29631", TRAIN, str(ddp)], env=_env(),
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _final(tmp_path / "ddp")["world_size"] == 2
+    assert_same_run(tmp_path / "single", tmp_path / "ddp")  # tolerance 1e-5 on losses
+
+
+def test_ddp_two_ranks_under_srun(slurm_cluster, demo_assets, tmp_path):
+    single = _write_cfg(demo_assets, tmp_path, "single", **SAME)
+    ddp = _write_cfg(demo_assets, tmp_path, "srun", **SAME, **{"train.strategy": "ddp"})
+    subprocess.run([sys.executable, TRAIN, str(single)], env=_env(), check=True, capture_output=True, timeout=900)
+    job = slurm_cluster.sbatch("--ntasks=2", "--cpus-per-task=1", "--mem-per-cpu=1500", "--time=15",
+                               f"--output={tmp_path}/srun.log",
+                               "--wrap", f"OMP_NUM_THREADS=1 srun {sys.executable} {TRAIN} {ddp}", cwd=REPO)
+    state = slurm_cluster.wait(job, timeout=900)
+    assert state == "COMPLETED", (tmp_path / "srun.log").read_text()[-3000:]
+    assert _final(tmp_path / "srun")["world_size"] == 2
+    assert_same_run(tmp_path / "single", tmp_path / "srun")
+
+
+@pytest.mark.parametrize("unfreeze", [0, 1])
+def test_deepspeed_zero2_on_cpu(demo_assets, tmp_path, unfreeze):
+    over = {**SAME, "model.speech.finetune_top_layers": unfreeze, "model.text.finetune_top_layers": unfreeze}
+    single = _write_cfg(demo_assets, tmp_path, "single", **over)
+    ds = _write_cfg(demo_assets, tmp_path, "ds", **over, **{"train.strategy": "deepspeed",
+                                                           "train.deepspeed_config": str(REPO / "configs/deepspeed/zero2.json")})
+    subprocess.run([sys.executable, TRAIN, str(single)], env=_env(), check=True, capture_output=True, timeout=900)
+    res = subprocess.run([TORCHRUN, "--nproc_per_node=2", "--master_port=29632", TRAIN, str(ds)], env=_env(),
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    final = _final(tmp_path / "ds")
+    assert final["strategy"] == "deepspeed" and final["world_size"] == 2
+    assert_same_run(tmp_path / "single", tmp_path / "ds", atol=1e-4)
+    ckpt = tmp_path / "ds" / "checkpoint" / "step_000008"
+    assert (ckpt / "deepspeed").is_dir()  # the engine's own (ZeRO-partitioned) optimizer state
+    assert (tmp_path / "ds" / "best_backbone.safetensors").exists() == bool(unfreeze)
