@@ -25,6 +25,7 @@ from ser_hpc.logs import setup_logging
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("items", nargs="*", help="YAML config files, then key=value overrides")
+    parser.add_argument("--plan", help="a launched grid's plan.json: prepare every data config it uses")
     parser.add_argument("--csv", action="append", default=[], help="a corpus CSV (id,[label,]transcription)")
     parser.add_argument("--audio-dir", action="append", default=[], help="folder of the files named by `id`")
     parser.add_argument("--out", help="prepared audio folder (with --csv)")
@@ -37,6 +38,11 @@ def main(argv=None) -> int:
     setup_logging()
     progress = not args.no_progress
     try:
+        if args.plan:
+            from ser_hpc.grid.tasks import run_prepare
+            for summary in run_prepare(args.plan):
+                print(summary)
+            return 0
         if args.csv:
             if args.items:
                 parser.error("give either a run config or --csv, not both")

@@ -7,12 +7,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export SER_HPC_PYTHON=${SER_HPC_PYTHON:-$(command -v python3 || command -v python)}
 env_file=$("$SER_HPC_PYTHON" jobs/launch_grid.py "$@" --cluster slurm --emit-sbatch)
-# shellcheck disable=SC1090  # defines RESULTS PLAN ARRAY TRAIN_ARGS AGG_ARGS SER_HPC_JOB_SETUP
+# shellcheck disable=SC1090  # defines RESULTS PLAN ARRAY PREPARE TRAIN_ARGS PREP_ARGS AGG_ARGS SER_HPC_JOB_SETUP
 source "$env_file"
 export SER_HPC_JOB_SETUP
 agg_dep=()
+train_dep=()
+if [[ -n "$PREPARE" && -n "$ARRAY" ]]; then
+  # Decode the audio once; if that fails the array is cancelled and aggregation reports it.
+  prep=$(sbatch --parsable "${PREP_ARGS[@]}" --output="$RESULTS/logs/%j_prepare.out" slurm/prepare.sbatch "$PLAN")
+  prep=${prep%%;*}
+  echo "data preparation: $prep"
+  train_dep=(--dependency="afterok:$prep" --kill-on-invalid-dep=yes)
+fi
 if [[ -n "$ARRAY" ]]; then
-  train=$(sbatch --parsable --array="$ARRAY" "${TRAIN_ARGS[@]}" --output="$RESULTS/logs/%A_%a.out" \
+  train=$(sbatch --parsable --array="$ARRAY" "${train_dep[@]}" "${TRAIN_ARGS[@]}" --output="$RESULTS/logs/%A_%a.out" \
           slurm/train_array.sbatch "$PLAN")
   train=${train%%;*}
   echo "train array: $train"

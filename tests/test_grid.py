@@ -138,7 +138,11 @@ def test_dry_run_prints_the_plan_and_submits_nothing(demo_assets, tmp_path):
 
 
 def test_debug_launch_runs_aggregates_and_relaunch_skips(demo_assets, tmp_path):
-    path = write_grid(tmp_path, demo_assets, pack_size=2)
+    path = write_grid(tmp_path, demo_assets, pack_size=2,
+                      overrides={"train.max_steps": 4, "train.eval_every": 2,
+                                 "data.prepared_dir": str(tmp_path / "prepared")})
+    dry = _launch(path, "--dry-run")
+    assert "first: a data-preparation job" in dry.stdout
     res = _launch(path, "--cluster", "debug")
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "results" / "g"
@@ -158,6 +162,15 @@ def test_debug_launch_runs_aggregates_and_relaunch_skips(demo_assets, tmp_path):
     assert "skipping 4 finished run(s)" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/final.json")} == finals
     assert len(json.loads((out / "manifest.json").read_text())["launches"]) == 2
+    assert list((tmp_path / "prepared").rglob("*.npy"))  # trained from audio decoded once
+
+
+def test_fine_tuning_runs_get_packs_of_one(demo_assets, tmp_path):
+    path = write_grid(tmp_path, demo_assets, pack_size=4, overrides={"model.speech.finetune_top_layers": 1},
+                      axes={"model.hidden_layers": [1, 2]})
+    runs = expand(load_grid(path))
+    assert [len(p) for p in make_packs(runs, 4)] == [1, 1, 1, 1]
+    assert "fine-tune backbone layers" in _launch(path, "--dry-run").stdout
 
 
 def test_prefetch_checks_local_folders_and_names_unreachable_models(demo_assets, tmp_path):

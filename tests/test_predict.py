@@ -1,7 +1,8 @@
 """jobs/predict.py: labelling recordings with a real aggregated ensemble.
 
 The grid is trained for real on the demo assets (debug executor, a few steps): two
-audio+text pairs and one audio-only pair, 2 head depths each, all 6 runs in the ensemble.
+audio+text pairs, one audio-only pair and one pair whose top speech layer is fine-tuned,
+2 head depths each, all 8 runs in the ensemble.
 Its dev_probs.csv was written by the training jobs' own evaluation, so it is an
 independent reference for what inference must reproduce.
 """
@@ -54,11 +55,13 @@ def trained_grid(demo_assets, tmp_path_factory) -> Path:
     small_test = write_csv(tmp / "test_small.csv", test_rows, ("id", "transcription"))
     pairs = [{"name": "w2v+roberta", "speech": str(bb["wav2vec2-tiny"]), "text": str(bb["roberta-tiny"])},
              {"name": "wavlm+bert", "speech": str(bb["wavlm-tiny"]), "text": str(bb["bert-tiny"])},
-             {"name": "w2v-audio", "speech": str(bb["wav2vec2-tiny"]), "model.modalities": "audio"}]
+             {"name": "w2v-audio", "speech": str(bb["wav2vec2-tiny"]), "model.modalities": "audio"},
+             {"name": "w2v-ft+roberta", "speech": str(bb["wav2vec2-tiny"]), "text": str(bb["roberta-tiny"]),
+              "model.speech.finetune_top_layers": 1}]
     path = write_grid(tmp, demo_assets, name="p", pairs=pairs, axes={"model.hidden_layers": [1, 2]},
                       overrides={"train.max_steps": 4, "train.eval_every": 2, "data.dev_fraction": 0.05,
                                  "data.test_csv": str(small_test)},
-                      ensemble={"top_k": 6, "method": "mean"})
+                      ensemble={"top_k": 8, "method": "mean"})
     res = subprocess.run([PY, str(REPO / "jobs" / "launch_grid.py"), str(path), "--cluster", "debug"], cwd=REPO,
                          capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -95,11 +98,14 @@ def predict_cli(*args, cwd=REPO):
 def test_ensemble_folder_is_self_contained(trained_grid):
     ens_dir = trained_grid / "ensemble"
     meta = json.loads((ens_dir / "ensemble.json").read_text())
-    assert meta["labels"] == list(LABELS) and meta["method"] == "mean" and len(meta["members"]) == 6
+    assert meta["labels"] == list(LABELS) and meta["method"] == "mean" and len(meta["members"]) == 8
     for m in meta["members"]:
         run = trained_grid / "runs" / m["run_id"]
         assert (ens_dir / m["head"]).read_bytes() == (run / "best_head.safetensors").read_bytes()
         assert (ens_dir / m["config"]).read_text() == (run / "config.yaml").read_text()
+        assert (m["backbone_weights"] is not None) == (m["pair"] == "w2v-ft+roberta")
+        if m["backbone_weights"]:
+            assert (ens_dir / m["backbone_weights"]).read_bytes() == (run / "best_backbone.safetensors").read_bytes()
         assert Path(m["backbones"]["speech"]).is_dir()
         assert (m["backbones"]["text"] is None) == (m["modalities"] == "audio")
     assert sorted(p.name for p in (ens_dir / "members").iterdir()) == sorted(m["run_id"] for m in meta["members"])
@@ -129,16 +135,17 @@ def test_members_sharing_a_pair_share_one_backbone_forward(audio_dir, ensemble, 
     from ser_hpc.inference.predictor import predict
     from ser_hpc.models.encoders import FrozenBackbones
 
-    # w2v+roberta hosts its own 2 heads and the 2 audio-only w2v heads; wavlm+bert its 2.
-    assert sorted(len(g.members) for g in ensemble.groups) == [2, 4]
-    assert len({id(g.backbones) for g in ensemble.groups}) == 2
+    # w2v+roberta hosts its own 2 heads and the 2 audio-only w2v heads; wavlm+bert its 2;
+    # each fine-tuned run brings its own backbone weights, so it runs alone.
+    assert sorted(len(g.members) for g in ensemble.groups) == [1, 1, 2, 4]
+    assert len({id(g.backbones) for g in ensemble.groups}) == 4
     calls = []
     real = FrozenBackbones.forward
     monkeypatch.setattr(FrozenBackbones, "forward", lambda self, *a, **k: calls.append(id(self)) or real(self, *a, **k))
     rows, want = dev_table
     inputs = [InputRow(r["id"], audio_dir / r["id"], r["transcription"], None, k + 2) for k, r in enumerate(rows[:6])]
     result = predict(ensemble, inputs, batch_size=8, progress=False)
-    assert len(calls) == 2 and len(set(calls)) == 2  # one batch: one forward per backbone group
+    assert len(calls) == 4 and len(set(calls)) == 4  # one batch: one forward per backbone group
     for k, r in enumerate(rows[:6]):
         np.testing.assert_allclose(result.probs[k], want[r["id"]], atol=1e-4)
 

@@ -51,7 +51,8 @@ def _check_array_then_aggregate(cluster, train_job, agg_job, n_tasks):
 
 
 def test_launch_grid_on_slurm_then_relaunch_skips(slurm_cluster, demo_assets, tmp_path):
-    path = write_grid(tmp_path, demo_assets)
+    path = write_grid(tmp_path, demo_assets, overrides={"train.max_steps": 4, "train.eval_every": 2,
+                                                        "data.prepared_dir": str(tmp_path / "prepared")})
     cmd = [sys.executable, str(REPO / "jobs" / "launch_grid.py"), str(path), "--cluster", "slurm",
            "--profile", str(PROFILE), "--wait"]
     res = subprocess.run(cmd, cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=900)
@@ -61,13 +62,21 @@ def test_launch_grid_on_slurm_then_relaunch_skips(slurm_cluster, demo_assets, tm
     manifest = json.loads((out / "manifest.json").read_text())
     jobs = manifest["launches"][0]["job_ids"]
     _check_array_then_aggregate(slurm_cluster, jobs["train_array"], jobs["aggregate"], 4)
+    # The audio was decoded once, by the preparation job, before any training task started.
+    prep = _sacct(slurm_cluster, jobs["prepare"])[jobs["prepare"]]
+    assert prep[0] == "COMPLETED"
+    first_start = min(_when(start) for jid, (_, start, _) in _sacct(slurm_cluster, jobs["train_array"]).items()
+                      if "_" in jid)
+    assert first_start >= _when(prep[2])
+    assert list((tmp_path / "prepared").rglob("*.npy"))
     assert list((out / "logs").glob(f"{jobs['train_array']}_*/*_log.out"))  # submitit logs per task
 
     res = subprocess.run(cmd, cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "skipping 4 finished run(s)" in res.stderr
     assert "train array (nothing to train)" in res.stdout
-    assert json.loads((out / "manifest.json").read_text())["launches"][1]["job_ids"]["train_array"] is None
+    second = json.loads((out / "manifest.json").read_text())["launches"][1]["job_ids"]
+    assert second["train_array"] is None and second["prepare"] is None
 
 
 def test_submit_grid_script_and_a_failing_run(slurm_cluster, demo_assets, tmp_path):

@@ -39,7 +39,8 @@ def write_run(root: Path, run_id: str, what: str, i: int = 0, *, final_age: floa
         final = {"run_id": run_id, "status": "done" if what == "done" else "failed",
                  "reason": None if what == "done" else "CUDA out of memory\nTraceback (most recent call last): ...",
                  "dev_macro_f1": 0.3 + i / 10000 if what == "done" else None,
-                 "steps": 300 if what == "done" else 40, "elapsed_s": 100.0 + i}
+                 "steps": 300 if what == "done" else 40, "elapsed_s": 100.0 + i,
+                 "resumed_from": [120] if what == "done" and i % 20 == 0 else []}
         (d / "final.json").write_text(json.dumps(final))
         if final_age:
             t = time.time() - final_age
@@ -92,6 +93,7 @@ def test_300_runs_from_the_tree_alone_fast_and_correct(tmp_path, capsys):
         if k == "done":
             assert row.dev_macro_f1 == pytest.approx(0.3 + i / 10000) and row.steps == 300
             assert row.elapsed_s == 100.0 + i and row.reason is None and row.log is None
+            assert row.info == ("resumed at step 120" if i % 20 == 0 else None)
         elif k == "failed":
             assert row.reason == "CUDA out of memory"  # first line only; the traceback is in the log
             assert row.log == str(root / "logs" / f"local_pack{i // 3}.log")
@@ -143,14 +145,16 @@ def test_slurm_states_are_merged(tmp_path, monkeypatch):
     # pack 3 running: its first run failed in this attempt, its second had failed in an
     # earlier launch and is being retried now, its third waits for its turn.
     kinds = ["done"] * 3 + ["done", "started", "pending"] + ["pending"] * 3 + ["failed", "retry", "pending"]
-    ids = make_grid(root, kinds, launch={"executor": "slurm", "job_ids": {"train_array": "500", "aggregate": "501"}})
+    ids = make_grid(root, kinds, launch={"executor": "slurm",
+                                                          "job_ids": {"prepare": "499", "train_array": "500",
+                                                                      "aggregate": "501"}})
     started = time.time() - 600
     for rid in ids[9:11]:  # fresh failure (after the task started) vs stale one (before)
         t = started + 60 if rid == ids[9] else started - 3600
         os.utime(root / "runs" / rid / "final.json", (t, t))
     (root / "logs" / "500_1").mkdir(parents=True)
     (root / "logs" / "500_1" / "500_1_0_log.err").write_text("Traceback ...\n")
-    sacct = "\n".join(["500_0|COMPLETED|2026-01-01T10:00:00|None", "500_1|TIMEOUT|2026-01-01T10:00:00|None",
+    sacct = "\n".join(["499|COMPLETED|2026-01-01T09:00:00|None", "500_0|COMPLETED|2026-01-01T10:00:00|None", "500_1|TIMEOUT|2026-01-01T10:00:00|None",
                        "500_2|REQUEUED|2026-01-01T10:00:00|None", f"500_3|RUNNING|{_stamp(started)}|None",
                        "500_2|PENDING|Unknown|BeginTime", "500_[4-5%2]|PENDING|Unknown|JobArrayTaskLimit",
                        "501|PENDING|Unknown|Dependency"]) + "\n"
@@ -167,8 +171,8 @@ def test_slurm_states_are_merged(tmp_path, monkeypatch):
     assert rows[4].log == str(root / "logs" / "500_1" / "500_1_0_log.err")
     assert "requeued 1x" in rows[6].slurm and "BeginTime" in rows[6].slurm
     assert rows[9].reason == "CUDA out of memory" and rows[10].dev_macro_f1 == 0.35
-    assert status.aggregate == "501 PENDING (Dependency)"
-    assert "aggregation job 501 PENDING (Dependency)" in render(status)
+    assert status.jobs == {"prepare": "499 COMPLETED", "aggregate": "501 PENDING (Dependency)"}
+    assert "aggregate job 501 PENDING (Dependency)" in render(status)
     # Slurm unreachable: the same tree, judged from files alone.
     _fake_slurm(tmp_path / "bin", "", "", rc=1)
     status = grid_status(root)

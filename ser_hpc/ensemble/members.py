@@ -2,8 +2,9 @@
 backbones are.
 
 The run folders may be cleaned up, moved or left behind on the cluster, so inference must
-not need them: ``ensemble/members/<run_id>/`` holds ``best_head.safetensors`` and
-``config.yaml``, and ensemble.json names each member's backbones with relative paths
+not need them: ``ensemble/members/<run_id>/`` holds ``best_head.safetensors``,
+``config.yaml`` and, for a run that fine-tuned top backbone layers,
+``best_backbone.safetensors``; ensemble.json names each member's backbones with relative paths
 resolved against the launch directory (run configs hold paths relative to it), so the
 folder loads from any working directory and on another machine.
 """
@@ -21,6 +22,7 @@ from ser_hpc.ensemble.collect import RunRecord
 MEMBERS_DIR = "members"
 HEAD_FILE = "best_head.safetensors"
 CONFIG_FILE = "config.yaml"
+BACKBONE_FILE = "best_backbone.safetensors"  # only runs with finetune_top_layers > 0 have one
 
 
 def resolve_backbone(name: str | None, launch_dir: str | Path | None) -> str | None:
@@ -46,8 +48,13 @@ def _read_config(path: Path) -> dict[str, Any]:
     return tree if isinstance(tree, dict) else {}
 
 
+def _finetuned(config: dict[str, Any]) -> bool:
+    model = config.get("model") or {}
+    return any(((model.get(k) or {}).get("finetune_top_layers") or 0) > 0 for k in ("speech", "text"))
+
+
 def describe_member(record: RunRecord, config: dict[str, Any], launch_dir: str | None,
-                    pair: str | None) -> dict[str, Any]:
+                    pair: str | None, tuned: bool) -> dict[str, Any]:
     """The ensemble.json entry of one member: what inference needs to rebuild it."""
     model = config.get("model") or {}
     modalities = str(model.get("modalities") or "audio+text")
@@ -60,6 +67,8 @@ def describe_member(record: RunRecord, config: dict[str, Any], launch_dir: str |
         "backbones": {"speech": resolve_backbone(speech, launch_dir), "text": resolve_backbone(text, launch_dir)},
         "head": f"{MEMBERS_DIR}/{record.run_id}/{HEAD_FILE}",
         "config": f"{MEMBERS_DIR}/{record.run_id}/{CONFIG_FILE}",
+        # Fine-tuned top layers replace the pretrained ones: this member cannot share a backbone.
+        "backbone_weights": f"{MEMBERS_DIR}/{record.run_id}/{BACKBONE_FILE}" if tuned else None,
     }
 
 
@@ -73,21 +82,27 @@ def copy_members(out: Path, members: Sequence[RunRecord], plan: dict[str, Any],
     """
     pairs = {r.get("run_id"): r.get("pair") for r in plan.get("runs", [])}
     launch_dir = plan.get("launch_dir")
-    lacking = [m.run_id for m in members
-               if not (m.run_dir / HEAD_FILE).is_file() or not (m.run_dir / CONFIG_FILE).is_file()]
-    entries = [describe_member(m, _read_config(m.run_dir / CONFIG_FILE), launch_dir, pairs.get(m.run_id))
-               for m in members]
+    configs = [_read_config(m.run_dir / CONFIG_FILE) for m in members]
+    tuned = [(m.run_dir / BACKBONE_FILE).is_file() for m in members]
+    lacking = [m.run_id for m, cfg, t in zip(members, configs, tuned)
+               if not (m.run_dir / HEAD_FILE).is_file() or not (m.run_dir / CONFIG_FILE).is_file()
+               or (_finetuned(cfg) and not t)]
+    entries = [describe_member(m, cfg, launch_dir, pairs.get(m.run_id), t)
+               for m, cfg, t in zip(members, configs, tuned)]
     target = out / MEMBERS_DIR
     if lacking:
         remove_members(out)
-        notes.append(f"member(s) {', '.join(lacking)} lack {HEAD_FILE} or {CONFIG_FILE}: "
-                     "ensemble/members/ not written, jobs/predict.py cannot use this ensemble")
+        notes.append(f"member(s) {', '.join(lacking)} lack {HEAD_FILE}, {CONFIG_FILE} or (fine-tuned runs) "
+                     f"{BACKBONE_FILE}: ensemble/members/ not written, jobs/predict.py cannot use this ensemble")
         for e in entries:
-            e["head"] = e["config"] = None
+            e["head"] = e["config"] = e["backbone_weights"] = None
         return entries
-    for m in members:
-        for name in (HEAD_FILE, CONFIG_FILE):
+    for m, entry in zip(members, entries):
+        names = (HEAD_FILE, CONFIG_FILE) + ((BACKBONE_FILE,) if entry["backbone_weights"] else ())
+        for name in names:
             write_bytes(target / m.run_id / name, (m.run_dir / name).read_bytes())
+        if not entry["backbone_weights"]:  # a folder reused from an earlier aggregation
+            (target / m.run_id / BACKBONE_FILE).unlink(missing_ok=True)
     # Members of an earlier aggregation that are no longer members must not linger.
     keep = {m.run_id for m in members}
     for stale in [p for p in target.iterdir() if p.name not in keep]:

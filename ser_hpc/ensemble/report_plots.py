@@ -31,7 +31,7 @@ def _figure(width: float, height: float) -> Figure:
 
 def pair_bars(names: Sequence[str], dev_f1: Sequence[float], path: Path, title: str) -> None:
     """Horizontal bars, best pair on top, each labelled with its macro-F1 in %."""
-    fig = _figure(8, 1.2 + 0.5 * len(names))
+    fig = _figure(8, max(2.5, 1.2 + 0.5 * len(names)))
     ax = fig.add_subplot(1, 1, 1)
     values = 100 * np.asarray(dev_f1, dtype=float)
     y = np.arange(len(names))[::-1]

@@ -40,6 +40,7 @@ class ClusterProfile:
     executor: str = "local"
     train: JobResources = field(default_factory=JobResources)
     aggregate: JobResources = field(default_factory=lambda: JobResources(time_min=30))
+    prepare: JobResources = field(default_factory=lambda: JobResources(cpus_per_task=8, time_min=120))
     array_parallelism: int = 8       # %N: most array tasks running at once
     setup: list[str] = field(default_factory=list)   # shell lines run before each job (module load ...)
     env: dict[str, str] = field(default_factory=dict)  # exported in each job (HF_HOME=...)
@@ -77,7 +78,7 @@ def _resources(tree: dict[str, Any], where: str, base: JobResources | None = Non
 def load_profile(path: str | Path) -> ClusterProfile:
     path = Path(path)
     tree = read_yaml(path)
-    allowed = {"name", "executor", "train", "aggregate", "array_parallelism", "setup", "env", "description"}
+    allowed = {"name", "executor", "train", "aggregate", "prepare", "array_parallelism", "setup", "env", "description"}
     unknown = set(tree) - allowed
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(allowed))}")
@@ -88,6 +89,9 @@ def load_profile(path: str | Path) -> ClusterProfile:
     aggregate = _resources(tree.get("aggregate") or {}, f"{path}: aggregate",
                            JobResources(partition=train.partition, account=train.account, qos=train.qos,
                                         cpus_per_task=1, time_min=30))
+    prepare = _resources(tree.get("prepare") or {}, f"{path}: prepare",
+                         JobResources(partition=aggregate.partition, account=aggregate.account, qos=aggregate.qos,
+                                      cpus_per_task=min(8, max(1, aggregate.cpus_per_task)), time_min=120))
     setup = tree.get("setup") or []
     if not isinstance(setup, list):
         raise ConfigError(f"{path}: setup must be a list of shell lines")
@@ -102,7 +106,7 @@ def load_profile(path: str | Path) -> ClusterProfile:
     if not isinstance(parallel, int) or parallel < 1:
         raise ConfigError(f"{path}: array_parallelism must be an integer >= 1, got {parallel!r}")
     return ClusterProfile(name=str(tree.get("name") or path.stem), executor=executor, train=train,
-                          aggregate=aggregate, array_parallelism=parallel, setup=list(setup), env=env)
+                          aggregate=aggregate, prepare=prepare, array_parallelism=parallel, setup=list(setup), env=env)
 
 
 def job_env_lines(profile: ClusterProfile) -> list[str]:

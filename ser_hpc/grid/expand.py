@@ -94,7 +94,9 @@ def make_packs(runs: list[PlannedRun], pack_size: int) -> list[list[PlannedRun]]
     """Group runs sharing backbones and data; split groups larger than ``pack_size``."""
     groups: dict[str, list[PlannedRun]] = {}
     for run in runs:
-        groups.setdefault(pack_key(run.config), []).append(run)
+        # Fine-tuned backbone layers differ per run: such a run cannot share a forward.
+        tuned = any(run.config["model"][m]["finetune_top_layers"] for m in ("speech", "text"))
+        groups.setdefault(run.run_id if tuned else pack_key(run.config), []).append(run)
     packs = []
     for members in groups.values():
         for i in range(0, len(members), pack_size):

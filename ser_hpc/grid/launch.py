@@ -21,6 +21,7 @@ from .expand import PlannedRun, expand, make_packs
 from .plan import build_plan, read_plan, run_states, write_plan
 from .spec import GridSpec, load_grid
 from .submit import Submission, job_name, run_debug, run_local, submit_slurm
+from .tasks import run_prepare
 
 log = logging.getLogger("ser_hpc.grid")
 REPO = Path(__file__).resolve().parents[2]
@@ -35,6 +36,7 @@ class LaunchPlan:
     packs: list[list[PlannedRun]]
     states: dict[str, str]       # run_id -> done / failed / missing, before this launch
     to_run: list[int]            # pack indices to (re)submit
+    prepare: bool = False        # some clips still need decoding into data.prepared_dir
 
     @property
     def skipped(self) -> list[PlannedRun]:
@@ -59,7 +61,21 @@ def prepare(grid_path: str, overrides: list[str], cluster: str | None = None, pr
     plan = build_plan(spec, runs, packs)
     states = run_states(plan)
     to_run = [i for i, pack in enumerate(packs) if any(states[r.run_id] != "done" for r in pack)]
-    return LaunchPlan(spec, profile, runs, packs, states, to_run)
+    return LaunchPlan(spec, profile, runs, packs, states, to_run, bool(to_run) and needs_preparation(plan))
+
+
+def needs_preparation(plan: dict) -> bool:
+    """True when a data config reads prepared audio that is not all there yet."""
+    from ..data.prepared import PreparedAudio, PreparedAudioError
+    from ..data.sources import load_splits
+    from .tasks import prepared_data_configs
+    for data in prepared_data_configs(plan):
+        splits = load_splits(data)
+        try:
+            PreparedAudio(data.prepared_dir, data.sample_rate).check(splits.train + splits.dev + splits.test)
+        except PreparedAudioError:
+            return True
+    return False
 
 
 def describe(lp: LaunchPlan) -> str:
@@ -70,6 +86,12 @@ def describe(lp: LaunchPlan) -> str:
         lines.append(f"  pack {r.pack:3d}  {lp.states[r.run_id]:7s}  {r.run_id}  ({r.name})")
     lines.append("")
     lines.append(f"to submit: {len(lp.to_run)} pack(s) {lp.to_run}; skipping {len(lp.skipped)} finished run(s)")
+    if lp.prepare:
+        lines.append("first: a data-preparation job (decodes the audio once into data.prepared_dir)")
+    tuned = [r.run_id for r in lp.runs if any(r.config["model"][m]["finetune_top_layers"] for m in ("speech", "text"))]
+    if tuned:
+        lines.append(f"{len(tuned)} run(s) fine-tune backbone layers: they cannot share a backbone forward, "
+                     "so each is a pack of one")
     if lp.profile.executor == "slurm":
         array = ",".join(map(str, lp.to_run)) + f"%{lp.profile.array_parallelism}"
         lines.append("train array:  sbatch --array=" + array + " " +
@@ -127,7 +149,8 @@ def record_launch(lp: LaunchPlan, sub: Submission, overrides: list[str]) -> None
     manifest["launches"].append({
         "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
         **_git_commit(), "versions": _versions(), "executor": sub.executor, "profile": lp.profile.name,
-        "overrides": overrides, "job_ids": {"train_array": sub.train_job, "aggregate": sub.aggregate_job},
+        "overrides": overrides, "job_ids": {"prepare": sub.prepare_job, "train_array": sub.train_job,
+                                            "aggregate": sub.aggregate_job},
         "packs": sub.packs, "skipped_runs": [r.run_id for r in lp.skipped],
     })
     atomic_io.write_json(path, manifest)
@@ -140,11 +163,12 @@ def launch(lp: LaunchPlan, overrides: list[str]) -> Submission:
         log.info("skipping %d finished run(s): %s", len(lp.skipped), ", ".join(r.run_id for r in lp.skipped))
     executor = lp.profile.executor
     if executor == "slurm":
-        sub = submit_slurm(plan_path.resolve(), out, lp.to_run, lp.profile, lp.spec.name)
-    elif executor == "local":
-        sub = run_local(plan_path.resolve(), out, lp.to_run, lp.profile)
-    elif executor == "debug":
-        sub = run_debug(plan_path.resolve(), out, lp.to_run)
+        sub = submit_slurm(plan_path.resolve(), out, lp.to_run, lp.profile, lp.spec.name, lp.prepare)
+    elif executor in ("local", "debug"):
+        if lp.prepare:
+            run_prepare(str(plan_path.resolve()))
+        sub = (run_local(plan_path.resolve(), out, lp.to_run, lp.profile) if executor == "local"
+               else run_debug(plan_path.resolve(), out, lp.to_run))
     else:
         raise ConfigError(f"unknown executor {executor!r}")
     record_launch(lp, sub, overrides)
@@ -163,8 +187,9 @@ def emit_sbatch(lp: LaunchPlan, overrides: list[str]) -> Path:
         array += f"%{lp.profile.array_parallelism}"
     q = shlex.quote
     lines = [f"RESULTS={q(str(out))}", f"PLAN={q(str(plan_path))}", f"ARRAY={q(array)}",
-             f"SER_HPC_JOB_SETUP={q(str(setup))}",
+             f"SER_HPC_JOB_SETUP={q(str(setup))}", f"PREPARE={'1' if lp.prepare else ''}",
              "TRAIN_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.train, job_name(lp.spec.name, "train"))) + ")",
+             "PREP_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.prepare, job_name(lp.spec.name, "prepare"))) + ")",
              "AGG_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.aggregate, job_name(lp.spec.name, "aggregate"))) + ")"]
     env_file = out / "sbatch_env.sh"
     atomic_io.write_text(env_file, "\n".join(lines) + "\n")

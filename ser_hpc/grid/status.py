@@ -53,7 +53,7 @@ class GridStatus:
     grid_name: str
     runs: list[RunStatus]
     slurm: str                   # where scheduler states came from, in words
-    aggregate: str | None = None
+    jobs: dict[str, str] = field(default_factory=dict)  # "prepare"/"aggregate" -> "<id> <STATE> (reason)"
     notes: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
@@ -74,8 +74,9 @@ def _mtime(path: Path) -> float | None:
         return None
 
 
-def pack_tasks(results_dir: Path, manifest: dict) -> tuple[dict[int, PackTask], str | None]:
-    """The latest launch's task (and log) of every pack, and the latest aggregation job id."""
+def pack_tasks(results_dir: Path, manifest: dict) -> tuple[dict[int, PackTask], dict[str, str]]:
+    """The latest launch's task (and log) of every pack, and the latest launch's other jobs
+    (data preparation, aggregation) by kind."""
     logs = results_dir / "logs"
     try:
         names = os.listdir(logs)
@@ -88,11 +89,11 @@ def pack_tasks(results_dir: Path, manifest: dict) -> tuple[dict[int, PackTask], 
         if m:
             sbatch_logs[int(m.group(2))] = max(sbatch_logs.get(int(m.group(2)), 0), int(m.group(1)))
     tasks: dict[int, PackTask] = {}
-    aggregate = None
+    others: dict[str, str] = {}
     for launch in manifest.get("launches", []):
         executor, packs = launch.get("executor"), launch.get("packs") or []
         ids = launch.get("job_ids") or {}
-        aggregate = ids.get("aggregate") or aggregate
+        others = {k: str(v) for k, v in ids.items() if k != "train_array" and v}
         for i, pack in enumerate(packs):
             if executor == "slurm" and ids.get("train_array"):
                 # submitit arrays index tasks 0..n-1 over the submitted packs.
@@ -107,11 +108,11 @@ def pack_tasks(results_dir: Path, manifest: dict) -> tuple[dict[int, PackTask], 
                 tasks[pack] = PackTask(executor, None, str(logs / f"local_pack{pack}.log"))
             else:
                 tasks[pack] = PackTask(executor or "?")
-    return tasks, aggregate
+    return tasks, others
 
 
-def read_progress(run_dir: Path) -> dict[str, Any]:
-    """Best dev macro-F1 so far, last step and elapsed time from metrics.jsonl."""
+def read_progress(run_dir: Path) -> tuple[float | None, int | None, float | None]:
+    """(best dev macro-F1 so far, last step, elapsed seconds) from metrics.jsonl."""
     best = step = elapsed = None
     try:
         lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
@@ -126,11 +127,17 @@ def read_progress(run_dir: Path) -> dict[str, Any]:
         if isinstance(f1, (int, float)) and (best is None or f1 > best):
             best = f1
         step, elapsed = rec.get("step", step), rec.get("elapsed_s", elapsed)
-    return {"dev_macro_f1": best, "steps": step, "elapsed_s": elapsed}
+    return best, step, elapsed
 
 
 def _age(seconds: float) -> str:
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
+
+
+def _reason(task: TaskState) -> str:
+    return f" ({task.reason})" if task.reason not in ("", "None") else ""
 
 
 def _resolve(row: RunStatus, run_dir: Path, task: TaskState | None, pack_task: PackTask | None,
@@ -140,7 +147,7 @@ def _resolve(row: RunStatus, run_dir: Path, task: TaskState | None, pack_task: P
     final = _json(final_path) if final_path.exists() else None
     final_t, metrics_t = _mtime(final_path), _mtime(run_dir / "metrics.jsonl")
     if task is not None:
-        row.slurm = f"{task.job_id} {task.state}" + (f" ({task.reason})" if task.reason not in ("", "None") else "")
+        row.slurm = f"{task.job_id} {task.state}" + _reason(task)
         if task.requeues:
             row.slurm += f", requeued {task.requeues}x"
     if isinstance(final, dict) and final.get("status") == "done":
@@ -173,11 +180,14 @@ def _resolve(row: RunStatus, run_dir: Path, task: TaskState | None, pack_task: P
         last = max(t for t in (metrics_t, _mtime(run_dir / "config.yaml")) if t)
         row.info = f"no scheduler info; last write {_age(now - last)} ago"
     if isinstance(final, dict):
-        row.dev_macro_f1, row.steps, row.elapsed_s = final.get("dev_macro_f1"), final.get("steps"), final.get("elapsed_s")
+        row.dev_macro_f1, row.steps = final.get("dev_macro_f1"), final.get("steps")
+        row.elapsed_s = final.get("elapsed_s")
         if row.state == "failed":
             row.reason = row.reason or str(final.get("reason") or "no reason given").splitlines()[0]
+        if final.get("resumed_from"):  # preempted or requeued on a time limit, then resumed
+            row.info = "resumed at step " + ", ".join(map(str, final["resumed_from"]))
     elif row.state in ("running", "failed"):
-        row.__dict__.update(read_progress(run_dir))
+        row.dev_macro_f1, row.steps, row.elapsed_s = read_progress(run_dir)
     if row.state == "failed" and pack_task is not None:
         row.log = pack_task.log
 
@@ -188,8 +198,8 @@ def grid_status(results_dir: str | Path, use_slurm: bool = True) -> GridStatus:
     if not isinstance(plan, dict):
         raise FileNotFoundError(f"{results_dir / 'plan.json'} not found or unreadable: is this a launched grid?")
     manifest = _json(results_dir / "manifest.json") or {}
-    tasks, aggregate_id = pack_tasks(results_dir, manifest)
-    slurm_ids = {t.task_id.split("_")[0] for t in tasks.values() if t.task_id} | ({str(aggregate_id)} if aggregate_id else set())
+    tasks, others = pack_tasks(results_dir, manifest)
+    slurm_ids = {t.task_id.split("_")[0] for t in tasks.values() if t.task_id} | set(others.values())
     states, source = None, "not used (--no-slurm): results tree only"
     if use_slurm and not slurm_ids:
         source = "no Slurm job ids in manifest.json or logs/: results tree only"
@@ -209,9 +219,9 @@ def grid_status(results_dir: str | Path, use_slurm: bool = True) -> GridStatus:
         _resolve(row, results_dir / "runs" / row.run_id, task, pack_task, turns.setdefault(pack, [True]), now)
         runs.append(row)
     status = GridStatus(str(results_dir), plan.get("grid_name") or results_dir.name, runs, source)
-    if states and aggregate_id and str(aggregate_id) in states:
-        agg = states[str(aggregate_id)]
-        status.aggregate = f"{aggregate_id} {agg.state}" + (f" ({agg.reason})" if agg.reason not in ("", "None") else "")
+    for kind, job in others.items():
+        if states and job in states:
+            status.jobs[kind] = f"{job} {states[job].state}" + _reason(states[job])
     extra = _extra_folders(results_dir, {e["run_id"] for e in planned})
     if extra:
         status.notes.append(f"{len(extra)} run folder(s) not in plan.json (an earlier grid): {', '.join(extra[:5])}"
@@ -237,8 +247,7 @@ def render(status: GridStatus, only: str | None = None) -> str:
     c = status.counts()
     lines = [f"grid {status.grid_name} ({status.results_dir}): {len(status.runs)} runs, "
              + ", ".join(f"{c[s]} {s}" for s in STATES) + f"; Slurm: {status.slurm}"]
-    if status.aggregate:
-        lines.append(f"aggregation job {status.aggregate}")
+    lines += [f"{kind} job {job}" for kind, job in status.jobs.items()]
     rows = [r for r in status.runs if only is None or r.state == only]
     width = max([len("run"), *(len(r.run_id) for r in rows)])
     lines.append(f"{'run':<{width}}  {'state':<8}  {'pack':>4}  {'dev F1':>6}  {'steps':>9}  {'elapsed':>7}  details")

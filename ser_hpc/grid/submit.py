@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cluster import ClusterProfile, submitit_parameters
-from .tasks import run_aggregation, run_pack
+from .tasks import run_aggregation, run_pack, run_prepare
 
 log = logging.getLogger("ser_hpc.grid")
 REPO = Path(__file__).resolve().parents[2]
@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 @dataclass
 class Submission:
     executor: str
+    prepare_job: str | None = None      # the data-preparation job (slurm), when one was needed
     train_job: str | None = None        # the array's job id (slurm)
     aggregate_job: str | None = None
     packs: list[int] = field(default_factory=list)
@@ -39,27 +40,37 @@ def job_name(grid_name: str, kind: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "-", f"ser-{grid_name}-{kind}")[:64]
 
 
-def submit_slurm(plan_path: Path, out_dir: Path, packs: list[int], profile: ClusterProfile, grid_name: str) -> Submission:
+def submit_slurm(plan_path: Path, out_dir: Path, packs: list[int], profile: ClusterProfile, grid_name: str,
+                 prepare: bool = False) -> Submission:
     import submitit
 
     sub = Submission("slurm", packs=packs)
     logs = out_dir / "logs"
     array_job = None
+    train_deps: dict = {}
+    if prepare and packs:
+        executor = submitit.AutoExecutor(folder=logs / "%j", cluster="slurm")
+        executor.update_parameters(**submitit_parameters(profile.prepare, profile, job_name(grid_name, "prepare")))
+        job = executor.submit(run_prepare, str(plan_path))
+        sub.prepare_job, sub.handles["prepare"] = job.job_id, job
+        # If preparation fails the array can never run: cancel it, so aggregation (afterany) reports that.
+        train_deps = {"dependency": f"afterok:{job.job_id}", "kill_on_invalid_dep": "yes"}
     if packs:
         executor = submitit.AutoExecutor(folder=logs / "%j", cluster="slurm")  # array tasks: logs/<A>_<a>/
         params = submitit_parameters(profile.train, profile, job_name(grid_name, "train"))
         # A task requeues itself after a time-limit warning; keep its log across restarts.
         params["slurm_additional_parameters"] = {**params["slurm_additional_parameters"],
-                                                 "requeue": True, "open_mode": "append"}
+                                                 "requeue": True, "open_mode": "append", **train_deps}
         executor.update_parameters(**params, slurm_array_parallelism=profile.array_parallelism)
         jobs = executor.map_array(run_pack, [str(plan_path)] * len(packs), packs)
         array_job = jobs[0].job_id.split("_")[0]
         sub.train_job, sub.handles["train"] = array_job, jobs
     executor = submitit.AutoExecutor(folder=logs / "%j", cluster="slurm")
     params = submitit_parameters(profile.aggregate, profile, job_name(grid_name, "aggregate"))
-    if array_job:
+    after = array_job or sub.prepare_job
+    if after:
         params["slurm_additional_parameters"] = {**params["slurm_additional_parameters"],
-                                                 "dependency": f"afterany:{array_job}"}
+                                                 "dependency": f"afterany:{after}"}
     executor.update_parameters(**params)
     job = executor.submit(run_aggregation, str(out_dir.resolve()))
     sub.aggregate_job, sub.handles["aggregate"] = job.job_id, job

@@ -68,6 +68,33 @@ def run_pack(plan_path: str, pack_index: int) -> dict[str, str]:
     return statuses
 
 
+def prepared_data_configs(plan: dict) -> list:
+    """The distinct data configs of a plan that read prepared audio."""
+    seen, out = set(), []
+    for run in plan["runs"]:
+        data = config_from_dict(run["config"]).data
+        key = repr(sorted(vars(data).items()))
+        if data.prepared_dir and key not in seen:
+            seen.add(key)
+            out.append(data)
+    return out
+
+
+def run_prepare(plan_path: str) -> list[dict]:
+    """The grid's first job: decode every clip once into data.prepared_dir (idempotent)."""
+    from ..data.prepared import prepare_for_data_config
+    setup_logging()
+    plan = read_plan(plan_path)
+    os.chdir(plan["launch_dir"])
+    workers = int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
+    summaries = []
+    for data in prepared_data_configs(plan):
+        summary = prepare_for_data_config(data, workers=min(workers, 8))
+        log.info("prepared audio for %s in %s: %s", data.train_csv, data.prepared_dir, summary.as_dict())
+        summaries.append(summary.as_dict())
+    return summaries
+
+
 def slurm_job_id() -> str | None:
     """This task's id as scontrol knows it (``A_a`` for an array task)."""
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):

@@ -1,10 +1,12 @@
 """Load an ensemble folder (results/<grid>/ensemble/, or a copy of it) for inference.
 
 Everything comes from the folder itself: ensemble.json (members, method, labels,
-backbone ids or paths) and members/<run_id>/{config.yaml, best_head.safetensors}. Members
-are grouped by the backbones they need, so a backbone pair is loaded once and run once per
+backbone ids or paths) and members/<run_id>/{config.yaml, best_head.safetensors, and
+best_backbone.safetensors for a run that fine-tuned top backbone layers}. Members are
+grouped by the backbones they need, so a backbone pair is loaded once and run once per
 batch however many heads use it; a single-modality member joins a group that already runs
-its encoder (a head reads only the modalities it was built for).
+its encoder (a head reads only the modalities it was built for). A member with fine-tuned
+layers has its own copy of the backbone, since its weights are its own.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class Member:
     config: Config
     speech: str | None   # backbone id/path, None when the member does not use audio
     text: str | None
+    backbone_weights: Path | None = None  # fine-tuned top layers (FrozenBackbones key names)
     head: EmotionHead | None = None
 
     @property
@@ -57,6 +60,7 @@ class BackboneGroup:
     max_text_tokens: int
     sample_rate: int
     members: list[int] = field(default_factory=list)   # indices into LoadedEnsemble.members
+    tuned_weights: Path | None = None                  # a fine-tuned member's own backbone layers
     backbones: FrozenBackbones | None = None
     bf16: bool = False   # any member trained under bf16 autocast: its backbone forward was bf16
 
@@ -111,25 +115,38 @@ def _member(folder: Path, entry: dict, backbone_map: dict[str, str]) -> Member:
     names = entry.get("backbones") or {}
     speech = (names.get("speech") or cfg.model.speech.name) if "audio" in used else None
     text = (names.get("text") or cfg.model.text.name) if "text" in used else None
+    tuned = folder / entry["backbone_weights"] if entry.get("backbone_weights") else None
     return Member(run_id, entry.get("name") or run_id, cfg,
                   backbone_map.get(speech, speech) if speech else None,
-                  backbone_map.get(text, text) if text else None)
+                  backbone_map.get(text, text) if text else None, tuned)
 
 
 def _group(members: list[Member]) -> list[BackboneGroup]:
     groups: dict[tuple, BackboneGroup] = {}
     for i, m in enumerate(members):
         key = (m.speech, m.text, m.config.data.max_text_tokens if m.text else None,
-               m.config.data.sample_rate if m.speech else None)
-        groups.setdefault(key, BackboneGroup(m.speech, m.text, key[2] or 128, key[3] or 16000)).members.append(i)
-    # Fold single-modality groups into a two-modality group running the same encoder.
-    full = [k for k in groups if k[0] and k[1]]
-    for key in [k for k in groups if not (k[0] and k[1])]:
+               m.config.data.sample_rate if m.speech else None, m.run_id if m.backbone_weights else None)
+        group = groups.setdefault(key, BackboneGroup(m.speech, m.text, key[2] or 128, key[3] or 16000,
+                                                     tuned_weights=m.backbone_weights))
+        group.members.append(i)
+    # Fold single-modality groups into a two-modality group running the same (pretrained) encoder.
+    full = [k for k in groups if k[0] and k[1] and not k[4]]
+    for key in [k for k in groups if not (k[0] and k[1]) and not k[4]]:
         host = next((f for f in full if (key[0] and (f[0], f[3]) == (key[0], key[3]))
                      or (key[1] and (f[1], f[2]) == (key[1], key[2]))), None)
         if host is not None:
             groups[host].members += groups.pop(key).members
     return list(groups.values())
+
+
+def _load_tuned(backbones: FrozenBackbones, path: Path) -> None:
+    """Put a member's fine-tuned top layers over the pretrained ones; every key must land."""
+    if not path.is_file():
+        raise EnsembleError(f"{path} not found (the member fine-tuned backbone layers)")
+    weights = load_file(str(path))
+    unexpected = backbones.load_state_dict(weights, strict=False).unexpected_keys
+    if unexpected:
+        raise EnsembleError(f"{path}: {len(unexpected)} weight(s) do not fit the backbones, e.g. {unexpected[0]}")
 
 
 def load_ensemble(folder: str | Path, device: torch.device | str = "cpu",
@@ -154,7 +171,10 @@ def load_ensemble(folder: str | Path, device: torch.device | str = "cpu",
     members = [_member(folder, e, backbone_map or {}) for e in entries]
     groups = _group(members)
     for g in groups:
-        g.backbones = FrozenBackbones(g.speech, g.text, g.max_text_tokens).to(device).eval()
+        g.backbones = FrozenBackbones(g.speech, g.text, g.max_text_tokens)
+        if g.tuned_weights is not None:
+            _load_tuned(g.backbones, g.tuned_weights)
+        g.backbones = g.backbones.to(device).eval()
         if g.backbones.speech is not None and g.backbones.speech.sample_rate != g.sample_rate:
             raise EnsembleError(f"backbone {g.speech} expects {g.backbones.speech.sample_rate} Hz but its members "
                                 f"were trained at data.sample_rate {g.sample_rate}")

@@ -60,7 +60,9 @@ def check_transcriptions(ens: LoadedEnsemble, rows: list[InputRow]) -> list[str]
     needing = [m for m in ens.members if m.needs_text]
     if not missing or not needing:
         return []
-    shown = "; ".join(r.where() for r in missing[:10]) + (f"; ... {len(missing) - 10} more" if len(missing) > 10 else "")
+    shown = "; ".join(r.where() for r in missing[:10])
+    if len(missing) > 10:
+        shown += f"; ... {len(missing) - 10} more"
     fallback = ens.audio_only
     if not fallback:
         raise MissingTextError(

@@ -5,7 +5,9 @@ The heads were trained on crops of training clips and evaluated on whole clips o
 handle: a clip longer than the window is cut into windows of exactly ``window`` samples,
 ``hop`` apart (default 50 % of the window), with the last window aligned to the clip's end
 so every sample is covered and every window is full length. A clip no longer than the
-window is scored whole, exactly as the training job scored its dev clips.
+window is scored whole, exactly as the training job scored its dev clips. Members that
+read text get the row's whole transcription with every window (there is no alignment to
+cut it by), so for them the windows differ only in their audio.
 """
 from __future__ import annotations
 

@@ -1,0 +1,157 @@
+"""ensemble/report.md written by the aggregation job: sections, numbers and figures.
+
+The main test reads the report of a real trained grid (the fixture shared with
+test_predict.py); the others use synthetic results trees, which are enough for the
+fallbacks (no training curves, unknown backbones) and for failure handling.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from matplotlib.image import imread
+
+from ser_hpc.data.labels import LABELS
+from ser_hpc.ensemble import aggregate as aggregate_module
+from ser_hpc.ensemble.aggregate import AggregateError, aggregate
+from ser_hpc.ensemble.report import REPORT_FILES, hidden_size
+from tests.test_aggregate import make_tree, write_run
+from tests.test_predict import trained_grid  # noqa: F401  (session fixture: a real trained grid)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SECTIONS = ["## Backbone pairs", "## Head grid", "## Training curves", "## Ensemble: confusion matrix and per-class F1"]
+
+
+def table(md: str, header_start: str, nth: int = 0) -> list[list[str]]:
+    """The rows of the nth Markdown table whose header line starts with ``header_start``."""
+    lines = md.splitlines()
+    start = [i for i, line in enumerate(lines) if line.startswith(header_start)][nth]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]])
+    return rows
+
+
+def check_png(path: Path) -> None:
+    raw = path.read_bytes()
+    assert raw[:8] == PNG_MAGIC, path
+    assert len(raw) > 10_000, (path, len(raw))  # a drawn figure, not an empty canvas
+    img = imread(path)
+    assert img.shape[0] > 200 and img.shape[1] > 400 and img[..., :3].std() > 0.05, (path, img.shape)
+
+
+def test_report_of_a_trained_grid(trained_grid, demo_assets):  # noqa: F811
+    ens_dir = trained_grid / "ensemble"
+    md = (ens_dir / "report.md").read_text()
+    meta = json.loads((ens_dir / "ensemble.json").read_text())
+    assert [md.index(s) for s in SECTIONS] == sorted(md.index(s) for s in SECTIONS)
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert set(images) >= {"report_pairs.png", "report_curves.png", "report_per_class_f1.png",
+                           "confusion_matrix.png", "confusion_matrix_test.png"}
+    for name in images:
+        check_png(ens_dir / name)
+
+    finals = {p.parent.name: json.loads(p.read_text()) for p in trained_grid.glob("runs/*/final.json")}
+    plan = json.loads((trained_grid / "plan.json").read_text())
+    pair_of = {r["run_id"]: r["pair"] for r in plan["runs"]}
+
+    # The poster's first table: best dev macro-F1 per pair, models and their output dims.
+    bb = demo_assets["backbones"]
+    dim = {k: json.loads((Path(v) / "config.json").read_text())["hidden_size"] for k, v in bb.items()}
+    expect = {"w2v+roberta": ("roberta-tiny", "wav2vec2-tiny", [dim["wav2vec2-tiny"], dim["roberta-tiny"]]),
+              "wavlm+bert": ("bert-tiny", "wavlm-tiny", [dim["wavlm-tiny"], dim["bert-tiny"]]),
+              "w2v-audio": ("—", "wav2vec2-tiny", [dim["wav2vec2-tiny"]]),
+              "w2v-ft+roberta": ("roberta-tiny", "wav2vec2-tiny", [dim["wav2vec2-tiny"], dim["roberta-tiny"]])}
+    pairs = table(md, "| pair | text model")
+    assert sorted(r[0] for r in pairs) == sorted(expect)
+    best = [float(r[4]) for r in pairs]
+    assert best == sorted(best, reverse=True)
+    for name, text, audio, out_dim, dev, _test, n in pairs:
+        e_text, e_audio, dims = expect[name]
+        assert (text, audio) == (e_text, e_audio)
+        assert out_dim == (str(dims[0]) if len(set(dims)) == 1 else " / ".join(map(str, dims)))
+        top = max(f["dev_macro_f1"] for rid, f in finals.items() if pair_of[rid] == name)
+        assert dev == f"{100 * top:.2f}" and n == "2"
+
+    # The head grid: every run with its hidden layers and weight decay, then the ensemble row.
+    grid = table(md, "| rank | run | pair | hidden layers")
+    assert len(grid) == 8 + 1 and grid[-1][0] == "ensemble"
+    assert grid[-1][5] == f"{100 * meta['dev_macro_f1']:.2f}" and grid[-1][6] == f"{100 * meta['test_macro_f1']:.2f}"
+    by_name = {r["name"]: r for r in plan["runs"]}
+    for row in grid[:-1]:
+        run = by_name[row[1]]
+        assert row[0].endswith("*")  # all eight are members here
+        assert row[3] == str(run["config"]["model"]["hidden_layers"])
+        assert row[4] == str(run["config"]["train"]["weight_decay"])
+        assert row[5] == f"{100 * finals[run['run_id']]['dev_macro_f1']:.2f}"
+    assert [float(r[5]) for r in grid[:-1]] == sorted((float(r[5]) for r in grid[:-1]), reverse=True)
+
+    # Confusion matrix as counts and normalised, and per-class F1, all from ensemble.json.
+    counts = table(md, "| true \\ predicted")
+    assert [r[0] for r in counts] == [f"**{c}**" for c in LABELS]
+    assert [[int(v) for v in r[1:]] for r in counts] == meta["confusion_matrix_dev"]
+    norm = np.array([[float(v) for v in r[1:]] for r in table(md, "| true \\ predicted", nth=1)])
+    cm = np.array(meta["confusion_matrix_dev"], dtype=float)
+    rows_with_examples = cm.sum(1) > 0
+    expected = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    np.testing.assert_allclose(norm[rows_with_examples], expected[rows_with_examples], atol=0.005)
+    per_class = table(md, "| class | dev | test")
+    assert [r[0] for r in per_class] == list(LABELS)
+    assert [r[1] for r in per_class] == [f"{100 * meta['per_class_f1_dev'][c]:.2f}" for c in LABELS]
+    assert [r[2] for r in per_class] == [f"{100 * meta['per_class_f1_test'][c]:.2f}" for c in LABELS]
+
+
+def test_report_on_a_tree_without_curves_or_known_backbones(tmp_path):
+    root = tmp_path / "g"
+    make_tree(root)  # hand-made runs: no metrics.jsonl, no model names, no pair names
+    res = aggregate(root)
+    md = (root / "ensemble" / "report.md").read_text()
+    for s in SECTIONS:
+        assert s in md
+    assert "No metrics.jsonl in the top runs" in md and not (root / "ensemble" / "report_curves.png").exists()
+    pairs = table(md, "| pair | text model")
+    assert len(pairs) == 1 and pairs[0][3] == "?"  # one unnamed pair; dimension unknown
+    assert pairs[0][4] == f"{100 * max(m['dev_macro_f1'] for m in res['members']):.2f}"
+    for name in ("report_pairs.png", "report_per_class_f1.png"):
+        check_png(root / "ensemble" / name)
+    # No heads in these runs: the ensemble is reported but cannot serve predict.
+    assert not (root / "ensemble" / "members").exists()
+    assert any("jobs/predict.py cannot use this ensemble" in n for n in res["notes"])
+
+    # An aggregation that fails afterwards leaves no stale report behind.
+    for d in (root / "runs").iterdir():
+        write_run(root, d.name, d.name, status="failed", reason="boom")
+    with pytest.raises(AggregateError):
+        aggregate(root)
+    assert not any((root / "ensemble" / name).exists() for name in REPORT_FILES)
+
+
+def test_a_failing_report_does_not_lose_the_ensemble(tmp_path, monkeypatch):
+    root = tmp_path / "g"
+    make_tree(root)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts on this node")
+
+    monkeypatch.setattr(aggregate_module, "write_report", broken)
+    res = aggregate(root)
+    assert any("report.md not written: RuntimeError: no fonts on this node" in n for n in res["notes"])
+    assert (root / "ensemble" / "ensemble.json").exists() and not (root / "ensemble" / "report.md").exists()
+
+
+def test_hidden_size_is_read_offline(tmp_path):
+    model = tmp_path / "models" / "enc"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"hidden_size": 1024}))
+    assert hidden_size(str(model), None) == 1024
+    assert hidden_size("models/enc", str(tmp_path)) == 1024  # relative to the launch dir
+    assert hidden_size("nobody/not-a-cached-model", str(tmp_path)) is None
+    assert hidden_size(None, None) is None
+    (model / "config.json").write_text(yaml.safe_dump({"no": "json"}))
+    assert hidden_size(str(model), None) is None
