@@ -94,7 +94,11 @@ def _read_run(run_id: str, name: str | None, overrides: dict, run_dir: Path) -> 
 
 
 def collect_runs(results_dir: Path, plan: dict[str, Any] | None = None) -> list[RunRecord]:
-    """One record per run: the plan's runs in plan order, then run folders the plan lacks."""
+    """One record per run of the plan, in plan order; without a plan, every run folder.
+
+    Folders the plan lacks belong to an earlier version of the grid (another config, so
+    another run id): they are kept on disk but not ranked with this grid's runs.
+    """
     results_dir = Path(results_dir)
     plan = load_plan(results_dir) if plan is None else plan
     runs_dir = results_dir / "runs"
@@ -103,10 +107,12 @@ def collect_runs(results_dir: Path, plan: dict[str, Any] | None = None) -> list[
         run_id = str(entry["run_id"])
         seen.add(run_id)
         records.append(_read_run(run_id, entry.get("name"), entry.get("overrides") or {}, runs_dir / run_id))
-    # Folders not in the plan (e.g. a plan rewritten after a relaunch) still count: they hold results.
     if runs_dir.is_dir():
-        for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir() and p.name not in seen):
-            records.append(_read_run(run_dir.name, None, {}, run_dir))
+        others = sorted(p for p in runs_dir.iterdir() if p.is_dir() and p.name not in seen)
+        if plan.get("runs") and others:
+            print(f"[aggregate] {len(others)} run folder(s) not in plan.json (an earlier grid) are not ranked")
+        elif not plan.get("runs"):
+            records += [_read_run(run_dir.name, None, {}, run_dir) for run_dir in others]
     return records
 
 
