@@ -9,10 +9,14 @@ CSV's folder), `transcription` and, optionally, `label`. The output has `id,labe
 probability column per class (the ensemble's scores: mean probabilities, or vote shares
 for a vote ensemble). With gold labels, macro-F1 and per-class F1 are printed.
 
-Clips are batched by length and run on the GPU when there is one. A clip longer than
---window seconds (default 15, the longest training clip) is scored over windows of that
-length, --hop seconds apart (default half the window), the last one ending at the clip's
-end; each member's probabilities are averaged over the windows. Backbones load offline
+Clips are batched by length and run on the GPU when there is one (a progress bar on
+stderr from 50 rows up). Members sharing a backbone pair share one backbone forward per
+batch. Audio is decoded from the source files, not from the training jobs' prepared-audio
+cache; for runs trained on that cache (int16, about 90 dB SNR) scores can differ from
+their dev_probs.csv by that quantisation noise. A clip longer than --window seconds
+(default 15, the longest training clip) is scored over windows of that length, --hop
+seconds apart (default half the window), the last one ending at the clip's end; each
+member's probabilities are averaged over the windows. Backbones load offline
 (HF_HUB_OFFLINE=1 unless set): from the HF cache or the paths in ensemble.json, which
 --backbone OLD=NEW can replace on a machine where they live elsewhere.
 
