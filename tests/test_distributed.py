@@ -136,3 +136,18 @@ def test_deepspeed_zero2_on_cpu(demo_assets, tmp_path, unfreeze):
     ckpt = tmp_path / "ds" / "checkpoint" / "step_000008"
     assert (ckpt / "deepspeed").is_dir()  # the engine's own (ZeRO-partitioned) optimizer state
     assert (tmp_path / "ds" / "best_backbone.safetensors").exists() == bool(unfreeze)
+
+
+def test_deepspeed_resume_after_kill_matches_uninterrupted(demo_assets, tmp_path):
+    over = {**SAME, "train.checkpoint_every": 2, "train.strategy": "deepspeed",
+            "train.deepspeed_config": str(REPO / "configs/deepspeed/zero2.json")}
+    single = _write_cfg(demo_assets, tmp_path, "single", **SAME)
+    ds = _write_cfg(demo_assets, tmp_path, "ds", **over)
+    subprocess.run([sys.executable, TRAIN, str(single)], env=_env(), check=True, capture_output=True, timeout=900)
+    killed = subprocess.run([sys.executable, TRAIN, str(ds)], env=_env(SER_HPC_FAULT_KILL_IN_CHECKPOINT="6"),
+                            capture_output=True, timeout=900)
+    assert killed.returncode == -signal.SIGKILL
+    res = subprocess.run([sys.executable, TRAIN, str(ds)], env=_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _final(tmp_path / "ds")["resumed_from"] == [4]
+    assert_same_run(tmp_path / "single", tmp_path / "ds", atol=1e-4)

@@ -185,3 +185,21 @@ def test_prefetch_checks_local_folders_and_names_unreachable_models(demo_assets,
     res = subprocess.run([PY, str(REPO / "jobs" / "prefetch_models.py"), str(hub)], capture_output=True, text=True,
                          timeout=300, env=env)
     assert res.returncode == 1 and "facebook/not-cached-here" in res.stderr
+
+
+def test_requeue_budget_ends_the_run_as_failed(demo_assets, tmp_path, monkeypatch):
+    """After train.max_requeues time-limit warnings the run fails with the reason (no scontrol call)."""
+    import signal as sig
+    from ser_hpc.config import config_from_dict
+    from ser_hpc.grid.tasks import handle_preemption
+    from ser_hpc.train.preemption import Preempted
+    run_dir = tmp_path / "results" / "runs" / "r1"
+    tree = run_config_tree(demo_assets, run_dir, **{"train.max_requeues": 2})
+    plan = {"launch_dir": str(tmp_path), "runs": []}
+    run = {"run_id": "r1", "name": "r 1", "config": tree}
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("must not requeue"))
+    handle_preemption(Preempted(30, sig.SIGUSR2), config_from_dict(tree), plan, run)
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["status"] == "failed" and "max_requeues=2" in final["reason"] and final["checkpoint_step"] == 30

@@ -168,6 +168,7 @@ class DeepSpeedEngine(Engine):
         return {}
 
     def load(self, folder: Path, weights, trainer_state) -> None:
+        verify_deepspeed_checkpoint(folder / "deepspeed")
         self.ds.load_checkpoint(str(folder), tag="deepspeed")
 
     def assign(self, weights: dict[str, torch.Tensor]) -> None:
@@ -175,6 +176,27 @@ class DeepSpeedEngine(Engine):
         with self._gathered([p for _, p in named], modifier_rank=0), torch.no_grad():
             for name, p in named:
                 p.copy_(weights[name].to(p.device, p.dtype))
+
+
+def _deepspeed_safe_globals() -> list:
+    """The few DeepSpeed classes its ZeRO checkpoints legitimately hold."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def verify_deepspeed_checkpoint(folder: Path) -> None:
+    """DeepSpeed loads its files with full unpickling; first prove each holds nothing but
+    tensors, plain containers and the allow-listed DeepSpeed classes (weights_only)."""
+    allowed = _deepspeed_safe_globals()
+    for path in sorted(folder.glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"refusing to load DeepSpeed checkpoint file {path}: it holds objects outside the "
+                             f"allowed set ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 
 def make_engine(cfg: Config, model: nn.Module, env: D.DistEnv, device: torch.device) -> Engine:
