@@ -151,3 +151,26 @@ def test_deepspeed_resume_after_kill_matches_uninterrupted(demo_assets, tmp_path
     assert res.returncode == 0, res.stderr[-3000:]
     assert _final(tmp_path / "ds")["resumed_from"] == [4]
     assert_same_run(tmp_path / "single", tmp_path / "ds", atol=1e-4)
+
+
+def test_ddp_as_a_submitit_task_with_two_tasks_per_node(slurm_cluster, demo_assets, tmp_path):
+    """launch_grid on Slurm with tasks_per_node=2: submitit starts 2 ranks of the same pack."""
+    from tests.test_grid import write_grid
+    profile = tmp_path / "two_tasks.yaml"
+    profile.write_text(yaml.safe_dump({"executor": "slurm", "array_parallelism": 1,
+                                       "train": {"partition": "debug", "tasks_per_node": 2, "cpus_per_task": 1,
+                                                 "mem_gb": 3, "time_min": 15},
+                                       "aggregate": {"partition": "debug", "mem_gb": 2, "time_min": 10}}))
+    bb = demo_assets["backbones"]
+    grid = write_grid(tmp_path, demo_assets, name="twotasks", overrides={**SAME, "train.strategy": "ddp"},
+                      pairs=[{"name": "w2v+roberta", "speech": str(bb["wav2vec2-tiny"]), "text": str(bb["roberta-tiny"])}],
+                      axes={"model.hidden_layers": [2]})
+    res = subprocess.run([sys.executable, str(REPO / "jobs" / "launch_grid.py"), str(grid), "--cluster", "slurm",
+                          "--profile", str(profile), "--wait"], cwd=REPO, env={**slurm_cluster.env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    run_dir = next((tmp_path / "results" / "twotasks" / "runs").iterdir())
+    assert _final(run_dir)["world_size"] == 2
+    single = _write_cfg(demo_assets, tmp_path, "single", **SAME)
+    subprocess.run([sys.executable, TRAIN, str(single)], env=_env(), check=True, capture_output=True, timeout=900)
+    assert_same_run(tmp_path / "single", run_dir)

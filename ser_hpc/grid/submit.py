@@ -108,8 +108,17 @@ def run_local(plan_path: Path, out_dir: Path, packs: list[int], profile: Cluster
                 sub.failed_packs.append(pack)
                 log.warning("pack %d exited with %d (see %s)", pack, proc.returncode, log_path)
             log.info("%d/%d packs finished, %.0f s elapsed", done, len(packs), time.monotonic() - start)
-    run_aggregation(str(out_dir))
+    _aggregate_reporting(out_dir)
     return sub
+
+
+def _aggregate_reporting(out_dir: Path) -> None:
+    """Local / debug: aggregation errors (e.g. no run finished) are reported, not raised."""
+    from ..ensemble.collect import AggregateError
+    try:
+        run_aggregation(str(out_dir))
+    except AggregateError as exc:
+        log.error("aggregation: %s", exc)
 
 
 def run_debug(plan_path: Path, out_dir: Path, packs: list[int]) -> Submission:
@@ -120,5 +129,5 @@ def run_debug(plan_path: Path, out_dir: Path, packs: list[int]) -> Submission:
         except Exception as exc:
             log.warning("pack %d: %s", pack, exc)
             sub.failed_packs.append(pack)
-    run_aggregation(str(out_dir))
+    _aggregate_reporting(out_dir)
     return sub
