@@ -51,6 +51,19 @@ def _read_rows(csv_path: Path, required: tuple[str, ...]) -> tuple[list[str], li
     return columns, rows
 
 
+def unique_id_rows(csv_path: Path, rows: list[tuple[int, dict[str, str]]]):
+    """(line, id, record) for each row; an empty or repeated id is an error naming the row."""
+    seen: dict[str, int] = {}
+    for line, rec in rows:
+        ident = (rec.get("id") or "").strip()
+        if not ident:
+            raise CorpusError(f"{csv_path}, row {line}: empty id")
+        if ident in seen:
+            raise CorpusError(f"{csv_path}, row {line}: duplicate id {ident!r} (first on row {seen[ident]})")
+        seen[ident] = line
+        yield line, ident, rec
+
+
 def _label_id(value: str, csv_path: Path, line: int) -> int:
     name = (value or "").strip().lower()
     if name not in LABEL_TO_ID:
@@ -74,14 +87,8 @@ def read_corpus(csv_path: str | Path, audio_dir: str | Path, *, require_labels: 
     gold = read_labels_csv(labels_csv) if labels_csv else None
     if not audio_dir.is_dir():
         raise CorpusError(f"audio folder not found: {audio_dir} (for {csv_path})")
-    examples, seen = [], {}
-    for line, rec in rows:
-        ident = (rec.get("id") or "").strip()
-        if not ident:
-            raise CorpusError(f"{csv_path}, row {line}: empty id")
-        if ident in seen:
-            raise CorpusError(f"{csv_path}, row {line}: duplicate id {ident!r} (first on row {seen[ident]})")
-        seen[ident] = line
+    examples = []
+    for line, ident, rec in unique_id_rows(csv_path, rows):
         label = None
         if gold is not None:
             if ident not in gold:

@@ -16,7 +16,7 @@ import soundfile as sf
 from torch.utils.data import Dataset
 
 from ser_hpc.data.audio import AudioError, fit_length, load_audio
-from ser_hpc.data.corpus import CorpusError, _label_id, _read_rows
+from ser_hpc.data.corpus import CorpusError, _label_id, _read_rows, unique_id_rows
 from ser_hpc.data.dataset import WholeClips
 
 
@@ -40,14 +40,8 @@ def read_input_csv(csv_path: str | Path, audio_dir: str | Path) -> list[InputRow
     """``id`` is required; ``transcription`` and ``label`` are optional columns."""
     csv_path, audio_dir = Path(csv_path), Path(audio_dir)
     columns, records = _read_rows(csv_path, ("id",))
-    rows, seen = [], {}
-    for line, rec in records:
-        ident = (rec.get("id") or "").strip()
-        if not ident:
-            raise CorpusError(f"{csv_path}, row {line}: empty id")
-        if ident in seen:
-            raise CorpusError(f"{csv_path}, row {line}: duplicate id {ident!r} (first on row {seen[ident]})")
-        seen[ident] = line
+    rows = []
+    for line, ident, rec in unique_id_rows(csv_path, records):
         raw_label = (rec.get("label") or "").strip() if "label" in columns else ""
         label = _label_id(raw_label, csv_path, line) if raw_label else None
         text = rec.get("transcription") if "transcription" in columns else None
