@@ -87,6 +87,8 @@ class TrainConfig:
     backbone_lr: float = 1e-5        # learning rate of unfrozen backbone layers
     checkpoint_every: int = 0        # optimizer steps between resumable checkpoints; 0 = at each evaluation
     max_requeues: int = 3            # Slurm requeues after time-limit warnings before the run fails
+    eval_cache: bool = True          # keep dev backbone outputs in memory (frozen backbones; computed once per task)
+    eval_cache_dtype: str = "float32"  # "float32" (exact), or "float16"/"bfloat16" to halve the memory
 
 
 @dataclass
@@ -115,6 +117,7 @@ _CHOICES = {
     "model.text.layers": ("weighted", "last"),
     "train.class_weights": ("inverse", "inverse_normalized", "none"),
     "train.strategy": ("single", "ddp", "deepspeed"),
+    "train.eval_cache_dtype": ("float32", "float16", "bfloat16"),
 }
 
 

@@ -4,8 +4,8 @@ A run id is a readable slug plus a short hash of the resolved run config, so the
 config always lands in the same folder (a relaunch finds its finished runs) and a changed
 config never overwrites another's results.
 
-A pack is the unit of one array task: runs that differ only in head settings, so they can
-share the backbones and the data pipeline.
+A pack is the unit of one array task: runs that differ only in head settings, trained in
+one process on one shared backbone forward per batch (``ser_hpc.train.packing``).
 """
 from __future__ import annotations
 
@@ -16,17 +16,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigError, apply_tree, Config, flatten, set_key, validate
+from ..config import ConfigError, apply_tree, Config, set_key, validate
+from ..train.packing import needs_own_forward, shared_settings
 from .spec import GridSpec
 
-# Keys that change only the trainable head; runs differing in nothing else may share a pack.
-HEAD_KEYS = frozenset({
-    "model.hidden_layers", "model.head_width", "model.dropout", "model.fusion_dim",
-    "model.fusion_attention_heads", "model.speech.layers", "model.text.layers",
-    "train.lr", "train.weight_decay", "train.lr_decay", "train.lr_patience",
-    "train.early_stop_patience", "train.max_grad_norm", "train.class_weights",
-    "run.name", "run.dir",
-})
 
 
 @dataclass
@@ -85,18 +78,12 @@ def expand(spec: GridSpec) -> list[PlannedRun]:
     return runs
 
 
-def pack_key(config: dict[str, Any]) -> str:
-    flat = flatten(config)
-    return _canonical({k: v for k, v in flat.items() if k not in HEAD_KEYS})
-
-
 def make_packs(runs: list[PlannedRun], pack_size: int) -> list[list[PlannedRun]]:
     """Group runs sharing backbones and data; split groups larger than ``pack_size``."""
     groups: dict[str, list[PlannedRun]] = {}
     for run in runs:
-        # Fine-tuned backbone layers differ per run: such a run cannot share a forward.
-        tuned = any(run.config["model"][m]["finetune_top_layers"] for m in ("speech", "text"))
-        groups.setdefault(run.run_id if tuned else pack_key(run.config), []).append(run)
+        alone = needs_own_forward(run.config)  # fine-tuned layers or DeepSpeed: a pack of one
+        groups.setdefault(run.run_id if alone else shared_settings(run.config), []).append(run)
     packs = []
     for members in groups.values():
         for i in range(0, len(members), pack_size):

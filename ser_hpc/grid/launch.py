@@ -15,6 +15,7 @@ import yaml
 
 from .. import atomic_io
 from ..config import ConfigError, parse_override
+from ..train.packing import needs_own_forward
 from .checks import check_backbones, check_data
 from .cluster import ClusterProfile, job_env_lines, load_profile, sbatch_args
 from .expand import PlannedRun, expand, make_packs
@@ -88,10 +89,17 @@ def describe(lp: LaunchPlan) -> str:
     lines.append(f"to submit: {len(lp.to_run)} pack(s) {lp.to_run}; skipping {len(lp.skipped)} finished run(s)")
     if lp.prepare:
         lines.append("first: a data-preparation job (decodes the audio once into data.prepared_dir)")
-    tuned = [r.run_id for r in lp.runs if any(r.config["model"][m]["finetune_top_layers"] for m in ("speech", "text"))]
-    if tuned:
-        lines.append(f"{len(tuned)} run(s) fine-tune backbone layers: they cannot share a backbone forward, "
-                     "so each is a pack of one")
+    alone = {}
+    for r in lp.runs:
+        why = needs_own_forward(r.config)
+        if why:
+            alone.setdefault(why, []).append(r.run_id)
+    for why, ids in alone.items():
+        lines.append(f"{len(ids)} run(s) cannot share a backbone forward ({why}), so each is a pack of one")
+    shared = [p for p in lp.packs if len(p) > 1]
+    if shared:
+        lines.append(f"{len(shared)} pack(s) train several heads in one process on one backbone forward per batch "
+                     f"(up to pack_size={lp.spec.pack_size})")
     if lp.profile.executor == "slurm":
         array = ",".join(map(str, lp.to_run)) + f"%{lp.profile.array_parallelism}"
         lines.append("train array:  sbatch --array=" + array + " " +

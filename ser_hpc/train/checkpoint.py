@@ -100,13 +100,37 @@ class CheckpointStore:
             return None
         return target
 
+    def steps(self) -> list[int]:
+        """Steps with a complete checkpoint (a step folder exists only once fully written)."""
+        return sorted(int(p.name[len("step_"):]) for p in self.root.glob("step_*") if (p / "state.json").exists())
+
+    def at(self, step: int) -> Path:
+        folder = self.root / f"step_{step:06d}"
+        if not (folder / "state.json").exists():
+            raise FileNotFoundError(f"no complete checkpoint for step {step} in {self.root}")
+        return folder
+
+    def drop_after(self, step: int) -> None:
+        """Rolling back to ``step``: newer checkpoints would be replayed anyway, and must not
+        outlive the older ones that the next commit keeps."""
+        newer = [s for s in self.steps() if s > step]
+        if not newer:
+            return
+        atomic_io.write_json(self.root / "latest.json", {"step": step, "dir": f"step_{step:06d}"})
+        for s in newer:
+            shutil.rmtree(self.root / f"step_{s:06d}", ignore_errors=True)
+
     def cleanup_partial(self) -> None:
         for tmp in self.root.glob(".tmp-step_*"):
             shutil.rmtree(tmp, ignore_errors=True)
 
     @staticmethod
+    def read_state(folder: Path) -> dict[str, Any]:
+        return json.loads((folder / "state.json").read_text(encoding="utf-8"))
+
+    @staticmethod
     def read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, dict[str, Any] | None]:
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        state = CheckpointStore.read_state(folder)
         weights = load_file(str(folder / "weights.safetensors")) if (folder / "weights.safetensors").exists() else None
         trainer = (torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
                    if (folder / "trainer.pt").exists() else None)

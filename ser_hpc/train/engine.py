@@ -23,14 +23,17 @@ log = logging.getLogger("ser_hpc.train")
 
 class SERModel(nn.Module):
     """Backbones + head as one module, so DDP / DeepSpeed see every trainable parameter
-    (head, and unfrozen backbone layers when fine-tuning)."""
+    (head, and unfrozen backbone layers when fine-tuning). The heads of a pack each have a
+    SERModel around the same backbones and are given the shared backbone output (``feats``)."""
 
     def __init__(self, backbones: FrozenBackbones, head: nn.Module, device: torch.device):
         super().__init__()
         self.backbones, self.head, self.device = backbones, head, device
 
-    def forward(self, waves, wave_lengths, texts):
-        return self.head(self.backbones(waves, wave_lengths, texts, self.device))
+    def forward(self, waves, wave_lengths, texts, feats=None):
+        if feats is None:
+            feats = self.backbones(waves, wave_lengths, texts, self.device)
+        return self.head(feats)
 
 
 def trainable_names(model: nn.Module) -> list[str]:
@@ -58,11 +61,17 @@ class Engine:
         self.wrapped: nn.Module = model
         if env.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
+            # Frozen backbone tensors are identical on every rank (loaded from the same files):
+            # DDP must not broadcast them at start-up or sync their buffers at each forward.
+            trainable = set(trainable_names(model))
+            frozen = [n for n, _ in model.named_parameters() if n not in trainable]
+            frozen += [n for n, _ in model.named_buffers() if n.startswith("backbones.")]
+            DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
             ids = [device.index] if device.type == "cuda" else None
             self.wrapped = DDP(model, device_ids=ids)
 
-    def forward(self, waves, lengths, texts) -> torch.Tensor:
-        return self.wrapped(waves, lengths, texts)
+    def forward(self, waves, lengths, texts, feats=None) -> torch.Tensor:
+        return self.wrapped(waves, lengths, texts, feats=feats)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

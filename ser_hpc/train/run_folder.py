@@ -56,9 +56,9 @@ class RunFolder:
             atomic_io.write_text(self.config, text)
 
     def start_attempt(self) -> None:
-        """A restart from scratch: the earlier attempt's evaluation log no longer applies."""
-        if self.metrics.exists():
-            self.metrics.unlink()
+        """A restart from scratch: the earlier attempt's log and best-so-far no longer apply."""
+        for path in (self.metrics, self.best_head, self.best_backbone, self.dev_probs, self.test_probs):
+            path.unlink(missing_ok=True)
 
     def log_metrics(self, record: dict) -> None:
         atomic_io.append_line(self.metrics, json.dumps(record))

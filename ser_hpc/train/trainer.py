@@ -1,11 +1,16 @@
-"""One training run: frozen (or top-layer fine-tuned) backbones, one trainable head,
-weighted cross-entropy.
+"""Training: one pack of runs in one process, one backbone forward per batch for all heads.
 
-AdamW, dev evaluation every ``eval_every`` optimizer steps, the best checkpoint by dev
-macro-F1, lr x ``lr_decay`` after ``lr_patience`` evaluations without improvement, optional
-early stopping, bf16 autocast, gradient accumulation. The same loop runs as one process,
-as DDP ranks or under DeepSpeed (``train.strategy``), and resumes exactly from its last
-checkpoint: data order, optimizer, lr schedule, RNG and best-so-far are all restored.
+A pack is K runs that differ only in head settings (``packing.py``); a lone run is a pack
+of one, so there is a single loop. Each batch goes through the frozen backbones once,
+then through every head still training; each head (``head_run.py``) has its own optimizer,
+lr schedule, early stopping, best checkpoint, dropout RNG stream and run folder, so every
+run of a pack ends exactly as it would trained alone. Dev backbone outputs are computed
+once per task (``eval_cache.py``) and reused at every evaluation of every head; test
+clips go through the backbones once, for all heads, at the end.
+
+The loop runs as one process, as DDP ranks, or (packs of one) under DeepSpeed, and
+resumes exactly from the last checkpoint: data order, optimizers, lr schedules, RNG
+streams and best-so-far are all restored.
 """
 from __future__ import annotations
 
@@ -13,12 +18,10 @@ import logging
 import random
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from ..config import Config, ConfigError
 from ..data.augment import Augmenter
@@ -26,21 +29,16 @@ from ..data.dataset import Batch, TrainCrops, WholeClips, collate, length_sorted
 from ..data.labels import LABELS
 from ..data.prepared import PreparedAudio, audio_loader_for
 from ..data.sources import Splits, load_splits
-from ..data.split import class_weights
-from ..metrics import score
-from ..models.encoders import FrozenBackbones
-from ..models.head import build_head
+from ..models.encoders import BackboneOutput, FrozenBackbones
 from . import distributed as D
-from .checkpoint import CheckpointStore
-from .engine import SERModel, make_engine
+from .eval_cache import EvalFeatureCache
+from .head_run import HeadRun, Predictions, TrainingDiverged
+from .packing import check_pack, needs_own_forward
 from .preemption import Preempted, PreemptionFlag
 from .run_folder import RunFolder
+from .sampler import GlobalBatchSampler
 
 log = logging.getLogger("ser_hpc.train")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 def seed_everything(seed: int) -> None:
@@ -49,67 +47,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class GlobalBatchSampler(Sampler):
-    """This rank's share of each global batch of a seeded per-epoch permutation.
-
-    Global batch k is perm[k*B:(k+1)*B]; rank r takes its r-th slice of it, so the same
-    seed and global batch give the same examples per step with 1 or N ranks. A resumed
-    run starts at ``start_batch`` instead of replaying (and decoding) what it has seen.
-    """
-
-    def __init__(self, n: int, global_batch: int, seed: int, env: D.DistEnv):
-        if n < global_batch:
-            raise ConfigError(f"train.batch_size {global_batch} is larger than the {n} training clips")
-        if global_batch % env.world:
-            raise ConfigError(f"train.batch_size {global_batch} is not divisible by the {env.world} ranks")
-        self.n, self.batch, self.seed, self.env = n, global_batch, seed, env
-        self.per_rank = global_batch // env.world
-        self.epoch, self.start_batch = 0, 0
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.n // self.batch  # the last partial global batch is dropped
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __iter__(self):
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        lo = self.env.rank * self.per_rank
-        for k in range(self.start_batch, self.batches_per_epoch):
-            yield from perm[k * self.batch + lo: k * self.batch + lo + self.per_rank].tolist()
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.per_rank
-
-
-@dataclass
-class Predictions:
-    ids: list[str]
-    labels: np.ndarray  # -1 where unknown
-    probs: np.ndarray   # [N, 6]
-    loss: float | None  # weighted CE when every label is known
-
-
-@dataclass
-class LoopState:
-    """Everything besides weights and optimizer that a resumed run needs."""
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0             # global batches of `epoch` already consumed
-    best: dict = field(default_factory=lambda: {"dev_macro_f1": -1.0, "step": 0, "epoch": 0})
-    bad_evals: int = 0
-    since_decay: int = 0
-    lrs: list = field(default_factory=list)
-    window_loss: float = 0.0
-    window_n: int = 0
-    resumed_from: list = field(default_factory=list)
-    elapsed_s: float = 0.0
-
-
-class Trainer:
-    def __init__(self, cfg: Config, splits: Splits, folder: RunFolder, env: D.DistEnv):
-        self.cfg, self.splits, self.folder, self.env = cfg, splits, folder, env
+class PackTrainer:
+    def __init__(self, cfgs: list[Config], splits: Splits, folders: list[RunFolder], env: D.DistEnv):
+        cfg = cfgs[0]  # every setting but the head's is the same across the pack
+        self.cfg, self.splits, self.env = cfg, splits, env
         self.device = D.device_for(env, cfg.train.device)
         seed_everything(cfg.train.seed)
         modalities = cfg.model.modalities.split("+")
@@ -122,11 +63,10 @@ class Trainer:
         if speech is not None and speech.sample_rate != cfg.data.sample_rate:
             raise ConfigError(f"data.sample_rate is {cfg.data.sample_rate} but speech model "
                               f"{cfg.model.speech.name!r} expects {speech.sample_rate} Hz")
-        torch.manual_seed(cfg.train.seed)  # the head's init must not depend on what loading consumed
-        self.model = SERModel(self.backbones, build_head(cfg.model, self.backbones), self.device).to(self.device)
-        self.engine = make_engine(cfg, self.model, env, self.device)
-        weights = class_weights([e.label for e in splits.train], cfg.train.class_weights)
-        self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
+        # Frozen backbones: one forward feeds every head, and eval outputs never change.
+        self.shared_forward = needs_own_forward(cfg.to_dict()) is None
+        train_labels = [e.label for e in splits.train]
+        self.heads = [HeadRun(c, f, self.backbones, train_labels, env, self.device) for c, f in zip(cfgs, folders)]
         # Prepared 16 kHz audio when data.prepared_dir is set (decoded once by the grid's first job).
         self.audio_loader = audio_loader_for(cfg.data)
         if isinstance(self.audio_loader, PreparedAudio) and self.with_audio:
@@ -136,17 +76,31 @@ class Trainer:
         self.train_set = TrainCrops(splits.train, cfg.data.sample_rate, cfg.data.crop_seconds, augmenter,
                                     cfg.train.seed, self.with_audio, self.audio_loader)
         self.sampler = GlobalBatchSampler(len(self.train_set), cfg.train.batch_size, cfg.train.seed, env)
-        # A private generator: creating a loader iterator must not consume the global RNG
-        # (dropout draws from it), or a resumed run would diverge from an uninterrupted one.
+        # A private generator: creating a loader iterator must not consume the global RNG.
         self.train_loader = DataLoader(self.train_set, batch_size=self.sampler.per_rank, sampler=self.sampler,
                                        num_workers=cfg.data.num_workers, collate_fn=collate,
                                        generator=torch.Generator().manual_seed(cfg.train.seed))
         self.steps_per_epoch = max(1, self.sampler.batches_per_epoch // cfg.train.grad_accum_steps)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
-        self.checkpoints = CheckpointStore(folder.path)
+        self._dev_cache: EvalFeatureCache | None = None
 
-    # ---- evaluation -------------------------------------------------------------------
+    # ---- forward passes -----------------------------------------------------------------
+    def features(self, batch: Batch) -> BackboneOutput | None:
+        """The shared backbone forward (no graph: the backbones are frozen); None when
+        each head's model must run its own backbones (fine-tuning, DeepSpeed)."""
+        if not self.shared_forward:
+            return None
+        with torch.no_grad(), torch.autocast(**self.autocast):
+            return self.backbones(batch.waves, batch.wave_lengths, batch.texts, self.device)
+
+    def logits(self, head: HeadRun, batch: Batch | None, feats: BackboneOutput | None) -> torch.Tensor:
+        with torch.autocast(**self.autocast):
+            if feats is not None:
+                return head.engine.forward(None, None, None, feats=feats).float()
+            return head.engine.forward(batch.waves, batch.wave_lengths, batch.texts).float()
+
+    # ---- evaluation ---------------------------------------------------------------------
     def eval_loader(self, examples) -> DataLoader:
         durations = [self.splits.durations.get(e.id, 0.0) for e in examples]
         return DataLoader(WholeClips(examples, self.cfg.data.sample_rate, self.with_audio, self.audio_loader),
@@ -154,249 +108,229 @@ class Trainer:
                           batch_sampler=length_sorted_batches(durations, self.cfg.data.eval_batch_size),
                           num_workers=self.cfg.data.num_workers)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        with torch.autocast(**self.autocast):
-            return self.engine.forward(batch.waves, batch.wave_lengths, batch.texts).float()
+    def _shard(self, heads: list[HeadRun]) -> bool:
+        return self.env.enabled and all(h.engine.can_shard_eval for h in heads)
 
-    def weighted_ce_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, labels, weight=self.class_weights, reduction="sum")
+    def _eval_batches(self, examples, heads: list[HeadRun], cache: bool):
+        """(ids, labels, batch, feats) over this rank's share of ``examples``."""
+        mine = examples[self.env.rank::self.env.world] if self._shard(heads) else examples
+        if cache and self.shared_forward and self.cfg.train.eval_cache:
+            if self._dev_cache is None:
+                self._dev_cache = EvalFeatureCache(self.features, self.eval_loader(mine), self.device,
+                                                   self.cfg.train.eval_cache_dtype)
+            for c in self._dev_cache:
+                yield c.ids, c.labels, None, c.feats
+            return
+        for batch in self.eval_loader(mine):
+            yield batch.ids, batch.labels, batch, self.features(batch)
 
     @torch.no_grad()
-    def predict(self, examples) -> Predictions:
-        """Every rank scores its shard; all ranks receive the gathered predictions."""
-        self.model.eval()
-        ids, labels, logits = [], [], []
-        shard = self.env.enabled and self.engine.can_shard_eval
-        for batch in self.eval_loader(examples[self.env.rank::self.env.world] if shard else examples):
-            logits.append(self.forward(batch).cpu())
-            ids += batch.ids
-            labels.append(batch.labels)
-        self.model.train()
+    def predict(self, heads: list[HeadRun], examples, cache: bool = False) -> dict[int, Predictions]:
+        """Every head's predictions for ``examples``; each batch goes through the backbones
+        once (or comes from the cache). Ranks score shards; all ranks get every prediction."""
+        for h in heads:
+            h.model.eval()
+        ids, labels, logits = [], [], [[] for _ in heads]
+        for batch_ids, batch_labels, batch, feats in self._eval_batches(examples, heads, cache):
+            for k, h in enumerate(heads):
+                logits[k].append(self.logits(h, batch, feats).cpu())
+            ids += batch_ids
+            labels.append(batch_labels)
+        for h in heads:
+            h.model.train()
+        empty = torch.zeros(0, len(LABELS))
         mine = (ids, torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
-                torch.cat(logits) if logits else torch.zeros(0, len(LABELS)))
-        shards = D.all_gather(mine, self.env) if shard else [mine]
-        ids = [i for s in shards for i in s[0]]
-        label = torch.cat([s[1] for s in shards])
-        logit = torch.cat([s[2] for s in shards])
-        loss = None
-        if len(label) and (label >= 0).all():
-            loss = float(self.weighted_ce_sum(logit.to(self.device), label.to(self.device))
-                         / self.class_weights[label.to(self.device)].sum())
-        order = sorted(range(len(ids)), key=lambda i: ids[i])  # stable row order for ensembling
-        return Predictions([ids[i] for i in order], label.numpy()[order],
-                           torch.softmax(logit, dim=1).numpy()[order], loss)
+                [torch.cat(l) if l else empty for l in logits])
+        shards = D.all_gather(mine, self.env) if self._shard(heads) else [mine]
+        all_ids = [i for s in shards for i in s[0]]
+        all_labels = torch.cat([s[1] for s in shards])
+        return {k: h.predictions(all_ids, all_labels, torch.cat([s[2][k] for s in shards]))
+                for k, h in enumerate(heads)}
 
-    # ---- checkpoints ------------------------------------------------------------------
-    def save_checkpoint(self, state: LoopState) -> None:
-        tmp = self.checkpoints.tmp_dir(state.step)
-        if self.env.is_main:
-            self.checkpoints.begin(state.step)
-        D.barrier(self.env)
-        trainer_state = self.engine.save(tmp)  # DeepSpeed writes its shards on every rank
-        if self.env.is_main:
-            payload = {**trainer_state, "torch_rng": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                payload["cuda_rng"] = torch.cuda.get_rng_state_all()
-            weights = self.engine.trainable_state()
-            self.checkpoints.write_files(tmp, state.step, weights, payload, asdict(state),
-                                         [self.folder.best_head, self.folder.best_backbone, self.folder.dev_probs])
-        D.barrier(self.env)
-        if self.env.is_main:
-            self.checkpoints.commit(tmp, state.step)
-            log.info("run %s: checkpoint at step %d", self.cfg.run.name, state.step)
-        D.barrier(self.env)
+    # ---- resume -------------------------------------------------------------------------
+    def resume(self) -> tuple[int, int, int]:
+        """Bring every head to one common data position; returns (step, epoch, batch_in_epoch).
 
-    def try_resume(self) -> LoopState:
+        Finished heads keep their last checkpoint. Heads still training resume at the
+        newest step for which all of them hold a checkpoint (a kill between two heads'
+        checkpoints leaves them one evaluation apart); heads ahead of it replay the same
+        batches and end exactly where they were.
+        """
         if self.env.is_main:
-            self.checkpoints.cleanup_partial()
+            for h in self.heads:
+                h.checkpoints.cleanup_partial()
         D.barrier(self.env)
-        folder = self.checkpoints.latest()
-        if folder is None:
-            return LoopState()
-        saved, weights, trainer_state = CheckpointStore.read(folder)
-        state = LoopState(**saved)
-        self.engine.load(folder, weights, trainer_state)
-        torch.set_rng_state(trainer_state["torch_rng"])
-        if "cuda_rng" in trainer_state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])
-        if self.env.is_main:
-            for name in ("best_head.safetensors", "best_backbone.safetensors", "dev_probs.csv"):
-                if (folder / name).exists():
-                    self.folder.restore(folder / name)
-            self.folder.truncate_metrics(state.step)
-        state.resumed_from.append(state.step)
-        log.info("run %s: resumed from checkpoint at step %d (epoch %d)", self.cfg.run.name, state.step, state.epoch)
-        return state
+        training = []
+        for h in self.heads:
+            saved = h.saved_state()
+            if saved is not None and (saved.stopped_early or saved.step >= self.total_steps):
+                h.resume(saved.step)
+                h.status = "finished"
+            else:
+                training.append(h)
+        common = set.intersection(*(set(h.checkpoints.steps()) for h in training)) if training else set()
+        step = max(common, default=0)
+        for h in training:
+            if step:
+                h.resume(step)
+            else:
+                h.start_fresh()
+        D.barrier(self.env)
+        if not training or not step:
+            return 0, 0, 0
+        s = training[0].state
+        return s.step, s.epoch, s.batch_in_epoch
 
-    # ---- training ---------------------------------------------------------------------
-    def _batches(self, state: LoopState):
-        """Endless micro-batches from the saved data position on; keeps ``state`` in step."""
+    # ---- training -----------------------------------------------------------------------
+    def _batches(self, epoch: int, batch_in_epoch: int):
+        """Endless (epoch, batch_in_epoch after it, micro-batch) from a data position on."""
         while True:
-            self.sampler.set_epoch(state.epoch, state.batch_in_epoch)
-            self.train_set.set_epoch(state.epoch)
+            self.sampler.set_epoch(epoch, batch_in_epoch)
+            self.train_set.set_epoch(epoch)
             for batch in self.train_loader:
-                state.batch_in_epoch += 1
-                yield batch
-            state.epoch += 1
-            state.batch_in_epoch = 0
+                batch_in_epoch += 1
+                yield epoch, batch_in_epoch, batch
+            epoch, batch_in_epoch = epoch + 1, 0
 
-    def _evaluate(self, state: LoopState, start: float) -> bool:
-        """Dev evaluation, best checkpoint, lr decay; returns True to stop early."""
-        t, cfg = self.cfg.train, self.cfg
-        preds = self.predict(self.splits.dev)
-        scores = score(preds.labels, preds.probs.argmax(1))
-        record = {"step": state.step, "epoch": state.epoch, "train_loss": state.window_loss / max(state.window_n, 1),
-                  "dev_loss": preds.loss, "dev_macro_f1": scores["macro_f1"], "lr": self.engine.lrs()[0],
-                  "elapsed_s": round(time.monotonic() - start + state.elapsed_s, 2)}
-        state.window_loss, state.window_n = 0.0, 0
-        improved = scores["macro_f1"] > state.best["dev_macro_f1"]
-        if self.env.is_main:
-            self.folder.log_metrics(record)
-            log.info("run %s eval step %d: dev macro-F1 %.4f (best %.4f)%s", cfg.run.name, state.step,
-                     scores["macro_f1"], max(state.best["dev_macro_f1"], scores["macro_f1"]), " *" if improved else "")
-        if improved:
-            state.best = {"dev_macro_f1": scores["macro_f1"], "step": state.step, "epoch": state.epoch, **scores}
-            state.bad_evals = state.since_decay = 0
-            weights = self.engine.trainable_state()  # collective under ZeRO-3
-            if self.env.is_main:
-                self.folder.save_best(weights)
-                RunFolder.write_probs(self.folder.dev_probs, preds.ids, preds.labels, preds.probs)
-            return False
-        state.bad_evals += 1
-        state.since_decay += 1
-        if state.since_decay >= t.lr_patience:
-            self.engine.scale_lr(t.lr_decay)
-            state.since_decay = 0
-        if t.early_stop_patience and state.bad_evals >= t.early_stop_patience:
-            log.info("run %s: early stop at step %d, no improvement in %d evaluations",
-                     cfg.run.name, state.step, state.bad_evals)
-            return True
-        return False
+    def _log_start(self, step: int) -> None:
+        if not self.env.is_main:
+            return
+        t = self.cfg.train
+        heads = ", ".join(f"{h.name} ({h.trainable_parameters()} params)" for h in self.heads)
+        log.info("pack of %d run(s): %d train / %d dev / %d test clips, %d steps (%d per epoch), %s on %s x%d, "
+                 "%s backbone forward%s; %s", len(self.heads), len(self.splits.train), len(self.splits.dev),
+                 len(self.splits.test), self.total_steps, self.steps_per_epoch, t.strategy, self.device,
+                 self.env.world, "one shared" if self.shared_forward else "own",
+                 f", resuming at step {step}" if step else "", heads)
 
-    def fit(self, flag: PreemptionFlag) -> dict:
-        cfg, t = self.cfg, self.cfg.train
-        state = self.try_resume()
-        if self.env.is_main:
-            log.info("run %s: %d train / %d dev / %d test clips, %d steps (%d per epoch), %s on %s x%d, "
-                     "%d trainable parameters%s", cfg.run.name, len(self.splits.train), len(self.splits.dev),
-                     len(self.splits.test), self.total_steps, self.steps_per_epoch, t.strategy, self.device,
-                     self.env.world, sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-                     f", resuming at step {state.step}" if state.step else "")
-        start = time.monotonic()
-        window_t, window_clips = time.monotonic(), 0
+    def fit(self, flag: PreemptionFlag) -> list[dict]:
+        t = self.cfg.train
+        step, epoch, batch_in_epoch = self.resume()
+        self._log_start(step)
         ckpt_every = t.checkpoint_every or t.eval_every
-        batches = self._batches(state)
-        self.model.train()
-        stopped_early = False
-        while state.step < self.total_steps:
-            micro = [next(batches) for _ in range(t.grad_accum_steps)]
-            # Normalise by the weight of the whole global step (all micro-batches, all ranks),
-            # so N ranks x b clips give the same gradient as one process with N*b clips.
-            local_w = float(sum(self.class_weights[m.labels.to(self.device)].sum() for m in micro))
-            total_w = D.all_sum(local_w, self.env)
-            step_loss = 0.0
+        batches = self._batches(epoch, batch_in_epoch)
+        window_t, window_clips = time.monotonic(), 0
+        for h in self.heads:
+            h.model.train()
+        training = [h for h in self.heads if h.training]
+        while training and step < self.total_steps:
+            micro = []
+            for _ in range(t.grad_accum_steps):
+                epoch, batch_in_epoch, batch = next(batches)
+                micro.append(batch)
+            for h in training:
+                h.begin_step([b.labels for b in micro])
             for batch in micro:
-                logits = self.forward(batch)
-                loss_sum = self.weighted_ce_sum(logits, batch.labels.to(self.device))
-                if not torch.isfinite(loss_sum):
-                    raise TrainingDiverged(f"loss is {loss_sum.item()} at step {state.step + 1} (epoch {state.epoch})")
-                self.engine.backward(loss_sum * (self.env.world / total_w))
-                step_loss += loss_sum.item()
+                feats = self.features(batch)
+                for h in [h for h in training if h.training]:
+                    try:
+                        h.accumulate(lambda head: self.logits(head, batch, feats), batch.labels)
+                    except TrainingDiverged as exc:
+                        h.fail(f"training diverged: {exc}")
                 window_clips += len(batch.ids) * self.env.world
-            self.engine.step(t.max_grad_norm)
-            state.step += 1
-            state.window_loss += D.all_sum(step_loss, self.env) / total_w
-            state.window_n += 1
-            if state.step % t.log_every == 0 and self.env.is_main:
+            step += 1
+            stepped = [h for h in training if h.training]
+            for h in stepped:
+                h.finish_step()
+                h.state.step, h.state.epoch, h.state.batch_in_epoch = step, epoch, batch_in_epoch
+            if step % t.log_every == 0 and self.env.is_main:
                 rate = window_clips / max(time.monotonic() - window_t, 1e-9)
-                log.info("run %s step %d/%d epoch %d loss %.4f lr %.2e %.1f clips/s", cfg.run.name, state.step,
-                         self.total_steps, state.epoch, state.window_loss / state.window_n, self.engine.lrs()[0], rate)
+                for h in stepped:
+                    h.log_progress(self.total_steps, rate)
                 window_t, window_clips = time.monotonic(), 0
-            if state.step % t.eval_every == 0 or state.step == self.total_steps:
-                stopped_early = self._evaluate(state, start)
+            if step % t.eval_every == 0 or step == self.total_steps:
+                dev = self.predict(stepped, self.splits.dev, cache=True)
+                for k, h in enumerate(stepped):
+                    h.record_evaluation(dev[k])
             preempted = D.any_true(flag.raised, self.env)
-            if state.step % ckpt_every == 0 or preempted or stopped_early or state.step == self.total_steps:
-                state.elapsed_s += time.monotonic() - start
-                start = time.monotonic()
-                state.lrs = self.engine.lrs()
-                self.save_checkpoint(state)
-            if preempted and not stopped_early and state.step < self.total_steps:
-                raise Preempted(state.step, flag.signum or 0)
-            if stopped_early:
-                break
-        return self.finish(state, stopped_early)
+            for h in stepped:
+                if step % ckpt_every == 0 or preempted or not h.training or step == self.total_steps:
+                    h.save_checkpoint()
+                if h.training and step == self.total_steps:
+                    h.status = "finished"
+            for h in training:
+                if h.status == "failed":
+                    h.write_final(h.final_record(None, False))  # a diverged head stops alone
+            training = [h for h in training if h.training]
+            if preempted and training:
+                raise Preempted(step, flag.signum or 0)
+        return self.finish()
 
-    def finish(self, state: LoopState, stopped_early: bool) -> dict:
-        best = state.best
-        final = {
-            "status": "done", "reason": None,
-            "dev_macro_f1": best["dev_macro_f1"], "best_step": best["step"], "best_epoch": best["epoch"],
-            "steps": state.step, "epochs": state.epoch + (1 if state.batch_in_epoch else 0),
-            "stopped_early": stopped_early, "labels": list(LABELS), "per_class_f1": best["per_class_f1"],
-            "confusion_matrix": best["confusion_matrix"], "test_macro_f1": None,
-            "resumed_from": state.resumed_from, "world_size": self.env.world, "strategy": self.cfg.train.strategy,
-        }
-        if self.splits.test:
-            self.engine.load_best(self.folder)
-            test = self.predict(self.splits.test)
-            if self.env.is_main:
-                RunFolder.write_probs(self.folder.test_probs, test.ids, test.labels, test.probs)
-            if self.splits.test_has_labels:
-                scores = score(test.labels, test.probs.argmax(1))
-                final.update(test_macro_f1=scores["macro_f1"], test_per_class_f1=scores["per_class_f1"],
-                             test_confusion_matrix=scores["confusion_matrix"])
-        return final
+    def finish(self) -> list[dict]:
+        """Test predictions of every finished head in one pass; final records of all."""
+        done = [h for h in self.heads if h.status == "finished"]
+        tests: dict[int, Predictions] = {}
+        if done and self.splits.test:
+            for h in done:
+                h.engine.load_best(h.folder)
+            tests = self.predict(done, self.splits.test)
+        finals = []
+        for h in self.heads:
+            k = done.index(h) if h in done else None
+            record = h.final_record(tests.get(k) if k is not None else None, self.splits.test_has_labels)
+            if h.status != "failed":  # a diverged head wrote its record when it stopped
+                h.write_final(record)
+            finals.append(record)
+        return finals
 
 
-def train_run(cfg: Config, flag: PreemptionFlag | None = None) -> dict:
-    """Train one run into ``cfg.run.dir``; returns its final record (also written as final.json).
+def train_pack(cfgs: list[Config], flag: PreemptionFlag | None = None) -> list[dict]:
+    """Train a pack of runs (runs differing only in head settings) in this process, each
+    into its own ``run.dir``; returns their final records (also written as final.json).
 
-    Bad input raises before training starts, after recording the reason in final.json so
-    a grid's aggregation can report it. A diverged run ends with status failed. On a
-    preemption signal it checkpoints and raises ``Preempted``; calling it again resumes.
+    Finished runs are skipped. Bad input raises before training starts, after recording
+    the reason in every unfinished run's final.json so a grid's aggregation can report it.
+    A diverged run ends as failed alone. On a preemption signal every run checkpoints and
+    ``Preempted`` is raised; calling again resumes.
     """
-    if not cfg.run.dir:
-        raise ConfigError("config key 'run.dir' (the run folder) is not set")
+    for cfg in cfgs:
+        if not cfg.run.dir:
+            raise ConfigError(f"config key 'run.dir' (the run folder) is not set for run {cfg.run.name!r}")
+    check_pack(cfgs)
     env = D.detect()
-    if env.enabled and cfg.train.strategy == "single":
+    if env.enabled and cfgs[0].train.strategy == "single":
         raise ConfigError(f"{env.world} ranks were started but train.strategy is 'single'; use ddp or deepspeed")
-    folder = RunFolder(cfg.run.dir)
+    folders = [RunFolder(c.run.dir) for c in cfgs]
     if env.is_main:
-        folder.claim(cfg)
-    D.init(env, D.device_for(env, cfg.train.device))
+        for cfg, folder in zip(cfgs, folders):
+            folder.claim(cfg)
+    D.init(env, D.device_for(env, cfgs[0].train.device))
     D.barrier(env)
-    if folder.is_done():
-        log.info("run %s already done in %s: skipping", cfg.run.name, folder.path)
-        return folder.read_final()
+    finals: list[dict | None] = [f.read_final() if f.is_done() else None for f in folders]
+    for cfg, final in zip(cfgs, finals):
+        if final is not None:
+            log.info("run %s already done in %s: skipping", cfg.run.name, cfg.run.dir)
+    todo = [i for i, final in enumerate(finals) if final is None]
+    if not todo:
+        return finals
     start = time.monotonic()
-    base = {"run_id": folder.path.name, "name": cfg.run.name}
     own_flag = flag is None
     flag = flag or PreemptionFlag().__enter__()
+    trainer = None
     try:
-        trainer = Trainer(cfg, load_splits(cfg.data), folder, env)
-        if env.is_main and trainer.checkpoints.latest() is None:
-            folder.start_attempt()
-        final = trainer.fit(flag)
-    except TrainingDiverged as exc:
-        final = {"status": "failed", "reason": f"training diverged: {exc}", "dev_macro_f1": None}
-        log.error("run %s failed: %s", cfg.run.name, final["reason"])
+        trainer = PackTrainer([cfgs[i] for i in todo], load_splits(cfgs[0].data), [folders[i] for i in todo], env)
+        for i, record in zip(todo, trainer.fit(flag)):
+            finals[i] = record
     except Preempted:
         raise
     except Exception as exc:
+        # A head that diverged already recorded why; every other unfinished run gets this reason.
+        diverged = {h.folder.path for h in trainer.heads if h.status == "failed"} if trainer else set()
         if env.is_main:
-            folder.write_final({**base, "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
-                                "dev_macro_f1": None, "elapsed_s": round(time.monotonic() - start, 2),
-                                "traceback": traceback.format_exc(limit=8)})
+            for i in todo:
+                if folders[i].path not in diverged:
+                    folders[i].write_final({"run_id": folders[i].path.name, "name": cfgs[i].run.name,
+                                            "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
+                                            "dev_macro_f1": None, "elapsed_s": round(time.monotonic() - start, 2),
+                                            "traceback": traceback.format_exc(limit=8)})
         raise
     finally:
         if own_flag:
             flag.__exit__(None, None, None)
-    final = {**base, **final, "elapsed_s": round(time.monotonic() - start, 2)}
-    if env.is_main:
-        folder.write_final(final)
-        if final["status"] == "done":
-            log.info("run %s done: best dev macro-F1 %.4f at step %d%s -> %s", cfg.run.name, final["dev_macro_f1"],
-                     final["best_step"], "" if final["test_macro_f1"] is None
-                     else f", test macro-F1 {final['test_macro_f1']:.4f}", folder.path)
     D.barrier(env)
-    return final
+    return finals
+
+
+def train_run(cfg: Config, flag: PreemptionFlag | None = None) -> dict:
+    """Train one run into ``cfg.run.dir`` (a pack of one); returns its final record."""
+    return train_pack([cfg], flag)[0]
