@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DATA ?= results/demo_data
 
-.PHONY: demo test install cluster-deps
+.PHONY: demo test install cluster-deps bench
 
 install: $(VENV)/.installed
 
@@ -24,3 +24,10 @@ cluster-deps:
 
 test: install cluster-deps
 	$(PY) -m pytest
+
+# Issue-5 benchmarks, each printing a table (about 8 min on a 2-core CPU). Benchmark 4 runs
+# the demo grid with a 50-step schedule here; `benchmarks/demo_grid.py --steps 300` is the full one.
+bench: install
+	$(PY) benchmarks/packing.py
+	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/demo_grid.py --steps 50

@@ -107,6 +107,29 @@ def test_ddp_two_ranks_under_torchrun_match_one_process(demo_assets, tmp_path):
     assert_same_run(tmp_path / "single", tmp_path / "ddp")  # tolerance 1e-5 on losses
 
 
+def test_a_pack_under_ddp_matches_each_run_alone(demo_assets, tmp_path):
+    """Two heads in one pack, two DDP ranks (jobs/train.py --plan --pack under torchrun):
+    each run ends as it does alone in one process."""
+    # Dropout stays 0 (SAME): ranks draw masks for their half of the batch, never the same as one process.
+    heads = {"a": {}, "b": {"model.hidden_layers": 2, "train.lr": 1e-3, "model.head_width": 96}}
+    runs = []
+    for name, over in heads.items():
+        alone = _write_cfg(demo_assets, tmp_path, f"alone-{name}", **SAME, **over)
+        subprocess.run([sys.executable, TRAIN, str(alone)], env=_env(), check=True, capture_output=True, timeout=900)
+        tree = run_config_tree(demo_assets, tmp_path / f"pack-{name}", **SAME, **over, **{"train.strategy": "ddp"})
+        tree["run"]["name"] = name
+        runs.append({"run_id": f"pack-{name}", "name": name, "config": tree})
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"launch_dir": str(tmp_path), "packs": [[r["run_id"] for r in runs]], "runs": runs}))
+    res = subprocess.run([TORCHRUN, "--nproc_per_node=2", "--master_port=29633", TRAIN, "--plan", str(plan),
+                          "--pack", "0"], env=_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in heads:
+        assert _final(tmp_path / f"pack-{name}")["world_size"] == 2
+        assert_same_run(tmp_path / f"alone-{name}", tmp_path / f"pack-{name}")
+    assert _metrics(tmp_path / "pack-a") != _metrics(tmp_path / "pack-b")  # two different heads
+
+
 def test_ddp_two_ranks_under_srun(slurm_cluster, demo_assets, tmp_path):
     single = _write_cfg(demo_assets, tmp_path, "single", **SAME)
     ddp = _write_cfg(demo_assets, tmp_path, "srun", **SAME, **{"train.strategy": "ddp"})

@@ -143,6 +143,7 @@ def test_debug_launch_runs_aggregates_and_relaunch_skips(demo_assets, tmp_path):
                                  "data.prepared_dir": str(tmp_path / "prepared")})
     dry = _launch(path, "--dry-run")
     assert "first: a data-preparation job" in dry.stdout
+    assert "2 pack(s) train several heads in one process on one backbone forward per batch" in dry.stdout
     res = _launch(path, "--cluster", "debug")
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "results" / "g"
@@ -170,7 +171,15 @@ def test_fine_tuning_runs_get_packs_of_one(demo_assets, tmp_path):
                       axes={"model.hidden_layers": [1, 2]})
     runs = expand(load_grid(path))
     assert [len(p) for p in make_packs(runs, 4)] == [1, 1, 1, 1]
-    assert "fine-tune backbone layers" in _launch(path, "--dry-run").stdout
+    assert ("4 run(s) cannot share a backbone forward (it fine-tunes backbone layers), so each is a pack of one"
+            in _launch(path, "--dry-run").stdout)
+
+
+def test_deepspeed_runs_get_packs_of_one(demo_assets, tmp_path):
+    path = write_grid(tmp_path, demo_assets, pack_size=4, overrides={"train.strategy": "deepspeed"},
+                      axes={"model.hidden_layers": [1, 2]})
+    assert [len(p) for p in make_packs(expand(load_grid(path)), 4)] == [1, 1, 1, 1]
+    assert "cannot share a backbone forward (it trains under DeepSpeed" in _launch(path, "--dry-run").stdout
 
 
 def test_prefetch_checks_local_folders_and_names_unreachable_models(demo_assets, tmp_path):
@@ -193,13 +202,20 @@ def test_requeue_budget_ends_the_run_as_failed(demo_assets, tmp_path, monkeypatc
     from ser_hpc.config import config_from_dict
     from ser_hpc.grid.tasks import handle_preemption
     from ser_hpc.train.preemption import Preempted
-    run_dir = tmp_path / "results" / "runs" / "r1"
-    tree = run_config_tree(demo_assets, run_dir, **{"train.max_requeues": 2})
-    plan = {"launch_dir": str(tmp_path), "runs": []}
-    run = {"run_id": "r1", "name": "r 1", "config": tree}
+    runs = []
+    for name in ("r1", "r2", "r3"):
+        tree = run_config_tree(demo_assets, tmp_path / "results" / "runs" / name, **{"train.max_requeues": 2})
+        runs.append({"run_id": name, "name": name, "config": tree})
+    plan = {"launch_dir": str(tmp_path), "runs": runs}
+    # r2 finished before the signal: its record must stand.
+    (tmp_path / "results" / "runs" / "r2").mkdir(parents=True)
+    done = {"run_id": "r2", "status": "done", "dev_macro_f1": 0.5}
+    (tmp_path / "results" / "runs" / "r2" / "final.json").write_text(json.dumps(done))
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("must not requeue"))
-    handle_preemption(Preempted(30, sig.SIGUSR2), config_from_dict(tree), plan, run)
-    final = json.loads((run_dir / "final.json").read_text())
-    assert final["status"] == "failed" and "max_requeues=2" in final["reason"] and final["checkpoint_step"] == 30
+    handle_preemption(Preempted(30, sig.SIGUSR2), config_from_dict(runs[0]["config"]), plan, runs)
+    for name in ("r1", "r3"):  # every unfinished run of the pack
+        final = json.loads((tmp_path / "results" / "runs" / name / "final.json").read_text())
+        assert final["status"] == "failed" and "max_requeues=2" in final["reason"] and final["checkpoint_step"] == 30
+    assert json.loads((tmp_path / "results" / "runs" / "r2" / "final.json").read_text()) == done

@@ -168,3 +168,32 @@ def build_demo_backbones(out_dir, seed: int = 1234, corpus_texts: list[str] | No
 
     write_json(out_dir / MANIFEST, {"params": params, "models": {n: n for n in names}})  # last: complete
     return paths
+
+
+# Benchmarks need the backbone to dominate the cost, as XLS-R and RoBERTa-large do on the
+# cluster: random models with the shapes of wav2vec2-base (XLS-R's layer-norm layout) and BERT-base.
+BASE_SIZED = ("wav2vec2-base-sized", "bert-base-sized")
+
+
+def build_base_sized_backbones(out_dir, seed: int = 1234, corpus_texts: list[str] | None = None) -> dict[str, Path]:
+    """Write (or reuse) random wav2vec2-base-sized (95 M) and BERT-base-sized (~90 M) models."""
+    out_dir = Path(out_dir)
+    paths = {name: out_dir / name for name in BASE_SIZED}
+    params = {"seed": seed, "version": BACKBONES_VERSION, "kind": "base-sized"}
+    try:
+        if json.loads((out_dir / MANIFEST).read_text(encoding="utf-8")).get("params") == params:
+            return paths
+    except (OSError, ValueError):
+        pass
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    speech = Wav2Vec2Model(Wav2Vec2Config(feat_extract_norm="layer", do_stable_layer_norm=True,
+                                          mask_time_prob=0.0, mask_feature_prob=0.0))
+    fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                  do_normalize=True, return_attention_mask=True)
+    _save_atomically(paths["wav2vec2-base-sized"], lambda d: (speech.save_pretrained(d), fe.save_pretrained(d)))
+    tok = _wordpiece_tokenizer(list(corpus_texts or []) + demo_sentences(3000, seed) + EXTRA_SPANISH.splitlines())
+    text = BertModel(BertConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id))
+    _save_atomically(paths["bert-base-sized"], lambda d: (text.save_pretrained(d), tok.save_pretrained(d)))
+    write_json(out_dir / MANIFEST, {"params": params, "models": {n: n for n in BASE_SIZED}})
+    return paths

@@ -9,7 +9,7 @@ backbone_pairs:                     # one axis whose values set several keys at 
 axes:                               # any run-config key; the grid is the cartesian product
   model.hidden_layers: [2, 3]
   train.weight_decay: [0.01, 0.1]
-pack_size: 1                        # runs per array task (they share backbones and data)
+pack_size: 4                        # at most this many head-only variants train in one process
 ensemble: {top_k: 3, method: mean}
 cluster: configs/cluster/local.yaml # default cluster profile (relative to the working directory)
 results_dir: results

@@ -16,7 +16,7 @@ import torch
 from ..config import config_from_dict
 from ..logs import setup_logging
 from ..train.preemption import Preempted, PreemptionFlag
-from ..train.trainer import train_run
+from ..train.trainer import train_pack
 from .plan import read_plan, run_folder
 
 log = logging.getLogger("ser_hpc.grid")
@@ -32,11 +32,11 @@ def _job_environment() -> None:
 
 
 def run_pack(plan_path: str, pack_index: int) -> dict[str, str]:
-    """Train every run of one pack; one run's failure does not stop the others.
+    """Train every run of one pack in this process, on one shared backbone forward.
 
-    Returns run_id -> status. Raises at the end if any run failed, so the scheduler
-    records the task as failed too (the aggregation job depends on the array with
-    ``afterany`` and still runs).
+    Returns run_id -> status. A run that diverges fails alone. Raises at the end if any
+    run failed, so the scheduler records the task as failed too (the aggregation job
+    depends on the array with ``afterany`` and still runs).
     """
     setup_logging()
     _job_environment()
@@ -45,23 +45,21 @@ def run_pack(plan_path: str, pack_index: int) -> dict[str, str]:
     if not 0 <= pack_index < len(plan["packs"]):
         raise IndexError(f"pack {pack_index} out of range: the plan has {len(plan['packs'])} packs")
     by_id = {r["run_id"]: r for r in plan["runs"]}
-    statuses = {}
+    runs = [by_id[run_id] for run_id in plan["packs"][pack_index]]
+    cfgs = [config_from_dict(run["config"], f"plan run {run['run_id']}") for run in runs]
+    log.info("pack %d: %d run(s): %s", pack_index, len(runs), ", ".join(r["run_id"] for r in runs))
+    started = time.time()
     # Our handler replaces submitit's: it only sets a flag; the loop checkpoints at the next step.
     with PreemptionFlag() as flag:
-        for run_id in plan["packs"][pack_index]:
-            run = by_id[run_id]
-            log.info("pack %d: run %s (%s)", pack_index, run_id, run["name"])
-            cfg = config_from_dict(run["config"], f"plan run {run_id}")
-            try:
-                final = train_run(cfg, flag)
-                statuses[run_id] = final["status"]
-            except Preempted as exc:
-                handle_preemption(exc, cfg, plan, run)  # requeues (and waits to be stopped) or fails the run
-                statuses[run_id] = "failed"
-                break
-            except Exception as exc:  # recorded in the run's final.json by train_run
-                log.error("pack %d: run %s failed: %s", pack_index, run_id, exc)
-                statuses[run_id] = "failed"
+        try:
+            finals = train_pack(cfgs, flag)
+        except Preempted as exc:
+            handle_preemption(exc, cfgs[0], plan, runs, started)  # requeues (and waits to be stopped) or fails the runs
+            raise RuntimeError(f"pack {pack_index}: stopped at step {exc.step}") from None
+        except Exception as exc:  # recorded in every unfinished run's final.json by train_pack
+            log.error("pack %d failed: %s", pack_index, exc)
+            raise
+    statuses = {run["run_id"]: final["status"] for run, final in zip(runs, finals)}
     failed = [r for r, s in statuses.items() if s != "done"]
     if failed:
         raise RuntimeError(f"pack {pack_index}: {len(failed)} of {len(statuses)} run(s) failed: {', '.join(failed)}")
@@ -102,29 +100,34 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def handle_preemption(exc: Preempted, cfg, plan: dict, run: dict) -> None:
+def handle_preemption(exc: Preempted, cfg, plan: dict, runs: list[dict], started: float = float("inf")) -> None:
     """After a checkpoint on a signal: requeue this task on Slurm, within the requeue budget.
 
-    A requeued task starts the same pack again; finished runs are skipped and the
-    interrupted one resumes from its checkpoint. A run that keeps being stopped ends as
-    failed (the rest of the grid goes on).
+    A requeued task starts the same pack again; finished runs are skipped and the others
+    resume from their checkpoints. A pack that keeps being stopped ends with its unfinished
+    runs failed (the rest of the grid goes on).
     """
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     job = slurm_job_id()
     if exc.wants_requeue and job and restarts < cfg.train.max_requeues:
-        log.warning("run %s: %s; requeueing Slurm job %s (restart %d of at most %d)", run["run_id"], exc, job,
+        log.warning("pack of %d run(s): %s; requeueing Slurm job %s (restart %d of at most %d)", len(runs), exc, job,
                     restarts + 1, cfg.train.max_requeues)
         subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
-        time.sleep(600)  # Slurm stops this instance now; never fall through to other runs
+        time.sleep(600)  # Slurm stops this instance now; never fall through to other work
         raise SystemExit(1)
     if exc.wants_requeue and job:
         reason = (f"time limit reached {restarts + 1} time(s); requeue budget "
                   f"(train.max_requeues={cfg.train.max_requeues}) used up")
     else:
         reason = f"interrupted: {exc}; relaunch to resume from the checkpoint"
-    run_folder(plan, run).write_final({"run_id": run["run_id"], "name": run["name"], "status": "failed",
-                                       "reason": reason, "dev_macro_f1": None, "checkpoint_step": exc.step})
-    log.error("run %s: %s", run["run_id"], reason)
+    for run in runs:
+        folder = run_folder(plan, run)
+        status = (folder.read_final() or {}).get("status")
+        if status == "done" or (status == "failed" and folder.final.stat().st_mtime >= started):
+            continue  # finished, or diverged earlier in this attempt: its record stands
+        folder.write_final({"run_id": run["run_id"], "name": run["name"], "status": "failed",
+                            "reason": reason, "dev_macro_f1": None, "checkpoint_step": exc.step})
+        log.error("run %s: %s", run["run_id"], reason)
 
 
 def run_aggregation(results_dir: str) -> dict:
