@@ -65,11 +65,12 @@ def main(argv=None) -> int:
     n_runs = len(spec["backbone_pairs"]) * math.prod(len(v) for v in spec["axes"].values())
     ratio = times["packs of one"] / times["packed"]
     print()
-    print(f"| 4. demo grid, {n_runs} runs x {args.steps} steps (launch_grid --cluster local) | wall time |")
-    print("|---------------------------------------------------------|----------:|")
+    title = f"4. demo grid, {n_runs} runs x {args.steps} steps (launch_grid --cluster local)"
+    print(f"| {title:<62} | wall time |")
+    print(f"|{'-' * 64}|{'-' * 10}:|")
     for label, t in times.items():
-        print(f"| {label:<55} | {t:7.1f} s |")
-    print(f"| {'ratio':<55} | {ratio:7.1f}x |")
+        print(f"| {label:<62} | {t:7.1f} s |")
+    print(f"| {'ratio':<62} | {ratio:7.1f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps({"steps": args.steps, "runs": n_runs, "seconds": times, "ratio": ratio}))
     return 0
