@@ -44,15 +44,18 @@ def _check_array_then_aggregate(cluster, train_job, agg_job, n_tasks):
     tasks = _sacct(cluster, train_job)
     array_tasks = {k: v for k, v in tasks.items() if re.fullmatch(rf"{train_job}_\d+", k)}
     assert len(array_tasks) == n_tasks, tasks  # ONE array job, a task per pack
+    # submitit returns once the job's result file is written; Slurm may still say RUNNING.
+    assert cluster.wait(agg_job, timeout=60) == "COMPLETED"
     agg = _sacct(cluster, agg_job)[agg_job]
-    assert agg[0] == "COMPLETED", agg
     last_end = max(_when(end) for _, _, end in array_tasks.values())
     assert _when(agg[1]) >= last_end  # started only after the whole array ended
 
 
 def test_launch_grid_on_slurm_then_relaunch_skips(slurm_cluster, demo_assets, tmp_path):
-    path = write_grid(tmp_path, demo_assets, overrides={"train.max_steps": 4, "train.eval_every": 2,
-                                                        "data.prepared_dir": str(tmp_path / "prepared")})
+    # pack_size 2: each array task trains the 2 head settings of a pair in one process.
+    path = write_grid(tmp_path, demo_assets, pack_size=2,
+                      overrides={"train.max_steps": 4, "train.eval_every": 2,
+                                 "data.prepared_dir": str(tmp_path / "prepared")})
     cmd = [sys.executable, str(REPO / "jobs" / "launch_grid.py"), str(path), "--cluster", "slurm",
            "--profile", str(PROFILE), "--wait"]
     res = subprocess.run(cmd, cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=900)
@@ -61,7 +64,9 @@ def test_launch_grid_on_slurm_then_relaunch_skips(slurm_cluster, demo_assets, tm
     _check_grid_results(out, 4)
     manifest = json.loads((out / "manifest.json").read_text())
     jobs = manifest["launches"][0]["job_ids"]
-    _check_array_then_aggregate(slurm_cluster, jobs["train_array"], jobs["aggregate"], 4)
+    _check_array_then_aggregate(slurm_cluster, jobs["train_array"], jobs["aggregate"], 2)
+    logs = "".join(p.read_text() for p in (out / "logs").glob(f"{jobs['train_array']}_*/*_log.err"))
+    assert logs.count("pack of 2 run(s)") == 2 and "one shared backbone forward" in logs
     # The audio was decoded once, by the preparation job, before any training task started.
     prep = _sacct(slurm_cluster, jobs["prepare"])[jobs["prepare"]]
     assert prep[0] == "COMPLETED"
