@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,7 +90,6 @@ def plan_for(grid: Path, heads: int) -> tuple[Path, dict]:
 
 
 def fresh(plan: dict) -> None:
-    import shutil
     for run in plan["runs"]:
         shutil.rmtree(run["config"]["run"]["dir"], ignore_errors=True)
 

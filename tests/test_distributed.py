@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, run_config_tree
+from tests.run_compare import assert_same_run, read_final as _final, read_metrics as _metrics
 
 TRAIN = str(REPO / "jobs" / "train.py")
 TORCHRUN = str(REPO / ".venv" / "bin" / "torchrun") if (REPO / ".venv" / "bin" / "torchrun").exists() else "torchrun"
@@ -26,27 +27,6 @@ def _env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", **extra)
     return env
-
-
-def _final(run_dir):
-    return json.loads((run_dir / "final.json").read_text())
-
-
-def _metrics(run_dir):
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_run(a, b, atol=1e-5):
-    """Same evaluations, same best checkpoint, same final metrics (float noise aside)."""
-    fa, fb = _final(a), _final(b)
-    for key in ("status", "dev_macro_f1", "best_step", "test_macro_f1", "confusion_matrix", "steps"):
-        assert fa[key] == fb[key], (key, fa[key], fb[key])
-    ma, mb = _metrics(a), _metrics(b)
-    assert [m["step"] for m in ma] == [m["step"] for m in mb]
-    for x, y in zip(ma, mb):
-        assert x["dev_macro_f1"] == y["dev_macro_f1"]
-        assert x["dev_loss"] == pytest.approx(y["dev_loss"], abs=atol)
-        assert x["train_loss"] == pytest.approx(y["train_loss"], abs=atol)
 
 
 LONG = {"train.max_steps": 40, "train.eval_every": 8, "train.checkpoint_every": 4, "train.log_every": 4}

@@ -8,7 +8,7 @@ import time
 from ser_hpc.config import config_from_dict
 from ser_hpc.train.trainer import train_run
 from tests.conftest import REPO
-from tests.test_distributed import assert_same_run
+from tests.run_compare import assert_same_run
 from tests.test_grid import write_grid
 
 PROFILE = REPO / "configs" / "cluster" / "localhost_slurm.yaml"

@@ -21,7 +21,6 @@ from ..train.packing import needs_own_forward, shared_settings
 from .spec import GridSpec
 
 
-
 @dataclass
 class PlannedRun:
     run_id: str

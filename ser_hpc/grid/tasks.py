@@ -48,13 +48,12 @@ def run_pack(plan_path: str, pack_index: int) -> dict[str, str]:
     runs = [by_id[run_id] for run_id in plan["packs"][pack_index]]
     cfgs = [config_from_dict(run["config"], f"plan run {run['run_id']}") for run in runs]
     log.info("pack %d: %d run(s): %s", pack_index, len(runs), ", ".join(r["run_id"] for r in runs))
-    started = time.time()
     # Our handler replaces submitit's: it only sets a flag; the loop checkpoints at the next step.
     with PreemptionFlag() as flag:
         try:
             finals = train_pack(cfgs, flag)
         except Preempted as exc:
-            handle_preemption(exc, cfgs[0], plan, runs, started)  # requeues (and waits to be stopped) or fails the runs
+            handle_preemption(exc, cfgs[0], plan, runs)  # requeues (and waits to be stopped) or fails the runs
             raise RuntimeError(f"pack {pack_index}: stopped at step {exc.step}") from None
         except Exception as exc:  # recorded in every unfinished run's final.json by train_pack
             log.error("pack %d failed: %s", pack_index, exc)
@@ -100,7 +99,7 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
-def handle_preemption(exc: Preempted, cfg, plan: dict, runs: list[dict], started: float = float("inf")) -> None:
+def handle_preemption(exc: Preempted, cfg, plan: dict, runs: list[dict]) -> None:
     """After a checkpoint on a signal: requeue this task on Slurm, within the requeue budget.
 
     A requeued task starts the same pack again; finished runs are skipped and the others
@@ -122,9 +121,10 @@ def handle_preemption(exc: Preempted, cfg, plan: dict, runs: list[dict], started
         reason = f"interrupted: {exc}; relaunch to resume from the checkpoint"
     for run in runs:
         folder = run_folder(plan, run)
-        status = (folder.read_final() or {}).get("status")
-        if status == "done" or (status == "failed" and folder.final.stat().st_mtime >= started):
-            continue  # finished, or diverged earlier in this attempt: its record stands
+        if exc.unfinished is not None and folder.path.name not in exc.unfinished:
+            continue  # finished, or diverged in this attempt: its record stands
+        if exc.unfinished is None and folder.is_done():
+            continue
         folder.write_final({"run_id": run["run_id"], "name": run["name"], "status": "failed",
                             "reason": reason, "dev_macro_f1": None, "checkpoint_step": exc.step})
         log.error("run %s: %s", run["run_id"], reason)

@@ -36,7 +36,7 @@ class TrainingDiverged(RuntimeError):
 class RngStream:
     """A private torch RNG stream (CPU and CUDA) for one head's dropout.
 
-    Swapped in around the head's training forward, so each head of a pack draws exactly
+    Swapped in around the head's training forward (``with head.rng:``), so each head of a pack draws exactly
     the dropout masks it would draw trained alone, whatever the other heads consume.
     """
 
@@ -135,16 +135,13 @@ class HeadRun:
         self._step_weight = D.all_sum(local, self.env)
         self._step_loss = 0.0
 
-    def accumulate(self, logits_fn, labels: torch.Tensor) -> None:
-        """Forward (with this head's dropout stream) and backward of one micro-batch."""
-        with self.rng:
-            logits = logits_fn(self)
-            loss_sum = self.weighted_ce_sum(logits, labels.to(self.device))
-            # Every rank decides together, so no rank waits in a backward the others skipped.
-            if D.any_true(not bool(torch.isfinite(loss_sum)), self.env):
-                raise TrainingDiverged(f"loss is {loss_sum.item()} at step {self.state.step + 1} "
-                                       f"(epoch {self.state.epoch})")
-            self.engine.backward(loss_sum * (self.env.world / self._step_weight))
+    def accumulate(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Loss and backward of one micro-batch (its forward ran inside ``self.rng``)."""
+        loss_sum = self.weighted_ce_sum(logits, labels.to(self.device))
+        # Every rank decides together, so no rank waits in a backward the others skipped.
+        if D.any_true(not bool(torch.isfinite(loss_sum)), self.env):
+            raise TrainingDiverged(f"loss is {loss_sum.item()} at step {self.state.step + 1} (epoch {self.state.epoch})")
+        self.engine.backward(loss_sum * (self.env.world / self._step_weight))
         self._step_loss += loss_sum.item()
 
     def finish_step(self) -> None:

@@ -13,10 +13,11 @@ import signal
 class Preempted(Exception):
     """Training stopped at a step boundary after a checkpoint, on a signal."""
 
-    def __init__(self, step: int, signum: int):
+    def __init__(self, step: int, signum: int, unfinished: list[str] | None = None):
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} after checkpointing")
         self.step = step
         self.signum = signum
+        self.unfinished = unfinished  # run folder names still to finish; None: not known
 
     @property
     def wants_requeue(self) -> bool:

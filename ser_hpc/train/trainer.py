@@ -224,7 +224,9 @@ class PackTrainer:
                 feats = self.features(batch)
                 for h in [h for h in training if h.training]:
                     try:
-                        h.accumulate(lambda head: self.logits(head, batch, feats), batch.labels)
+                        with h.rng:  # this head's dropout masks, whatever the others drew
+                            logits = self.logits(h, batch, feats)
+                        h.accumulate(logits, batch.labels)
                     except TrainingDiverged as exc:
                         h.fail(f"training diverged: {exc}")
                 window_clips += len(batch.ids) * self.env.world
@@ -253,7 +255,8 @@ class PackTrainer:
                     h.write_final(h.final_record(None, False))  # a diverged head stops alone
             training = [h for h in training if h.training]
             if preempted and training:
-                raise Preempted(step, flag.signum or 0)
+                unfinished = [h.folder.path.name for h in self.heads if h.status != "failed"]
+                raise Preempted(step, flag.signum or 0, unfinished)
         return self.finish()
 
     def finish(self) -> list[dict]:
