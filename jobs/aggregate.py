@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Aggregate a grid: leaderboard + top-k ensemble under RESULTS_DIR/ensemble/.
 
-    python jobs/aggregate.py results/<grid_name> [--top-k K] [--method mean|vote]
+    python jobs/aggregate.py results/<grid_name> [--top-k K] [--method mean|vote] [--selection topk|greedy]
 
 Exit status: 0 on success, 1 when nothing can be ensembled (no finished run, members
 with inconsistent outputs; the leaderboard is still written), 2 on bad arguments.
@@ -28,11 +28,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="ensemble size (default: plan.json ensemble.top_k, else 3)")
     parser.add_argument("--method", choices=METHODS, default=None,
                         help="mean: average class probabilities; vote: majority vote (default: plan.json, else mean)")
+    parser.add_argument("--selection", choices=("topk", "greedy"), default=None,
+                        help="topk: the top-k runs by dev (the paper); greedy: forward selection with replacement "
+                             "on dev (Caruana et al. 2004) (default: plan.json, else topk)")
     args = parser.parse_args(argv)
     if args.top_k is not None and args.top_k < 1:
         parser.error("--top-k must be >= 1")
     try:
-        aggregate(args.results_dir, top_k=args.top_k, method=args.method)
+        aggregate(args.results_dir, top_k=args.top_k, method=args.method, selection=args.selection)
     except AggregateError as exc:
         print(f"aggregate: error: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
-"""Aggregation job: leaderboard, top-k ensemble, outputs, failures and the CLI.
+"""Aggregation job: leaderboard, top-k and greedy ensembles, intervals and tests, seeds
+as configurations, outputs, failures, the atomic switch of ensemble/ and the CLI.
 
 Results trees are built in tmp_path exactly as training jobs write them (the contract in
 the results README): run folders with final.json and dev/test probabilities generated
@@ -21,10 +22,12 @@ if str(REPO) not in sys.path:  # plain `pytest` without an editable install
     sys.path.insert(0, str(REPO))
 
 from ser_hpc.data.labels import LABELS
+from ser_hpc.ensemble import stats as stats_module
 from ser_hpc.ensemble.aggregate import AggregateError, aggregate
 from ser_hpc.ensemble.collect import RunRecord
 from ser_hpc.ensemble.combine import combine
 from ser_hpc.ensemble.leaderboard import rank_runs
+from ser_hpc.ensemble.selection import greedy
 
 PYTHON = REPO / ".venv" / "bin" / "python"
 if not PYTHON.exists():
@@ -402,3 +405,263 @@ def test_cli_exit_codes(tree, tmp_path):
 
     usage = subprocess.run([*cmd, str(root), "--method", "median"], cwd=REPO, capture_output=True, text=True)
     assert usage.returncode == 2
+
+
+# ------------------------------------------------------ statistics, selection, seeds, switch
+
+
+def make_grid_tree(root, runs, *, seed=0, n_dev=360, n_test=240, test_gold=True):
+    """Runs from (run_id, name, overrides, quality); every run writes dev and test probs."""
+    rng = np.random.default_rng(seed)
+    dev_ids = [f"dev-{i:04d}.mp3" for i in range(n_dev)]
+    test_ids = [f"test-{i:04d}.mp3" for i in range(n_test)]
+    dev_y, test_y = rng.permutation(np.arange(n_dev) % C), rng.permutation(np.arange(n_test) % C)
+    dev_shared, test_shared = rng.normal(size=(n_dev, C)), rng.normal(size=(n_test, C))
+    plan_runs, probs = [], {}
+    for run_id, name, overrides, q in runs:
+        dev_p, test_p = noisy_probs(dev_y, q, rng, dev_shared), noisy_probs(test_y, q, rng, test_shared)
+        write_run(root, run_id, name, dev=(dev_ids, dev_y, dev_p), test=(test_ids, test_y, test_p),
+                  test_gold=test_gold)
+        probs[run_id] = {"dev": dev_p, "test": test_p}
+        plan_runs.append({"run_id": run_id, "name": name, "pack": 0, "overrides": overrides})
+    plan = {"grid_name": "g", "runs": plan_runs, "ensemble": {"top_k": 3, "method": "mean"}}
+    (root / "plan.json").write_text(json.dumps(plan))
+    return {"dev_ids": dev_ids, "dev_y": dev_y, "test_ids": test_ids, "test_y": test_y, "probs": probs}
+
+
+SEEDED = [  # config "lucky": one great seed, two poor ones; config "steady": three good seeds
+    ("lucky-s1", "pairA hidden_layers=2 seed=1", {"model.hidden_layers": 2, "train.seed": 1}, 4.2),
+    ("lucky-s2", "pairA hidden_layers=2 seed=2", {"model.hidden_layers": 2, "train.seed": 2}, 2.0),
+    ("lucky-s3", "pairA hidden_layers=2 seed=3", {"model.hidden_layers": 2, "train.seed": 3}, 2.0),
+    ("steady-s1", "pairA hidden_layers=3 seed=1", {"model.hidden_layers": 3, "train.seed": 1}, 3.3),
+    ("steady-s2", "pairA hidden_layers=3 seed=2", {"model.hidden_layers": 3, "train.seed": 2}, 3.2),
+    ("steady-s3", "pairA hidden_layers=3 seed=3", {"model.hidden_layers": 3, "train.seed": 3}, 3.3),
+]
+
+
+def test_seeds_form_configurations_ranked_by_mean(tmp_path):
+    root = tmp_path / "g"
+    data = make_grid_tree(root, SEEDED)
+    f1 = {r: macro_f1(data["dev_y"], data["probs"][r]["dev"].argmax(1)) for r, *_ in SEEDED}
+    assert max(f1, key=f1.get) == "lucky-s1"  # the best single run belongs to the worse configuration
+    res = aggregate(root)
+    configs = res["configurations"]
+    assert [c["name"] for c in configs] == ["pairA hidden_layers=3", "pairA hidden_layers=2"]
+    steady, lucky = configs
+    assert steady["n_seeds"] == 3 and sorted(steady["seeds"]) == [1, 2, 3]
+    assert sorted(steady["run_ids"]) == ["steady-s1", "steady-s2", "steady-s3"]
+    vals = [f1[r] for r in ("steady-s1", "steady-s2", "steady-s3")]
+    assert steady["dev_mean"] == pytest.approx(np.mean(vals))
+    assert steady["dev_std"] == pytest.approx(np.std(vals, ddof=1))
+    assert lucky["dev_mean"] < steady["dev_mean"]
+    # Significance: best vs second-best configuration compares the means over seeds.
+    test = [t for t in res["significance"] if t["a"].startswith("pairA hidden_layers=3") and t["split"] == "dev"]
+    assert len(test) == 1 and test[0]["b"].startswith("pairA hidden_layers=2")
+    assert test[0]["delta"] == pytest.approx(steady["dev_mean"] - lucky["dev_mean"])
+    ens_vs_best = [t for t in res["significance"] if t["a"] == "ensemble (topk)" and t["split"] == "dev"][0]
+    assert ens_vs_best["b"] == "pairA hidden_layers=3 (mean of 3 seeds)"
+    # The leaderboard shows configurations first, then still every run.
+    md = (root / "ensemble" / "leaderboard.md").read_text()
+    conf, runs = md.split("## Runs")
+    assert conf.index("| 1 | pairA hidden_layers=3 | 3 |") < conf.index("| 2 | pairA hidden_layers=2 | 3 |")
+    assert f"{100 * steady['dev_mean']:.2f} ± {100 * steady['dev_std']:.2f}" in conf
+    assert all(f"| {r} |" in runs for r, *_ in SEEDED)
+    rows = read_csv(root / "ensemble" / "leaderboard.csv")
+    assert rows[0]["run_id"] == "lucky-s1" and rows[0]["config_rank"] == "2"
+    assert {r["config_rank"] for r in rows if r["run_id"].startswith("steady")} == {"1"}
+
+
+def test_intervals_in_ensemble_json_and_leaderboard(tree):
+    root, data = tree
+    res = aggregate(root)
+    for split in ("dev", "test"):
+        lo, hi = res[f"{split}_macro_f1_ci95"]
+        assert lo < res[f"{split}_macro_f1"] < hi and hi - lo > 0.02
+    assert res["bootstrap"]["n_resamples"] >= 1000 and res["bootstrap"]["stratified_by_class"]
+    # A run's interval is the bootstrap over its own dev file's order, seeded: recompute it.
+    rows = {r["run_id"]: r for r in read_csv(root / "ensemble" / "leaderboard.csv")}
+    top = ranked_ids(data)[0]
+    dev_rows = read_csv(root / "runs" / top / "dev_probs.csv")
+    y = np.array([LABELS.index(r["label"]) for r in dev_rows])
+    pred = np.array([[float(r[c]) for c in LABELS] for r in dev_rows]).argmax(1)
+    lo, hi = stats_module.bootstrap_ci(y, pred, C)
+    assert float(rows[top]["dev_ci95_low"]) == pytest.approx(lo, abs=1e-6)
+    assert float(rows[top]["dev_ci95_high"]) == pytest.approx(hi, abs=1e-6)
+    assert rows["r4"]["dev_ci95_low"] == ""  # a failed run has no interval
+    for m in res["members"]:  # each member's figures sit beside their intervals in ensemble.json too
+        assert m["dev_macro_f1_ci95"] == pytest.approx([float(rows[m["run_id"]]["dev_ci95_low"]),
+                                                        float(rows[m["run_id"]]["dev_ci95_high"])], abs=1e-6)
+        assert m["test_macro_f1"] == pytest.approx(float(rows[m["run_id"]]["test_macro_f1"]), abs=1e-6)
+        assert len(m["test_macro_f1_ci95"]) == 2
+    md = (root / "ensemble" / "leaderboard.md").read_text()
+    assert f"[{100 * lo:.2f}, {100 * hi:.2f}]" in md
+    # ECE of the written ensemble probabilities, recomputed here.
+    ens = read_csv(root / "ensemble" / "dev_probs.csv")
+    p = np.array([[float(r[c]) for c in LABELS] for r in ens])
+    g = np.array([LABELS.index(r["label"]) for r in ens])
+    conf, correct = p.max(1), (p.argmax(1) == g)
+    bins = np.minimum((np.ceil(conf * 15) - 1).clip(0), 14)
+    want = sum(abs(correct[bins == b].mean() - conf[bins == b].mean()) * (bins == b).mean()
+               for b in range(15) if (bins == b).any())
+    assert res["dev_ece"] == pytest.approx(want, abs=1e-4) and res["test_ece"] is not None
+    assert (root / "ensemble" / "reliability.png").read_bytes()[:8] == PNG_MAGIC
+    # Chance levels from the dev class counts; significance entries are well formed.
+    assert res["chance_macro_f1"]["dev"] == pytest.approx(
+        {"n": 360, **stats_module.chance_macro_f1(data["dev_y"], C)})
+    assert {(t["split"], t["a"]) for t in res["significance"]} >= {("dev", "ensemble (topk)"),
+                                                                   ("test", "ensemble (topk)")}
+    for t in res["significance"]:
+        assert set(t) == {"a", "b", "split", "delta", "p", "delta_ci95"} and 0 < t["p"] <= 1
+    # Both selections side by side; the configured one is the ensemble.
+    sel = res["selections"]
+    assert res["selection"] == "topk" and sel["topk"]["members"] == [m["run_id"] for m in res["members"]]
+    assert sel["topk"]["dev_macro_f1"] == pytest.approx(res["dev_macro_f1"])
+    assert sel["greedy"]["dev_macro_f1"] >= macro_f1(data["dev_y"], data["probs"][top]["dev"].argmax(1))
+    assert 0 < res["dev_macro_f1_crossfit"] <= 1
+    assert res["dev_macro_f1_crossfit"] == sel["topk"]["dev_macro_f1_crossfit"]
+
+
+def test_greedy_selection_is_the_ensemble_when_configured(tree):
+    root, data = tree
+    res = aggregate(root, selection="greedy")
+    ids = ranked_ids(data)
+    stack_ = np.stack([data["probs"][r]["dev"] for r in ids])
+    bag, _ = greedy(stack_, data["dev_y"], "mean")
+    assert [m["run_id"] for m in res["members"]] == [ids[i] for i in bag]
+    assert len(bag) > len(set(bag))  # this tree's greedy bag repeats a run (weights it)
+    assert res["selection"] == "greedy" and res["n_members"] == len(bag)
+    mean = np.mean([data["probs"][ids[i]]["dev"] for i in bag], 0)
+    assert res["dev_macro_f1"] == pytest.approx(macro_f1(data["dev_y"], mean.argmax(1)))
+    assert res["dev_macro_f1"] >= max(dev_f1(data, r) for r in ids)
+    tmean = np.mean([data["probs"][ids[i]]["test"] for i in bag], 0)
+    preds = read_csv(root / "ensemble" / "predictions_test.csv")
+    assert [p["label"] for p in preds] == [LABELS[c] for c in tmean.argmax(1)]
+    md = (root / "ensemble" / "leaderboard.md").read_text()
+    assert all(f"* | {r} |" in md for r in set(ids[i] for i in bag))  # every member starred once
+
+
+def test_greedy_never_reads_test(tree):
+    """Selection must be a function of dev alone: poisoning every test file changes nothing
+    about which runs are chosen, only the test figures reported for them."""
+    root, data = tree
+    clean = aggregate(root, selection="greedy")
+    worst = ranked_ids(data)[-1]
+    for run_id in QUALITY:  # on test, the dev-worst run becomes perfect and the others always wrong
+        y = data["test_y"]
+        probs = np.eye(C)[y if run_id == worst else (y + 1) % C]
+        write_probs(root / "runs" / run_id / "test_probs.csv", data["test_ids"], y, probs)
+    poisoned = aggregate(root, selection="greedy")
+    assert [m["run_id"] for m in poisoned["members"]] == [m["run_id"] for m in clean["members"]]
+    for name in ("topk", "greedy"):
+        for key in ("members", "dev_macro_f1", "dev_macro_f1_crossfit", "crossfit"):
+            assert poisoned["selections"][name][key] == clean["selections"][name][key]
+    # Had selection looked at test, it would have picked the dev-worst run alone.
+    ids = ranked_ids(data)
+    poisoned_test = np.stack([np.eye(C)[data["test_y"] if r == worst else (data["test_y"] + 1) % C] for r in ids])
+    assert [ids[i] for i in greedy(poisoned_test, data["test_y"], "mean")[0]] == [worst]
+    assert [m["run_id"] for m in poisoned["members"]] != [worst]
+    assert poisoned["test_macro_f1"] != clean["test_macro_f1"]  # test was read: for reporting only
+
+
+def test_unknown_selection_is_refused(tree):
+    root, _ = tree
+    with pytest.raises(AggregateError, match="unknown ensemble selection 'best'"):
+        aggregate(root, selection="best")
+
+
+def add_heads(root):
+    for d in (root / "runs").iterdir():
+        (d / "best_head.safetensors").write_bytes(b"head of " + d.name.encode())
+
+
+KILL_SCRIPT = r"""
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[4])
+import ser_hpc.ensemble.aggregate as agg
+root, marker, point = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+
+def pause(*args, **kwargs):
+    marker.write_text("reached")  # the parent kills -9 from here on
+    time.sleep(300)
+
+setattr(agg, point, pause)
+agg.aggregate(root, top_k=1)
+"""
+
+
+def test_kill_mid_aggregation_keeps_the_previous_ensemble(tmp_path):
+    """SIGKILL after the new members are copied (in write_report), then just before the
+    switch (in publish): each time ensemble/ is still the previous, complete ensemble
+    with every file its ensemble.json names (the old code deleted the unpicked member)."""
+    import os
+    import signal
+    import time
+
+    root = tmp_path / "g"
+    data = make_tree(root)
+    add_heads(root)
+    first = aggregate(root, top_k=2)
+    ens = root / "ensemble"
+    before = {p.name: p.read_bytes() for p in ens.iterdir() if p.is_file()}
+    assert [m["run_id"] for m in first["members"]] == ranked_ids(data)[:2]
+
+    for n, point in enumerate(["write_report", "publish"], 1):
+        marker = tmp_path / f"reached-{point}"
+        proc = subprocess.Popen([str(PYTHON), "-c", KILL_SCRIPT, str(root), str(marker), point, str(REPO)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "timeout"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+
+        # The link still points at the previous folder, byte for byte; everything it names exists.
+        assert {p.name: p.read_bytes() for p in ens.iterdir() if p.is_file()} == before
+        meta = json.loads((ens / "ensemble.json").read_text())
+        assert len(meta["members"]) == 2
+        for m in meta["members"]:
+            assert (ens / m["head"]).read_bytes() == f"head of {m['run_id']}".encode()
+            assert (ens / m["config"]).is_file()
+        assert len(list(root.glob("ensemble.*"))) == 1 + n  # the killed jobs' half-built folders
+
+    # The next aggregation switches and cleans up: one folder left, the link's target.
+    res = aggregate(root, top_k=1)
+    assert [m["run_id"] for m in res["members"]] == ranked_ids(data)[:1]
+    assert ens.is_symlink() and [p.name for p in root.glob("ensemble.*")] == [os.readlink(ens)]
+    assert sorted(p.name for p in (ens / "members").iterdir()) == ranked_ids(data)[:1]
+    assert not list(root.glob(".ensemble*"))
+
+
+def test_a_real_ensemble_folder_from_before_is_replaced_by_the_link(tree):
+    root, _ = tree
+    legacy = root / "ensemble"
+    legacy.mkdir()
+    (legacy / "stale.txt").write_text("from an older aggregation")
+    aggregate(root)
+    assert legacy.is_symlink() and not (legacy / "stale.txt").exists()
+    assert len(list(root.glob("ensemble.*"))) == 1 and (legacy / "ensemble.json").is_file()
+
+
+def test_selection_from_the_grid_file_and_plan(tmp_path, tree):
+    from ser_hpc.config import ConfigError
+    from ser_hpc.grid.spec import load_grid
+
+    (tmp_path / "base.yaml").write_text("train:\n  lr: 0.001\n")
+    grid = ("name: g\nrun_config: base.yaml\nbackbone_pairs:\n  - {name: p, speech: a/b, text: c/d}\n"
+            "axes: {model.hidden_layers: [1, 2]}\nensemble: {top_k: 2, selection: SEL}\n")
+    (tmp_path / "g.yaml").write_text(grid.replace("SEL", "greedy"))
+    assert load_grid(tmp_path / "g.yaml").ensemble == {"top_k": 2, "method": "mean", "selection": "greedy"}
+    (tmp_path / "g.yaml").write_text(grid.replace("SEL", "best"))
+    with pytest.raises(ConfigError, match="ensemble.selection must be topk or greedy"):
+        load_grid(tmp_path / "g.yaml")
+    # plan.json carries the grid's ensemble section; aggregation follows it.
+    root, _ = tree
+    plan = json.loads((root / "plan.json").read_text())
+    plan["ensemble"]["selection"] = "greedy"
+    (root / "plan.json").write_text(json.dumps(plan))
+    res = aggregate(root)
+    assert res["selection"] == "greedy"
+    assert [m["run_id"] for m in res["members"]] == res["selections"]["greedy"]["members"]

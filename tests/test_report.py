@@ -1,4 +1,4 @@
-"""ensemble/report.md written by the aggregation job: sections, numbers and figures.
+"""ensemble/report.md written by the aggregation job: sections, numbers, intervals and figures.
 
 The main test reads the report of a real trained grid (the fixture shared with
 test_predict.py); the others use synthetic results trees, which are enough for the
@@ -19,11 +19,23 @@ from ser_hpc.data.labels import LABELS
 from ser_hpc.ensemble import aggregate as aggregate_module
 from ser_hpc.ensemble.aggregate import AggregateError, aggregate
 from ser_hpc.ensemble.report import REPORT_FILES, hidden_size
-from tests.test_aggregate import make_tree, write_run
+from ser_hpc.ensemble.stats import chance_macro_f1
+from tests.test_aggregate import SEEDED, make_grid_tree, make_tree, write_run
 from tests.test_predict import trained_grid  # noqa: F401  (session fixture: a real trained grid)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ["## Backbone pairs", "## Head grid", "## Training curves", "## Ensemble: confusion matrix and per-class F1"]
+STATS_SECTIONS = ["## Backbone pairs", "## Head grid", "## Ensemble selection", "## Significance", "## Calibration",
+                  "## Chance level", "## Training curves"]
+CI = re.compile(r"^\[\d+\.\d\d, \d+\.\d\d\]$")
+
+
+def pct(x):
+    return f"{100 * x:.2f}"
+
+
+def pct_ci(ci):
+    return f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
 
 
 def table(md: str, header_start: str, nth: int = 0) -> list[list[str]]:
@@ -53,7 +65,7 @@ def test_report_of_a_trained_grid(trained_grid, demo_assets):  # noqa: F811
     assert [md.index(s) for s in SECTIONS] == sorted(md.index(s) for s in SECTIONS)
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert set(images) >= {"report_pairs.png", "report_curves.png", "report_per_class_f1.png",
-                           "confusion_matrix.png", "confusion_matrix_test.png"}
+                           "confusion_matrix.png", "confusion_matrix_test.png", "reliability.png"}
     for name in images:
         check_png(ens_dir / name)
 
@@ -72,7 +84,8 @@ def test_report_of_a_trained_grid(trained_grid, demo_assets):  # noqa: F811
     assert sorted(r[0] for r in pairs) == sorted(expect)
     best = [float(r[4]) for r in pairs]
     assert best == sorted(best, reverse=True)
-    for name, text, audio, out_dim, dev, _test, n in pairs:
+    for name, text, audio, out_dim, dev, _test, n, dev_ci, test_ci in pairs:
+        assert CI.match(dev_ci) and CI.match(test_ci)
         e_text, e_audio, dims = expect[name]
         assert (text, audio) == (e_text, e_audio)
         assert out_dim == (str(dims[0]) if len(set(dims)) == 1 else " / ".join(map(str, dims)))
@@ -83,6 +96,8 @@ def test_report_of_a_trained_grid(trained_grid, demo_assets):  # noqa: F811
     grid = table(md, "| rank | run | pair | hidden layers")
     assert len(grid) == 8 + 1 and grid[-1][0] == "ensemble"
     assert grid[-1][5] == f"{100 * meta['dev_macro_f1']:.2f}" and grid[-1][6] == f"{100 * meta['test_macro_f1']:.2f}"
+    assert grid[-1][7] == pct_ci(meta["dev_macro_f1_ci95"]) and grid[-1][8] == pct_ci(meta["test_macro_f1_ci95"])
+    assert all(CI.match(row[7]) and CI.match(row[8]) for row in grid)  # every run's dev and test interval
     by_name = {r["name"]: r for r in plan["runs"]}
     for row in grid[:-1]:
         run = by_name[row[1]]
@@ -118,8 +133,9 @@ def test_report_on_a_tree_without_curves_or_known_backbones(tmp_path):
     pairs = table(md, "| pair | text model")
     assert len(pairs) == 1 and pairs[0][3] == "?"  # one unnamed pair; dimension unknown
     assert pairs[0][4] == f"{100 * max(m['dev_macro_f1'] for m in res['members']):.2f}"
-    for name in ("report_pairs.png", "report_per_class_f1.png"):
+    for name in ("report_pairs.png", "report_per_class_f1.png", "reliability.png"):
         check_png(root / "ensemble" / name)
+    check_stats_sections(md, res)
     # No heads in these runs: the ensemble is reported but cannot serve predict.
     assert not (root / "ensemble" / "members").exists()
     assert any("jobs/predict.py cannot use this ensemble" in n for n in res["notes"])
@@ -130,6 +146,94 @@ def test_report_on_a_tree_without_curves_or_known_backbones(tmp_path):
     with pytest.raises(AggregateError):
         aggregate(root)
     assert not any((root / "ensemble" / name).exists() for name in REPORT_FILES)
+
+
+def check_stats_sections(md: str, res: dict) -> None:
+    """The statistical sections state exactly ensemble.json's numbers."""
+    assert [md.index(s) for s in STATS_SECTIONS] == sorted(md.index(s) for s in STATS_SECTIONS)
+    head = md.split("## Backbone pairs")[0]
+    assert f"dev {pct(res['dev_macro_f1'])} {pct_ci(res['dev_macro_f1_ci95'])}" in head
+    assert f"test {pct(res['test_macro_f1'])} {pct_ci(res['test_macro_f1_ci95'])}" in head
+    assert "selection-biased" in head and f"cross-fitted estimate {pct(res['dev_macro_f1_crossfit'])}" in head
+    chance = res["chance_macro_f1"]["dev"]
+    assert f"uniform guessing {pct(chance['uniform'])}, always the majority class {pct(chance['majority'])}" in head
+    # Both selections side by side, the configured one marked.
+    sel = table(md, "| selection | size | members")
+    assert [r[0] for r in sel] == [f"topk{' (used)' if res['selection'] == 'topk' else ''}",
+                                   f"greedy{' (used)' if res['selection'] == 'greedy' else ''}"]
+    for row, name in zip(sel, ("topk", "greedy")):
+        s = res["selections"][name]
+        assert row[1] == str(s["n_members"])
+        assert row[3] == f"{pct(s['dev_macro_f1'])} {pct_ci(s['dev_macro_f1_ci95'])}"
+        assert row[4] == pct(s["dev_macro_f1_crossfit"])
+        assert row[5] == f"{pct(s['test_macro_f1'])} {pct_ci(s['test_macro_f1_ci95'])}"
+        assert row[6] == pct(s["dev_ece"]) and row[7] == pct(s["test_ece"])
+    assert "**The dev column is selection-biased**" in md
+    sig = table(md, "| a | b | split")
+    assert len(sig) == len(res["significance"]) >= 2
+    for row, t in zip(sig, res["significance"]):
+        assert row[:3] == [t["a"], t["b"], t["split"]]
+        assert row[3] == f"{100 * t['delta']:+.2f}" and row[5] == f"{t['p']:.3f}"
+    cal = md.split("## Calibration")[1].split("##")[0]
+    assert f"Dev ECE {pct(res['dev_ece'])} %" in cal and f"test ECE {pct(res['test_ece'])} %" in cal
+    assert "![Reliability diagram](reliability.png)" in cal
+    rows = table(md, "| split | items | uniform guessing")
+    assert rows[0] == ["dev", str(chance["n"]), pct(chance["uniform"]), pct(chance["majority"])]
+
+
+def test_report_chance_levels_follow_the_dev_class_counts(tmp_path):
+    root = tmp_path / "g"
+    data = make_tree(root)
+    res = aggregate(root)
+    want = chance_macro_f1(data["dev_y"], len(LABELS))
+    assert res["chance_macro_f1"]["dev"]["uniform"] == pytest.approx(want["uniform"])
+    assert want["uniform"] == pytest.approx(1 / 6)  # this tree's dev set is balanced
+
+
+def test_report_configurations_over_seeds(tmp_path):
+    root = tmp_path / "g"
+    make_grid_tree(root, SEEDED)
+    res = aggregate(root)
+    md = (root / "ensemble" / "report.md").read_text()
+    assert md.index("## Configurations over seeds") < md.index("## Head grid")
+    rows = table(md, "| rank | configuration | seeds")
+    assert [r[1] for r in rows] == [c["name"] for c in res["configurations"]]
+    for row, c in zip(rows, res["configurations"]):
+        assert row[2] == "3" and row[3] == f"{pct(c['dev_mean'])} ± {pct(c['dev_std'])}"
+        assert row[4] == f"{pct(c['test_mean'])} ± {pct(c['test_std'])}"
+    assert "## Ablation" not in md and res["ablation"] is None  # pooling and fusion are not varied here
+
+
+def test_report_ablation_table_for_pooling_and_fusion(tmp_path):
+    root = tmp_path / "g"
+    quality = {("attention", "early"): 3.4, ("attention", "late"): 3.0, ("mean", "early"): 2.6,
+               ("mean", "late"): 2.2}
+    runs = []
+    for (pooling, fusion), q in quality.items():
+        for seed in (1, 2):
+            runs.append((f"{pooling}-{fusion}-s{seed}", f"p pooling={pooling} fusion={fusion} seed={seed}",
+                         {"model.pooling": pooling, "model.fusion": fusion, "train.seed": seed}, q + 0.1 * seed))
+    make_grid_tree(root, runs)
+    res = aggregate(root)
+    finals = {p.parent.name: json.loads(p.read_text()) for p in root.glob("runs/*/final.json")}
+    cells = res["ablation"]
+    assert [(c["pooling"], c["fusion"]) for c in cells] == list(quality)  # best mean first
+    for c in cells:
+        ids = [f"{c['pooling']}-{c['fusion']}-s{s}" for s in (1, 2)]
+        assert sorted(c["run_ids"]) == sorted(ids) and c["n_runs"] == 2
+        dev = [finals[i]["dev_macro_f1"] for i in ids]
+        assert c["dev_mean"] == pytest.approx(np.mean(dev)) and c["dev_std"] == pytest.approx(np.std(dev, ddof=1))
+        lo, hi = c["dev_ci95"]
+        assert lo < c["dev_mean"] < hi and len(c["test_ci95"]) == 2
+    md = (root / "ensemble" / "report.md").read_text()
+    assert md.index("## Head grid") < md.index("## Ablation: pooling × fusion") < md.index("## Ensemble selection")
+    assert "the mean of the runs' paired bootstrap distributions" in md  # the caption says which CI
+    rows = table(md, "| pooling | fusion | runs")
+    assert len(rows) == 4
+    for row, c in zip(rows, cells):
+        assert row[:3] == [c["pooling"], c["fusion"], "2"]
+        assert row[3] == f"{pct(c['dev_mean'])} ± {pct(c['dev_std'])}" and row[4] == pct_ci(c["dev_ci95"])
+        assert row[5] == f"{pct(c['test_mean'])} ± {pct(c['test_std'])}" and row[6] == pct_ci(c["test_ci95"])
 
 
 def test_a_failing_report_does_not_lose_the_ensemble(tmp_path, monkeypatch):

@@ -1,10 +1,12 @@
-"""Aggregation job: leaderboard of the grid, then an ensemble of the top-k finished runs.
+"""Aggregation job: leaderboard of the grid, then an ensemble of the finished runs.
 
 Runs after the training array with `afterany`, so it must work from whatever finished:
 failed and missing runs are reported, never fatal, unless nothing at all finished.
-Every output goes through atomic writes; ensemble.json is written last so a reader that
-sees it also sees the files it describes, and outputs this call did not (re)write are
-removed so ensemble/ never mixes results from two different aggregations.
+The ensemble's members are the top-k runs (the paper) or a greedy selection with
+replacement (selection.py), both chosen on dev only; evaluate.py adds the intervals,
+paired tests, calibration and chance levels. Every output is written into a fresh folder
+that results/<grid>/ensemble switches to in one rename (folder.py), so ensemble/ never
+mixes two aggregations and a killed job leaves the previous one intact.
 The folder is self-contained for inference (members/, see members.py) and carries the
 grid's report (report.md and its figures, see report.py).
 """
@@ -21,20 +23,24 @@ import numpy as np
 
 from ser_hpc.atomic_io import write_json, write_text
 from ser_hpc.data.labels import LABELS
+from ser_hpc.ensemble.ablation import ablation_rows
+from ser_hpc.ensemble.analysis import load_pool
 from ser_hpc.ensemble.collect import AggregateError, ProbTable, RunRecord, collect_runs, load_plan, read_probs
 from ser_hpc.ensemble.combine import METHODS, combine, stack
+from ser_hpc.ensemble.configurations import Configuration, group_configurations
+from ser_hpc.ensemble.evaluate import bootstrap_settings, choose, configurations_json, evaluate
+from ser_hpc.ensemble.folder import discard, new_stage, publish
 from ser_hpc.ensemble.leaderboard import rank_runs, render_csv, render_md
-from ser_hpc.ensemble.members import copy_members, remove_members
-from ser_hpc.ensemble.plots import plot_confusion
-from ser_hpc.ensemble.report import REPORT_FILES, write_report
+from ser_hpc.ensemble.members import copy_members
+from ser_hpc.ensemble.plots import plot_confusion, plot_reliability
+from ser_hpc.ensemble.report import RELIABILITY_PNG, write_report
+from ser_hpc.ensemble.selection import SELECTIONS
 from ser_hpc.metrics import score
 
 __all__ = ["aggregate", "AggregateError"]
 log = logging.getLogger("ser_hpc.ensemble")
 
 DEFAULT_TOP_K = 3
-OUTPUTS = ("ensemble.json", "dev_probs.csv", "test_probs.csv", "predictions_test.csv",
-           "confusion_matrix.png", "confusion_matrix_test.png", *REPORT_FILES)
 
 
 def _probs_csv(ref: ProbTable, scores: np.ndarray) -> str:
@@ -65,15 +71,31 @@ def _ensemble_split(members: Sequence[RunRecord], split: str, method: str):
     return ref, scores, pred, metrics
 
 
-def _build(grid_name: str, out: Path, members: list[RunRecord], k: int, method: str,
-           records: list[RunRecord], notes: list[str], written: set[str], plan: dict[str, Any]) -> dict[str, Any]:
+def _build(grid_name: str, out: Path, ranked: list[RunRecord], k: int, method: str, selection: str,
+           records: list[RunRecord], configs: list[Configuration], notes: list[str],
+           plan: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write every ensemble output into ``out``; return (ensemble.json content, figures)."""
+    dev_pool = load_pool(ranked, "dev")
+    for run_id in [r.run_id for r in ranked[:k]]:  # top-k is always computed, so its runs must align
+        if run_id in dev_pool.errors:
+            raise AggregateError(dev_pool.errors[run_id])
+    if dev_pool.y is None:
+        raise AggregateError("dev_probs.csv rows without a gold label in a member; cannot score the ensemble")
+    if dev_pool.errors:
+        notes.append(f"left out of selection and statistics (dev items differ from {dev_pool.run_ids[0]}): "
+                     + ", ".join(sorted(dev_pool.errors)))
+    # Selection sees the dev pool only; test probabilities are read after it.
+    choice = choose(dev_pool, ranked, k, method)
+    by_id = {r.run_id: r for r in ranked}
+    members = [by_id[i] for i in choice.bags[selection]]
+
     ref, scores, pred, dev = _ensemble_split(members, "dev", method)
     if dev is None:
         raise AggregateError("dev_probs.csv rows without a gold label in a member; cannot score the ensemble")
+    label = f"Ensemble ({method} of {len(members)}, {selection})"
     write_text(out / "dev_probs.csv", _probs_csv(ref, scores))
     plot_confusion(dev["confusion_matrix"], LABELS, out / "confusion_matrix.png",
-                   f"Ensemble ({method}, {len(members)} runs) — dev macro-F1 {100 * dev['macro_f1']:.2f}")
-    written |= {"dev_probs.csv", "confusion_matrix.png"}
+                   f"{label} — dev macro-F1 {100 * dev['macro_f1']:.2f}")
 
     test = None
     has_test = [(m.run_dir / "test_probs.csv").exists() for m in members]
@@ -81,32 +103,58 @@ def _build(grid_name: str, out: Path, members: list[RunRecord], k: int, method: 
         tref, tscores, tpred, test = _ensemble_split(members, "test", method)
         write_text(out / "test_probs.csv", _probs_csv(tref, tscores))
         write_text(out / "predictions_test.csv", _predictions_csv(tref, tpred))
-        written |= {"test_probs.csv", "predictions_test.csv"}
         if test is not None:
             plot_confusion(test["confusion_matrix"], LABELS, out / "confusion_matrix_test.png",
-                           f"Ensemble ({method}, {len(members)} runs) — test macro-F1 {100 * test['macro_f1']:.2f}")
-            written.add("confusion_matrix_test.png")
+                           f"{label} — test macro-F1 {100 * test['macro_f1']:.2f}")
         else:
             notes.append("test set has no gold labels: test predictions written, test macro-F1 not computed")
     elif any(has_test):
         lacking = [m.run_id for m, h in zip(members, has_test) if not h]
         notes.append(f"test_probs.csv missing for members {', '.join(lacking)}: no test predictions written")
 
+    test_pool = load_pool(ranked, "test")
+    if test_pool is not None and test_pool.errors:
+        notes.append(f"left out of test statistics (test items differ from {test_pool.run_ids[0]}): "
+                     + ", ".join(sorted(test_pool.errors)))
+    figures = evaluate(dev_pool, test_pool, choice, selection, method, ranked, configs)
+    chosen = figures["selections"][selection]
+    if test is not None and chosen["test_macro_f1"] is None:
+        notes.append("test macro-F1 has no interval: some members' test items differ from the best run's")
+    rel = {split: {**sys_[selection]["reliability"], "ece": sys_[selection]["ece"]}
+           for split, sys_ in figures["systems"].items() if selection in sys_}
+    plot_reliability(rel, out / RELIABILITY_PNG, f"{label}: reliability")
+
+    entries = copy_members(out, members, plan, notes)
+    for e, m in zip(entries, members):  # every figure in ensemble.json sits beside its interval
+        ci = figures["run_ci"][m.run_id]
+        e.update(dev_macro_f1_ci95=ci["dev"], test_macro_f1=m.test_macro_f1, test_macro_f1_ci95=ci["test"])
     failed = [r for r in records if r.status == "failed"]
     missing = [r for r in records if r.status == "missing"]
     result = {
         "grid_name": grid_name,
-        "members": copy_members(out, members, plan, notes),
+        "members": entries,
         "method": method,
+        "selection": selection,
         "top_k": k,
         "n_members": len(members),
         "labels": list(LABELS),
         "dev_macro_f1": dev["macro_f1"],
+        "dev_macro_f1_ci95": chosen["dev_macro_f1_ci95"],
+        "dev_macro_f1_crossfit": chosen["dev_macro_f1_crossfit"],
         "per_class_f1_dev": dev["per_class_f1"],
         "confusion_matrix_dev": dev["confusion_matrix"],
+        "dev_ece": chosen["dev_ece"],
         "test_macro_f1": test["macro_f1"] if test else None,
+        "test_macro_f1_ci95": chosen["test_macro_f1_ci95"] if test else None,
         "per_class_f1_test": test["per_class_f1"] if test else None,
         "confusion_matrix_test": test["confusion_matrix"] if test else None,
+        "test_ece": chosen["test_ece"] if test else None,
+        "selections": figures["selections"],
+        "significance": figures["significance"],
+        "configurations": configurations_json(configs),
+        "ablation": ablation_rows(ranked, records, plan, figures["stats"]),
+        "chance_macro_f1": figures["chance"],
+        "bootstrap": bootstrap_settings(),
         "n_dev": len(ref.ids),
         "n_done": sum(r.status == "done" for r in records),
         "n_failed": len(failed),
@@ -117,11 +165,11 @@ def _build(grid_name: str, out: Path, members: list[RunRecord], k: int, method: 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     try:
-        written |= write_report(out, result, rank_runs(records), records, plan)
+        write_report(out, result, ranked, records, plan, run_ci=figures["run_ci"], configs=configs)
     except Exception as exc:  # the report is a by-product: never lose the ensemble over a figure
         log.exception("report not written")
         notes.append(f"report.md not written: {type(exc).__name__}: {exc}")
-    return result
+    return result, figures
 
 
 def _summary(results_dir: Path, ranked: list[RunRecord], records: list[RunRecord],
@@ -135,10 +183,15 @@ def _summary(results_dir: Path, ranked: list[RunRecord], records: list[RunRecord
     if len(ranked) > rows:
         lines.append(f"  ... {len(ranked) - rows} more in ensemble/leaderboard.md")
     if result:
-        test = "" if result["test_macro_f1"] is None else f", test macro-F1 {100 * result['test_macro_f1']:.2f}"
-        lines.append(f"[aggregate] ensemble ({result['method']} of {result['n_members']}: "
+        def fig(split: str) -> str:
+            ci = result[f"{split}_macro_f1_ci95"]
+            value = f"{100 * result[f'{split}_macro_f1']:.2f}"
+            return value + (f" [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else "")
+        test = "" if result["test_macro_f1"] is None else f", test macro-F1 {fig('test')}"
+        lines.append(f"[aggregate] ensemble ({result['method']} of {result['n_members']}, {result['selection']}: "
                      f"{', '.join(m['run_id'] for m in result['members'])}): "
-                     f"dev macro-F1 {100 * result['dev_macro_f1']:.2f}{test}")
+                     f"dev macro-F1 {fig('dev')} (selection-biased; cross-fitted "
+                     f"{100 * result['dev_macro_f1_crossfit']:.2f}){test}")
     lines += [f"[aggregate] failed: {r.run_id} ({r.reason})" for r in failed]
     if missing:
         lines.append(f"[aggregate] missing (no final.json): {', '.join(r.run_id for r in missing)}")
@@ -146,12 +199,13 @@ def _summary(results_dir: Path, ranked: list[RunRecord], records: list[RunRecord
     return "\n".join(lines)
 
 
-def aggregate(results_dir: str | Path, top_k: int | None = None, method: str | None = None) -> dict[str, Any]:
+def aggregate(results_dir: str | Path, top_k: int | None = None, method: str | None = None,
+              selection: str | None = None) -> dict[str, Any]:
     """Write results_dir/ensemble/* and return the ensemble.json content.
 
-    top_k / method default to plan.json's "ensemble" section, then 3 / "mean".
-    Raises AggregateError (after writing the leaderboard) when no run is done or the
-    members' outputs are inconsistent.
+    top_k / method / selection default to plan.json's "ensemble" section, then 3 / "mean"
+    / "topk". Raises AggregateError (after writing the leaderboard) when no run is done or
+    the members' outputs are inconsistent.
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
@@ -160,50 +214,54 @@ def aggregate(results_dir: str | Path, top_k: int | None = None, method: str | N
     cfg = plan.get("ensemble") or {}
     k = top_k if top_k is not None else cfg.get("top_k", DEFAULT_TOP_K)
     method = method or cfg.get("method", "mean")
+    selection = selection or cfg.get("selection", "topk")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise AggregateError(f"top_k must be a positive integer, got {k!r}")
     if method not in METHODS:
         raise AggregateError(f"unknown ensemble method {method!r}; choose from {', '.join(METHODS)}")
+    if selection not in SELECTIONS:
+        raise AggregateError(f"unknown ensemble selection {selection!r}; choose from {', '.join(SELECTIONS)}")
 
-    out = results_dir / "ensemble"
     grid_name = plan.get("grid_name") or results_dir.name
     records = collect_runs(results_dir, plan)
     ranked = rank_runs(records)
+    configs = group_configurations(ranked)
     others = [r for r in records if r.status != "done"]
-    members = ranked[:k]
     notes: list[str] = []
-    written: set[str] = set()
+    # Everything is built in a fresh folder; results_dir/ensemble switches to it in one
+    # rename at the end, so a kill at any point leaves the previous ensemble loadable.
+    stage = new_stage(results_dir)
 
-    def finish(result: dict | None) -> None:
+    def finish(result: dict | None, figures: dict | None) -> None:
         # The leaderboard is always written: it is the report of what failed.  Members are
-        # starred only when an ensemble was built; on failure every ensemble output goes,
-        # so no stale ensemble.json from an earlier aggregation outlives this one.
-        stars = [m.run_id for m in members] if result else []
-        write_text(out / "leaderboard.md", render_md(ranked, others, stars, f"Leaderboard — {grid_name}"))
-        write_text(out / "leaderboard.csv", render_csv(ranked, others))
-        keep = written if result else set()
-        for name in OUTPUTS:
-            if name not in keep and name != "ensemble.json":
-                (out / name).unlink(missing_ok=True)
+        # starred only when an ensemble was built; a failed aggregation publishes a folder
+        # with the leaderboard alone, so no earlier ensemble.json outlives it.
+        stars = [m["run_id"] for m in result["members"]] if result else []
+        run_ci = figures["run_ci"] if figures else None
+        write_text(stage / "leaderboard.md", render_md(ranked, others, stars, f"Leaderboard — {grid_name}",
+                                                       cis=run_ci, configs=configs))
+        write_text(stage / "leaderboard.csv", render_csv(ranked, others, cis=run_ci, configs=configs))
         if result:
-            write_json(out / "ensemble.json", result)
-        else:
-            (out / "ensemble.json").unlink(missing_ok=True)
-            remove_members(out)
+            write_json(stage / "ensemble.json", result)  # last: it describes the files above
+        publish(results_dir, stage)
         print(_summary(results_dir, ranked, records, result, notes), flush=True)
 
     try:
         if not ranked:
+            board = results_dir / "ensemble" / "leaderboard.md"
             raise AggregateError(f"no finished run to ensemble in {results_dir} "
-                                 f"({len(others)} failed or missing; see {out / 'leaderboard.md'})")
+                                 f"({len(others)} failed or missing; see {board})")
         if len(ranked) < k:
             notes.append(f"only {len(ranked)} run(s) done: ensemble of {len(ranked)} instead of top {k}")
         if others:
             notes.append(f"ensemble built from the {len(ranked)} done run(s) only; "
                          f"{len(others)} run(s) failed or missing")
-        result = _build(grid_name, out, members, k, method, records, notes, written, plan)
-    except BaseException:
-        finish(None)
+        result, figures = _build(grid_name, stage, ranked, k, method, selection, records, configs, notes, plan)
+    except AggregateError:
+        finish(None, None)
         raise
-    finish(result)
+    except BaseException:
+        discard(stage)  # a bug or an interrupt: keep the previous ensemble as it was
+        raise
+    finish(result, figures)
     return result

@@ -76,6 +76,9 @@ def copy_members(out: Path, members: Sequence[RunRecord], plan: dict[str, Any],
                  notes: list[str]) -> list[dict[str, Any]]:
     """Copy heads and configs into out/members/ and return the members' ensemble.json entries.
 
+    ``members`` may repeat a run (greedy selection with replacement): its entry is then
+    listed as often, which weights it in inference's mean or vote; its files are copied once.
+
     The copy is all or nothing: if any member lacks its head or config (a tree built by
     hand, a run folder damaged after training), no members/ folder is written and a note
     says the ensemble cannot be used for inference, rather than a folder that half loads.
@@ -90,6 +93,7 @@ def copy_members(out: Path, members: Sequence[RunRecord], plan: dict[str, Any],
     entries = [describe_member(m, cfg, launch_dir, pairs.get(m.run_id), t)
                for m, cfg, t in zip(members, configs, tuned)]
     target = out / MEMBERS_DIR
+    lacking = list(dict.fromkeys(lacking))  # a greedy bag may list a run more than once
     if lacking:
         remove_members(out)
         notes.append(f"member(s) {', '.join(lacking)} lack {HEAD_FILE}, {CONFIG_FILE} or (fine-tuned runs) "
@@ -97,16 +101,11 @@ def copy_members(out: Path, members: Sequence[RunRecord], plan: dict[str, Any],
         for e in entries:
             e["head"] = e["config"] = e["backbone_weights"] = None
         return entries
-    for m, entry in zip(members, entries):
+    # ``out`` is a fresh folder (folder.py): nothing from an earlier aggregation to clean up.
+    for m, entry in {m.run_id: (m, e) for m, e in zip(members, entries)}.values():
         names = (HEAD_FILE, CONFIG_FILE) + ((BACKBONE_FILE,) if entry["backbone_weights"] else ())
         for name in names:
             write_bytes(target / m.run_id / name, (m.run_dir / name).read_bytes())
-        if not entry["backbone_weights"]:  # a folder reused from an earlier aggregation
-            (target / m.run_id / BACKBONE_FILE).unlink(missing_ok=True)
-    # Members of an earlier aggregation that are no longer members must not linger.
-    keep = {m.run_id for m in members}
-    for stale in [p for p in target.iterdir() if p.name not in keep]:
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     return entries
 
 

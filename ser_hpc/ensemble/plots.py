@@ -1,4 +1,4 @@
-"""Confusion-matrix figure: raw counts and row-normalised (recall per true class) side by side.
+"""Confusion-matrix figure (raw counts and row-normalised, side by side) and reliability diagram.
 
 Uses matplotlib's object API with the Agg canvas instead of pyplot: no display is needed
 on compute nodes, and no global backend state is changed for whoever imports us.  The
@@ -44,5 +44,42 @@ def plot_confusion(cm: Sequence[Sequence[int]], labels: Sequence[str], path: Pat
         fig.suptitle(title)
     buf = io.BytesIO()
     # No Software/date metadata, so a rerun writes the same bytes.
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    write_bytes(path, buf.getvalue())
+
+
+def plot_reliability(splits: dict[str, dict], path: Path, title: str = "") -> None:
+    """Reliability diagram per split: accuracy vs mean confidence in equal-width bins.
+
+    ``splits``: name -> stats.reliability() output plus "ece". Bars are the bins'
+    accuracy, the dashed line perfect calibration, the red outline the bin's mean
+    confidence; narrow dark bars at the bottom show the share of items in each bin.
+    """
+    # Fixed margins instead of constrained layout: the layout pass would double the cost.
+    fig = Figure(figsize=(5 * len(splits), 5))
+    fig.subplots_adjust(left=0.1 / len(splits), right=1 - 0.03 / len(splits), bottom=0.11, top=0.86, wspace=0.25)
+    FigureCanvasAgg(fig)
+    for k, (name, rel) in enumerate(splits.items(), 1):
+        ax = fig.add_subplot(1, len(splits), k)
+        edges = np.asarray(rel["edges"])
+        width = np.diff(edges)
+        left = edges[:-1]
+        count = np.asarray(rel["count"], dtype=float)
+        used = count > 0
+        ax.bar(left[used], np.asarray(rel["accuracy"])[used], width[used], align="edge", color="tab:blue",
+               alpha=0.8, edgecolor="black", linewidth=0.5, label="accuracy", zorder=2)
+        ax.bar(left[used], np.asarray(rel["confidence"])[used], width[used], align="edge", fill=False,
+               edgecolor="tab:red", linewidth=1.2, label="mean confidence", zorder=3)
+        # Narrow dark bars in front, so the share stays visible over the accuracy bars.
+        ax.bar(left + width / 2, 0.25 * count / max(count.sum(), 1), width / 3, color="0.25",
+               label="share of items (×0.25)", zorder=4)
+        ax.plot([0, 1], [0, 1], ls="--", color="0.3", lw=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top score)", ylabel="accuracy",
+               title=f"{name}: ECE {100 * rel['ece']:.2f} % ({len(width)} bins, n={int(count.sum())})")
+        if k == 1:
+            ax.legend(fontsize=8, loc="upper left")
+    if title:
+        fig.suptitle(title)
+    buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     write_bytes(path, buf.getvalue())

@@ -1,10 +1,12 @@
-"""ensemble/report.md: the grid's outcome laid out like the paper's poster.
+"""ensemble/report.md: the grid's outcome laid out like the paper's poster, with uncertainty.
 
 Sections: best dev macro-F1 per backbone pair (the poster's first table, with a bar
-chart), the head grid (top runs with hidden layers and weight decay, then the ensemble
-row), training curves of the top runs, and the ensemble's confusion matrix and per-class
-F1. Images sit next to report.md and are linked by relative name, so the folder can be
-copied anywhere. Only small files are read: plan.json, run configs and metrics.jsonl of
+chart), configurations over seeds, the head grid (top runs with hidden layers and weight
+decay, then the ensemble row), the pooling × fusion ablation, both ensemble selections,
+paired tests, calibration (report_stats.py), chance levels, training curves of the top
+runs, and the ensemble's confusion matrix and per-class F1. Every figure carries its
+95 % bootstrap interval. Images sit next to report.md and are linked by relative name, so
+the folder can be copied anywhere. Only small files are read: plan.json, run configs and metrics.jsonl of
 the plotted runs. No timestamp, so a rerun on the same tree gives the same bytes.
 """
 from __future__ import annotations
@@ -18,7 +20,10 @@ import yaml
 
 from ser_hpc.atomic_io import write_text
 from ser_hpc.data.labels import LABELS
+from ser_hpc.ensemble import report_stats
 from ser_hpc.ensemble.collect import RunRecord
+from ser_hpc.ensemble.configurations import Configuration
+from ser_hpc.ensemble.leaderboard import pct_ci
 from ser_hpc.ensemble.members import resolve_backbone
 from ser_hpc.ensemble.report_plots import pair_bars, per_class_bars, training_curves
 
@@ -26,7 +31,8 @@ REPORT_MD = "report.md"
 PAIRS_PNG = "report_pairs.png"
 CURVES_PNG = "report_curves.png"
 PER_CLASS_PNG = "report_per_class_f1.png"
-REPORT_FILES = (REPORT_MD, PAIRS_PNG, CURVES_PNG, PER_CLASS_PNG)
+RELIABILITY_PNG = "reliability.png"  # drawn by the aggregation, linked here
+REPORT_FILES = (REPORT_MD, PAIRS_PNG, CURVES_PNG, PER_CLASS_PNG, RELIABILITY_PNG)
 TOP_RUNS = 10      # rows of the head-grid table
 CURVE_RUNS = 5     # runs drawn in the training-curves figure
 
@@ -112,7 +118,7 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 
 def _pairs_section(out: Path, ranked: Sequence[RunRecord], infos: dict[str, RunInfo],
-                   launch_dir: str | None, written: set[str]) -> list[str]:
+                   launch_dir: str | None, written: set[str], run_ci: dict) -> list[str]:
     best: dict[str, RunRecord] = {}
     count: dict[str, int] = {}
     for r in ranked:  # ranked best first: the first run seen of a pair is its best
@@ -123,16 +129,19 @@ def _pairs_section(out: Path, ranked: Sequence[RunRecord], infos: dict[str, RunI
     for pair, r in best.items():
         info = infos[r.run_id]
         dim = _output_dim(info, launch_dir)
+        ci = run_ci.get(r.run_id) or {}
         rows.append([pair, short(info.text, launch_dir), short(info.speech, launch_dir), dim, _pct(r.dev_macro_f1),
-                     _pct(r.test_macro_f1), count[pair]])
+                     _pct(r.test_macro_f1), count[pair], pct_ci(ci.get("dev")),
+                     pct_ci(ci.get("test")) if r.test_macro_f1 is not None else "—"])
         names.append(pair)
         values.append(r.dev_macro_f1)
     lines = ["## Backbone pairs", "",
              "Best dev macro-F1 (%) per backbone pair, the poster's first table recomputed from this grid. "
              "Output dimension: the encoders' `hidden_size` (audio / text when they differ). "
-             "Test macro-F1 is that of the pair's best run.", ""]
+             "Test macro-F1 is that of the pair's best run; 95 % CIs are that run's (stratified bootstrap). "
+             "The best of several runs is an optimistic pick on dev.", ""]
     lines += _table(["pair", "text model", "audio model", "output dim", "best dev macro-F1",
-                     "test macro-F1", "runs done"], rows)
+                     "test macro-F1", "runs done", "dev 95% CI", "test 95% CI"], rows)
     if best:
         pair_bars(names, values, out / PAIRS_PNG, "Best dev macro-F1 per backbone pair")
         written.add(PAIRS_PNG)
@@ -140,19 +149,27 @@ def _pairs_section(out: Path, ranked: Sequence[RunRecord], infos: dict[str, RunI
     return lines
 
 
-def _head_grid_section(ranked: Sequence[RunRecord], infos: dict[str, RunInfo], result: dict) -> list[str]:
+def _head_grid_section(ranked: Sequence[RunRecord], infos: dict[str, RunInfo], result: dict,
+                       run_ci: dict) -> list[str]:
     members = {m["run_id"] for m in result["members"]}
     rows = []
     for rank, r in enumerate(ranked[:TOP_RUNS], 1):
         info = infos[r.run_id]
+        ci = run_ci.get(r.run_id) or {}
         rows.append([f"{rank}{' *' if r.run_id in members else ''}", r.name, info.pair, info.hidden_layers,
-                     info.weight_decay, _pct(r.dev_macro_f1), _pct(r.test_macro_f1)])
-    rows.append(["ensemble", f"{result['method']} of the top {result['n_members']}", "", "", "",
-                 _pct(result["dev_macro_f1"]), _pct(result.get("test_macro_f1"))])
+                     info.weight_decay, _pct(r.dev_macro_f1), _pct(r.test_macro_f1), pct_ci(ci.get("dev")),
+                     pct_ci(ci.get("test")) if r.test_macro_f1 is not None else "—"])
+    what = (f"{result['method']} of the top {result['n_members']}" if result.get("selection", "topk") == "topk"
+            else f"{result['method']} of {result['n_members']} (greedy)")
+    rows.append(["ensemble", what, "", "", "", _pct(result["dev_macro_f1"]), _pct(result.get("test_macro_f1")),
+                 pct_ci(result.get("dev_macro_f1_ci95")),
+                 pct_ci(result.get("test_macro_f1_ci95")) if result.get("test_macro_f1") is not None else "—"])
     more = f" ({len(ranked) - TOP_RUNS} more in [leaderboard.md](leaderboard.md))" if len(ranked) > TOP_RUNS else ""
     return (["## Head grid", "",
-             f"Top {min(TOP_RUNS, len(ranked))} runs by dev macro-F1 (%){more}; `*` marks ensemble members.", ""]
-            + _table(["rank", "run", "pair", "hidden layers", "weight decay", "dev macro-F1", "test macro-F1"], rows))
+             f"Top {min(TOP_RUNS, len(ranked))} runs by dev macro-F1 (%){more}; `*` marks ensemble members. "
+             f"{report_stats.BOOT}; the ensemble's dev figure is selection-biased (see Ensemble selection).", ""]
+            + _table(["rank", "run", "pair", "hidden layers", "weight decay", "dev macro-F1", "test macro-F1",
+                      "dev 95% CI", "test 95% CI"], rows))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -200,7 +217,7 @@ def _confusion_tables(cm: list[list[int]]) -> list[str]:
 def _ensemble_section(out: Path, result: dict, written: set[str]) -> list[str]:
     lines = ["## Ensemble: confusion matrix and per-class F1", "",
              f"{result['method']} of {result['n_members']}: "
-             + ", ".join(f"`{m['run_id']}`" for m in result["members"]) + ".", "",
+             + report_stats.bag_text([m["run_id"] for m in result["members"]]) + ".", "",
              f"### Dev (macro-F1 {_pct(result['dev_macro_f1'])})", ""]
     lines += _confusion_tables(result["confusion_matrix_dev"]) + ["", "![Dev confusion matrix](confusion_matrix.png)"]
     splits = {"dev": [result["per_class_f1_dev"][c] for c in LABELS]}
@@ -217,21 +234,30 @@ def _ensemble_section(out: Path, result: dict, written: set[str]) -> list[str]:
 
 
 def write_report(out: Path, result: dict, ranked: Sequence[RunRecord], records: Sequence[RunRecord],
-                 plan: dict) -> set[str]:
-    """Write report.md and its figures into ``out``; return the file names written."""
+                 plan: dict, run_ci: dict | None = None, configs: Sequence[Configuration] = ()) -> set[str]:
+    """Write report.md and its figures into ``out``; return the file names written.
+
+    run_ci: run_id -> {"dev": [low, high] or None, "test": ...}; configs: the runs
+    grouped over seeds (configurations.py), best mean first.
+    """
     entries = {r.get("run_id"): r for r in plan.get("runs", [])}
     infos = {r.run_id: run_info(r, entries.get(r.run_id, {})) for r in ranked}
     written: set[str] = set()
     n_failed = sum(r.status == "failed" for r in records)
     n_missing = sum(r.status == "missing" for r in records)
+    members = [m["run_id"] for m in result["members"]]
     lines = [f"# Report — {result['grid_name']}", "",
              f"{len(records)} runs: {len(ranked)} done, {n_failed} failed, {n_missing} missing "
-             "(see [leaderboard.md](leaderboard.md)). Macro-F1 in %; the ensemble is the "
-             f"{result['method']} of the top {result['n_members']} runs by dev macro-F1: "
-             f"dev {_pct(result['dev_macro_f1'])}"
-             + (f", test {_pct(result['test_macro_f1'])}" if result.get("test_macro_f1") is not None else "") + ".", ""]
-    lines += _pairs_section(out, ranked, infos, plan.get("launch_dir"), written) + [""]
-    lines += _head_grid_section(ranked, infos, result) + [""]
+             "(see [leaderboard.md](leaderboard.md)). Macro-F1 in %. " + report_stats.summary(result), ""]
+    lines += _pairs_section(out, ranked, infos, plan.get("launch_dir"), written, run_ci or {}) + [""]
+    lines += report_stats.configurations_section(configs, members, TOP_RUNS)
+    lines += _head_grid_section(ranked, infos, result, run_ci or {}) + [""]
+    lines += report_stats.ablation_section(result)
+    lines += report_stats.selection_section(result)
+    lines += report_stats.significance_section(result)
+    png = RELIABILITY_PNG if (out / RELIABILITY_PNG).is_file() else None
+    lines += report_stats.calibration_section(result, png)
+    lines += report_stats.chance_section(result) + [""]
     lines += _curves_section(out, ranked, written) + [""]
     lines += _ensemble_section(out, result, written)
     if result.get("notes"):
