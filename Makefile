@@ -25,9 +25,11 @@ cluster-deps:
 test: install cluster-deps
 	$(PY) -m pytest
 
-# Issue-5 benchmarks, each printing a table (about 8 min on a 2-core CPU). Benchmark 4 runs
-# the demo grid with a 50-step schedule here; `benchmarks/demo_grid.py --steps 300` is the full one.
+# Benchmarks, each printing a table (about 12 min on a 2-core CPU). Benchmark 4 runs the demo
+# grid with a 50-step schedule here; `benchmarks/demo_grid.py --steps 1500` is the full one.
 bench: install
 	$(PY) benchmarks/packing.py
 	$(PY) benchmarks/data_pipeline.py
 	$(PY) benchmarks/demo_grid.py --steps 50
+	$(PY) benchmarks/feature_cache.py --steps 300
+	$(PY) benchmarks/full_size.py --tiny

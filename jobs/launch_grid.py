@@ -1,5 +1,10 @@
 """Launch a grid: ``python jobs/launch_grid.py GRID.yaml [--cluster slurm|local|debug] [--dry-run] [--wait] [key=value ...]``
 
+key=value overrides (applied to every run) may come anywhere on the command line. A key
+that the grid's axes or backbone pairs set, and run.dir (the grid names the run folders),
+are refused. Exit status: 0 done / submitted, 1 some runs failed, 2 bad input (nothing
+submitted), 3 another launch of this grid holds its lock.
+
 Expands backbone pairs x head hyperparameters into runs, checks the data and that every
 backbone loads offline, then submits ONE training array (a task per pack of runs) and an
 aggregation job that depends on it. Finished runs are skipped on relaunch. With Slurm it
@@ -15,6 +20,7 @@ from ser_hpc.data.audio import AudioError
 from ser_hpc.data.corpus import CorpusError
 from ser_hpc.grid.checks import CheckError
 from ser_hpc.grid.launch import describe, emit_sbatch, launch, prepare, summary
+from ser_hpc.locks import LockHeld
 from ser_hpc.logs import setup_logging
 from ser_hpc.models.encoders import BackboneError
 
@@ -31,7 +37,7 @@ def main(argv=None) -> int:
                         help="write the plan and sbatch arguments for slurm/submit_grid.sh; print that file's path")
     parser.add_argument("--quick-check", action="store_true",
                         help="check audio files exist without opening them (huge corpora on slow file systems)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value anywhere, e.g. after --cluster local
     setup_logging()
     try:
         lp = prepare(args.grid, args.overrides, args.cluster, args.profile, args.quick_check)
@@ -41,11 +47,16 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(describe(lp))
         return 0
-    if args.emit_sbatch:
-        print(emit_sbatch(lp, args.overrides))
-        return 0
-    sub = launch(lp, args.overrides)
-    out = lp.spec.out_dir
+    try:
+        if args.emit_sbatch:
+            print(emit_sbatch(lp, args.overrides))
+            return 0
+        sub = launch(lp, args.overrides)
+    except LockHeld as exc:
+        print(f"error: another launch of grid {lp.spec.name} is in progress: {exc}\nnothing was submitted",
+              file=sys.stderr)
+        return 3
+    out = lp.spec.out_dir.resolve()
     if sub.executor == "slurm":
         print(f"submitted: train array {sub.train_job or '(nothing to train)'} ({len(sub.packs)} task(s)), "
               f"aggregation {sub.aggregate_job} (afterany)\nresults: {out}")

@@ -4,7 +4,7 @@
     python jobs/make_demo_data.py [--out results/demo_data] [--n-train 720 --n-test 180 --format mp3]
 
 Layout: <out>/corpus/{train.csv,test.csv,test_labels.csv,audio/} and
-<out>/backbones/{wav2vec2-tiny,wavlm-tiny,roberta-tiny,bert-tiny}/.
+<out>/backbones/{wav2vec2-tiny,wavlm-tiny,roberta-tiny,bert-tiny,wav2vec2-small}/.
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
                         help=f"decoding processes (default: usable CPUs, at most {MAX_WORKERS})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides anywhere on the line
     setup_logging()
     progress = not args.no_progress
     try:

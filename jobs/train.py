@@ -4,10 +4,18 @@
     python jobs/train.py --plan results/<grid>/plan.json --pack N   (N defaults to $SLURM_ARRAY_TASK_ID)
 
 Example: ``python jobs/train.py configs/run/demo.yaml run.dir=results/demo_run train.lr=1e-4``
+
+Files and key=value overrides may come in any order, before or after the options; files
+apply in their order, then the overrides. One process trains a run folder at a time: while
+another live process holds it, this one stops at once (exit status 3) naming the holder's
+host, pid and Slurm job, or waits for it with --wait.
+Exit status: 0 done, 1 the run failed, 2 bad input, 3 the run folder is in use.
 """
 import argparse
+import contextlib
 import os
 import sys
+from pathlib import Path
 
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 
@@ -15,9 +23,25 @@ from ser_hpc.config import ConfigError, load_config, valid_keys
 from ser_hpc.data.audio import AudioError
 from ser_hpc.data.corpus import CorpusError
 from ser_hpc.grid.tasks import run_pack
+from ser_hpc.locks import LockHeld, hold_run_folders
 from ser_hpc.logs import setup_logging
 from ser_hpc.models.encoders import BackboneError
 from ser_hpc.train.trainer import train_run
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0"
+
+
+def _plan_locks(plan_path: str, pack: int, wait: bool):
+    """With --wait: wait for the pack's run folders before run_pack takes them (re-entrant)."""
+    if not wait:
+        return contextlib.nullcontext()
+    from ser_hpc.grid.plan import read_plan, run_folder
+    plan = read_plan(plan_path)
+    by_id = {r["run_id"]: r for r in plan["runs"]}
+    runs = [by_id[i] for i in plan["packs"][pack]] if 0 <= pack < len(plan["packs"]) else []
+    return hold_run_folders([run_folder(plan, r).path for r in runs], wait=True, enabled=_is_main())
 
 
 def main(argv=None) -> int:
@@ -26,7 +50,9 @@ def main(argv=None) -> int:
     parser.add_argument("--keys", action="store_true", help="list every config key and exit")
     parser.add_argument("--plan", help="a grid's plan.json (array task mode)")
     parser.add_argument("--pack", type=int, help="pack index (default: $SLURM_ARRAY_TASK_ID)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--wait", action="store_true",
+                        help="if another process is training the same run folder, wait for it instead of stopping")
+    args = parser.parse_intermixed_args(argv)  # key=value overrides anywhere on the line
     if args.keys:
         print("\n".join(valid_keys()))
         return 0
@@ -35,8 +61,15 @@ def main(argv=None) -> int:
         pack = args.pack if args.pack is not None else os.environ.get("SLURM_ARRAY_TASK_ID")
         if pack is None:
             parser.error("--plan needs --pack N or $SLURM_ARRAY_TASK_ID")
+        if args.items:  # they would be silently ignored: the plan holds every run's resolved config
+            parser.error(f"--plan takes no config files or key=value overrides (got {' '.join(args.items)}); "
+                         "relaunch the grid with the overrides instead")
         try:
-            statuses = run_pack(args.plan, int(pack))
+            with _plan_locks(args.plan, int(pack), args.wait):
+                statuses = run_pack(args.plan, int(pack))
+        except LockHeld as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
         except Exception as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -46,15 +79,19 @@ def main(argv=None) -> int:
     overrides = [a for a in args.items if "=" in a]
     try:
         cfg = load_config(files, overrides)
-        final = train_run(cfg)
+        with hold_run_folders([cfg.run.dir] if cfg.run.dir else [], wait=args.wait, enabled=_is_main()):
+            final = train_run(cfg)  # takes the same lock again (re-entrant)
+    except LockHeld as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except (ConfigError, CorpusError, AudioError, BackboneError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if final["status"] != "done":
         print(f"run failed: {final['reason']}", file=sys.stderr)
         return 1
-    if os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0":
-        print(f"results: {cfg.run.dir}\ndev macro-F1: {final['dev_macro_f1']:.4f}")
+    if _is_main():
+        print(f"results: {Path(cfg.run.dir).resolve()}\ndev macro-F1: {final['dev_macro_f1']:.4f}")
     return 0
 
 

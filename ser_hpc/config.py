@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,13 +34,15 @@ class DataConfig:
     test_audio_dir: str | None = None    # defaults to audio_dir
     test_labels_csv: str | None = None   # gold id,label for the test CSV, when known
     sample_rate: int = 16000             # must match the speech backbone
-    crop_seconds: float = 5.5            # random training crop; shorter clips are repeat-padded
+    crop_seconds: float = 5.5            # random training crop; shorter clips are repeat-padded; 0 = whole clips
     augment_prob: float = 0.3
     speeds: list[float] = field(default_factory=lambda: [0.9, 1.1])
     snr_db: list[float] = field(default_factory=lambda: [15.0, 25.0])
     noise_dir: str | None = None         # e.g. MUSAN noise; generated noise when unset
     rir_dir: str | None = None           # e.g. RIRS_NOISES; synthetic decaying RIR when unset
     prepared_dir: str | None = None     # 16 kHz audio decoded once (jobs/prepare_audio.py); decode on the fly if unset
+    features_dir: str | None = None     # frozen-backbone feature store (jobs/extract_features.py); for train.features=cached
+    cached_augment_copies: int = 0       # cached mode: augmented views per train clip, stored beside the clean one
     max_text_tokens: int = 128
     num_workers: int = 0
     eval_batch_size: int = 8
@@ -48,7 +51,7 @@ class DataConfig:
 @dataclass
 class EncoderConfig:
     name: str = ""          # hub id or local folder, loaded with AutoModel.from_pretrained
-    layers: str = "last"    # "weighted": learned softmax weights over all hidden states; "last"
+    layers: str = "last"    # "weighted": softmax weights over the transformer layers (the authors'); "weighted_all" adds hidden_states[0]; "last"
     finetune_top_layers: int = 0  # >0 unfreezes the top N transformer layers (trained at train.backbone_lr)
 
 
@@ -57,6 +60,8 @@ class ModelConfig:
     modalities: str = "audio+text"   # "audio+text", "audio" or "text"
     speech: EncoderConfig = field(default_factory=lambda: EncoderConfig(layers="weighted"))
     text: EncoderConfig = field(default_factory=lambda: EncoderConfig(layers="last"))
+    fusion: str = "early"            # "early": one pooling over audio frames + text tokens (the paper); "late": pool each, concatenate
+    pooling: str = "attention"       # "attention" (the paper), "mean", "attentive_stats" (attention-weighted mean + std)
     fusion_dim: int | None = None    # common width; default: the wider encoder's
     fusion_attention_heads: int = 0  # >0 adds one multi-head self-attention layer before pooling
     head_width: int = 512
@@ -73,10 +78,12 @@ class TrainConfig:
     epochs: int = 20
     max_steps: int = 0               # >0 overrides epochs
     eval_every: int = 100            # optimizer steps between dev evaluations
-    lr_decay: float = 0.9            # lr *= lr_decay after lr_patience evaluations without improvement
+    lr_schedule: str = "plateau"     # "plateau" (the paper: decay on no improvement), "cosine" or "linear" decay to 0
+    warmup_steps: int = 0            # linear warmup from 0 over this many steps (every schedule)
+    lr_decay: float = 0.9            # plateau: lr *= lr_decay after lr_patience evaluations without improvement
     lr_patience: int = 10
     early_stop_patience: int = 0     # stop after this many evaluations without improvement; 0 = never
-    class_weights: str = "inverse"   # "inverse" (the paper), "inverse_normalized" (mean 1), "none"
+    class_weights: str = "inverse"   # "inverse" (the paper: N / n_c), "sqrt_inverse" (sqrt(N / n_c): milder on rare classes), "none"
     max_grad_norm: float = 0.0       # 0 = no clipping
     seed: int = 1234
     bf16: bool = False               # bf16 autocast for backbones and heads
@@ -89,6 +96,7 @@ class TrainConfig:
     max_requeues: int = 3            # Slurm requeues after time-limit warnings before the run fails
     eval_cache: bool = True          # keep dev backbone outputs in memory (frozen backbones; computed once per task)
     eval_cache_dtype: str = "float32"  # "float32" (exact), or "float16"/"bfloat16" to halve the memory
+    features: str = "online"         # "online": backbones run every step (the paper); "cached": heads train on data.features_dir
 
 
 @dataclass
@@ -113,9 +121,13 @@ class Config:
 
 _CHOICES = {
     "model.modalities": ("audio+text", "audio", "text"),
-    "model.speech.layers": ("weighted", "last"),
-    "model.text.layers": ("weighted", "last"),
-    "train.class_weights": ("inverse", "inverse_normalized", "none"),
+    "model.speech.layers": ("weighted", "weighted_all", "last"),
+    "model.text.layers": ("weighted", "weighted_all", "last"),
+    "model.fusion": ("early", "late"),
+    "model.pooling": ("attention", "mean", "attentive_stats"),
+    "train.lr_schedule": ("plateau", "cosine", "linear"),
+    "train.class_weights": ("inverse", "sqrt_inverse", "none"),
+    "train.features": ("online", "cached"),
     "train.strategy": ("single", "ddp", "deepspeed"),
     "train.eval_cache_dtype": ("float32", "float16", "bfloat16"),
 }
@@ -209,6 +221,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not key=value")
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override '{text}' has no key (key=value, e.g. train.lr=1e-4)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
@@ -222,10 +236,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                          "save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
-        return {}
+        what = "empty" if not path.read_text(encoding="utf-8").strip() else "only comments"
+        raise ConfigError(f"{path}: the file is {what}: no settings in it (a YAML mapping of keys is expected)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -260,10 +278,18 @@ def config_from_dict(tree: dict[str, Any], where: str = "config") -> Config:
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
     flat = flatten(cfg.to_dict())
+    for key, value in flat.items():  # NaN passes every comparison below; inf passes "> 0"
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+    if cfg.train.class_weights == "inverse_normalized":
+        raise ConfigError("train.class_weights 'inverse_normalized' was removed: the loss is a weighted mean, so "
+                          "rescaling the weights changed nothing (it was identical to 'inverse'); use 'inverse', "
+                          "'sqrt_inverse' or 'none'")
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {flat[key]!r}")
-    positive = ["data.sample_rate", "data.crop_seconds", "data.max_text_tokens", "data.eval_batch_size",
+    positive = ["data.sample_rate", "data.max_text_tokens", "data.eval_batch_size",
                 "model.head_width", "train.lr", "train.batch_size", "train.grad_accum_steps",
                 "train.eval_every", "train.log_every"]
     for key in positive:
@@ -271,7 +297,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]!r}")
     for key in ["model.hidden_layers", "model.fusion_attention_heads", "train.max_steps", "train.epochs",
                 "model.speech.finetune_top_layers", "model.text.finetune_top_layers", "train.checkpoint_every",
-                "train.max_requeues",
+                "train.max_requeues", "train.warmup_steps", "data.crop_seconds", "data.cached_augment_copies",
                 "train.weight_decay", "train.early_stop_patience", "train.max_grad_norm", "data.num_workers"]:
         if flat[key] < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]!r}")
@@ -290,6 +316,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'model.fusion_dim' must be > 0, got {cfg.model.fusion_dim!r}")
     if cfg.model.fusion_attention_heads and cfg.model.fusion_dim and cfg.model.fusion_dim % cfg.model.fusion_attention_heads:
         raise ConfigError("model.fusion_dim must be divisible by model.fusion_attention_heads")
+    if cfg.train.features == "cached":
+        if not cfg.data.features_dir:
+            raise ConfigError("train.features=cached needs data.features_dir (where the feature store is written)")
+        tuned = [k for k in ("speech", "text") if getattr(cfg.model, k).finetune_top_layers]
+        if tuned:
+            raise ConfigError(f"train.features=cached cannot fine-tune backbone layers (model.{tuned[0]}."
+                              "finetune_top_layers > 0): cached features come from the frozen backbone and would "
+                              "be stale after the first step; use train.features=online")
+        if cfg.train.strategy == "deepspeed":
+            raise ConfigError("train.features=cached trains heads only: use train.strategy single or ddp, not deepspeed")
     if "audio" in cfg.model.modalities.split("+") and not cfg.model.speech.name:
         raise ConfigError("config key 'model.speech.name' is required for the audio modality")
     if "text" in cfg.model.modalities.split("+") and not cfg.model.text.name:

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export SER_HPC_PYTHON=${SER_HPC_PYTHON:-$(command -v python3 || command -v python)}
 env_file=$("$SER_HPC_PYTHON" jobs/launch_grid.py "$@" --cluster slurm --emit-sbatch)
-# shellcheck disable=SC1090  # defines RESULTS PLAN ARRAY PREPARE TRAIN_ARGS PREP_ARGS AGG_ARGS SER_HPC_JOB_SETUP
+# shellcheck disable=SC1090  # defines RESULTS PLAN ARRAY PREPARE FEATURES TRAIN_ARGS PREP_ARGS FEAT_ARGS AGG_ARGS SER_HPC_JOB_SETUP
 source "$env_file"
 export SER_HPC_JOB_SETUP
 agg_dep=()
@@ -18,6 +18,14 @@ if [[ -n "$PREPARE" && -n "$ARRAY" ]]; then
   prep=${prep%%;*}
   echo "data preparation: $prep"
   train_dep=(--dependency="afterok:$prep" --kill-on-invalid-dep=yes)
+fi
+if [[ -n "$FEATURES" && -n "$ARRAY" ]]; then
+  # Each frozen backbone pair runs once over the corpus (train.features=cached); training waits for all.
+  feat=$(sbatch --parsable --array="$FEATURES" "${train_dep[@]}" "${FEAT_ARGS[@]}" \
+         --output="$RESULTS/logs/%A_%a_features.out" slurm/features.sbatch "$PLAN")
+  feat=${feat%%;*}
+  echo "feature extraction: $feat"
+  train_dep=(--dependency="afterok:$feat" --kill-on-invalid-dep=yes)
 fi
 if [[ -n "$ARRAY" ]]; then
   train=$(sbatch --parsable --array="$ARRAY" "${train_dep[@]}" "${TRAIN_ARGS[@]}" --output="$RESULTS/logs/%A_%a.out" \

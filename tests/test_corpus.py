@@ -105,8 +105,10 @@ def test_class_weights_on_the_real_distribution():
     assert w == pytest.approx(expected)
     assert w[LABEL_TO_ID["neutral"]] == pytest.approx(2.573, abs=1e-3)
     assert w[LABEL_TO_ID["fear"]] == pytest.approx(130.43, abs=1e-2)
-    wn = class_weights(labels, "inverse_normalized")
-    assert wn.mean() == pytest.approx(1.0) and wn / wn[0] == pytest.approx(w / w[0])
+    ws = class_weights(labels, "sqrt_inverse")
+    assert ws == pytest.approx(np.sqrt(expected))
+    # A different weighting, not a rescale: fear/neutral drops from ~51x to ~7x.
+    assert ws[LABEL_TO_ID["fear"]] / ws[LABEL_TO_ID["neutral"]] == pytest.approx(np.sqrt(130.43 / 2.573), rel=1e-3)
     with pytest.raises(CorpusError, match="fear"):
         class_weights([0, 1, 2, 3, 4], "inverse")
 

@@ -199,8 +199,8 @@ def test_both_modalities_learnable_neither_perfect(corpus):
 def test_backbones_load_from_path(backbones):
     from transformers import AutoFeatureExtractor, AutoModel, AutoTokenizer
 
-    assert sorted(backbones) == ["bert-tiny", "roberta-tiny", "wav2vec2-tiny", "wavlm-tiny"]
-    widths = {"wav2vec2-tiny": 64, "wavlm-tiny": 96, "roberta-tiny": 64, "bert-tiny": 64}
+    assert sorted(backbones) == ["bert-tiny", "roberta-tiny", "wav2vec2-small", "wav2vec2-tiny", "wavlm-tiny"]
+    widths = {"wav2vec2-tiny": 64, "wavlm-tiny": 96, "roberta-tiny": 64, "bert-tiny": 64, "wav2vec2-small": 128}
     for name, path in backbones.items():
         model = AutoModel.from_pretrained(path)
         assert model.config.hidden_size == widths[name]
@@ -229,7 +229,7 @@ def test_backbones_load_from_path(backbones):
            ["[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"]
 
 
-@pytest.mark.parametrize("name", ["wav2vec2-tiny", "wavlm-tiny"])
+@pytest.mark.parametrize("name", ["wav2vec2-tiny", "wavlm-tiny", "wav2vec2-small"])
 def test_speech_padding_mask_keeps_valid_frames(backbones, name):
     from transformers import AutoFeatureExtractor, AutoModel
 

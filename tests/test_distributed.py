@@ -12,6 +12,8 @@ import yaml
 from tests.conftest import REPO, run_config_tree
 from tests.run_compare import assert_same_run, read_final as _final, read_metrics as _metrics
 
+pytestmark = pytest.mark.slow  # real Slurm / several processes: `pytest -m "not slow"` skips it
+
 TRAIN = str(REPO / "jobs" / "train.py")
 TORCHRUN = str(REPO / ".venv" / "bin" / "torchrun") if (REPO / ".venv" / "bin" / "torchrun").exists() else "torchrun"
 

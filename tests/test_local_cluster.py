@@ -8,6 +8,9 @@ import submitit
 
 # Also imported by tests/conftest.py; both share one cluster per session.
 from tests.slurm_cluster import slurm_cluster  # noqa: F401
+import pytest
+
+pytestmark = pytest.mark.slow  # real Slurm / several processes: `pytest -m "not slow"` skips it
 
 
 def test_sbatch_wrap_runs_and_writes_output(slurm_cluster, tmp_path):

@@ -80,3 +80,38 @@ def test_single_modalities():
     # The audio-only head does not look at text at all.
     feats2 = BackboneOutput(feats.speech, feats.speech_mask, torch.randn_like(feats.text), feats.text_mask)
     assert torch.equal(audio(feats), audio(feats2))
+
+
+@pytest.mark.parametrize("pooling", ["attention", "mean", "attentive_stats"])
+@pytest.mark.parametrize("fusion", ["early", "late"])
+@pytest.mark.parametrize("attention_heads", [0, 4])
+def test_every_pooling_and_fusion_ignores_padding(pooling, fusion, attention_heads):
+    torch.manual_seed(0)
+    cfg = ModelConfig(pooling=pooling, fusion=fusion, fusion_attention_heads=attention_heads, head_width=32)
+    head = EmotionHead(cfg, speech_shape=(3, 24), text_shape=(2, 16)).eval()
+    feats = _feats(b=2, f=7, s=5)
+    feats.speech_mask[0, 4:] = False  # clip 0: 4 frames and 3 tokens, the rest is padding
+    feats.text_mask[0, 3:] = False
+    out = head(feats)
+    garbage = BackboneOutput(feats.speech.clone(), feats.speech_mask, feats.text.clone(), feats.text_mask)
+    garbage.speech[:, 0, 4:] = 1e4
+    garbage.text[:, 0, 3:] = -1e4
+    assert torch.allclose(head(garbage), out, atol=1e-5)
+    alone = BackboneOutput(feats.speech[:, :1, :4], feats.speech_mask[:1, :4], feats.text[:, :1, :3],
+                           feats.text_mask[:1, :3])
+    assert torch.allclose(head(alone), out[:1], atol=1e-5)
+    width = 24 * (2 if pooling == "attentive_stats" else 1) * (2 if fusion == "late" else 1)
+    assert head.classifier[0].in_features == width
+
+
+def test_weighted_layers_skip_the_cnn_output_like_the_authors():
+    head = EmotionHead(ModelConfig(), speech_shape=(5, 24), text_shape=None)
+    assert head.speech.used == [1, 2, 3, 4] and head.speech.mix.logits.numel() == 4
+    from ser_hpc.config import EncoderConfig
+    cfg = ModelConfig(speech=EncoderConfig(layers="weighted_all"))
+    assert EmotionHead(cfg, (5, 24), None).speech.used == [0, 1, 2, 3, 4]
+    # States that hold only some layers (a feature store) are indexed by absolute layer.
+    feats = _feats(l_s=5)
+    held = BackboneOutput(feats.speech[1:], feats.speech_mask, None, None, speech_layers=(1, 2, 3, 4))
+    head.eval()
+    assert torch.allclose(head(held), head(feats), atol=1e-6)

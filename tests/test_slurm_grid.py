@@ -12,6 +12,8 @@ import pytest
 from tests.conftest import REPO
 from tests.test_grid import write_grid
 
+pytestmark = pytest.mark.slow  # real Slurm / several processes: `pytest -m "not slow"` skips it
+
 PROFILE = REPO / "configs" / "cluster" / "localhost_slurm.yaml"
 
 

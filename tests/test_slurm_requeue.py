@@ -10,6 +10,9 @@ from ser_hpc.train.trainer import train_run
 from tests.conftest import REPO
 from tests.run_compare import assert_same_run
 from tests.test_grid import write_grid
+import pytest
+
+pytestmark = pytest.mark.slow  # real Slurm / several processes: `pytest -m "not slow"` skips it
 
 PROFILE = REPO / "configs" / "cluster" / "localhost_slurm.yaml"
 

@@ -33,12 +33,56 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     return out.numpy()
 
 
+# libsndfile's answer for an mp3 it cannot parse, whatever the reason: it misleads.
+_MISLEADING = "File does not exist or is not a regular file (possibly a pipe?)"
+
+
+def why_unreadable(path: str | Path, exc: Exception) -> str:
+    """Why libsndfile could not open ``path``, in words that name the real problem.
+
+    For an .mp3 that is empty or not audio at all, libsndfile says the file "does not
+    exist or is not a regular file (possibly a pipe?)"; look at the file instead.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"audio file not found: {path}"
+    except OSError as err:
+        return f"audio file {path} cannot be read: {err}"
+    if not path.is_file():
+        return f"audio file {path} is not a regular file"
+    if size == 0:
+        return f"audio file {path} is empty (0 bytes)"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+    except OSError as err:
+        return f"audio file {path} cannot be read: {err}"
+    said = str(exc).replace(f"Error opening {str(path)!r}: ", "").strip()
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        what = f"it starts with text ({head.decode('ascii')[:24]!r}...), e.g. an error page saved under an audio name"
+    else:
+        what = f"it starts with bytes {head[:8].hex(' ')}"
+    detail = "" if _MISLEADING in said else f"; libsndfile: {said}"
+    return (f"unreadable audio file {path} ({size} bytes): not audio that can be decoded (wav, flac, ogg, mp3); "
+            f"{what}{detail}")
+
+
+def audio_info(path: str | Path):
+    """soundfile's header info; ``AudioError`` saying what is wrong when it cannot be read."""
+    try:
+        return sf.info(str(path))
+    except Exception as exc:  # libsndfile raises RuntimeError/LibsndfileError variants
+        raise AudioError(why_unreadable(path, exc)) from None
+
+
 def load_audio(path: str | Path, target_sr: int) -> np.ndarray:
     """Decode, downmix to mono and resample: float32 samples at ``target_sr``."""
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:
-        raise AudioError(f"unreadable audio file {path}: {exc}") from None
+        raise AudioError(why_unreadable(path, exc)) from None
     if data.shape[0] == 0:
         raise AudioError(f"audio file {path} is empty (0 samples)")
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]

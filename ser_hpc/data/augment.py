@@ -96,9 +96,10 @@ class Augmenter:
         self.noise_files = _audio_files(noise_dir)
         self.rir_files = _audio_files(rir_dir)
 
-    def choose(self, rng: np.random.Generator) -> tuple[str, float] | None:
-        """None (no augmentation) with probability 1 - p, else an op and its parameter."""
-        if self.prob <= 0 or rng.random() >= self.prob:
+    def choose(self, rng: np.random.Generator, force: bool = False) -> tuple[str, float] | None:
+        """None (no augmentation) with probability 1 - p, else an op and its parameter;
+        ``force`` always picks an op (the augmented views of a feature store)."""
+        if not force and (self.prob <= 0 or rng.random() >= self.prob):
             return None
         ops = [op for op in self.OPS if op != "speed" or self.speeds]
         op = ops[int(rng.integers(len(ops)))]

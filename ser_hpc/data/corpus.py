@@ -11,8 +11,6 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-import soundfile as sf
-
 from .labels import LABEL_TO_ID, LABELS
 
 
@@ -33,9 +31,37 @@ class Example:
         return "" if self.label is None else LABELS[self.label]
 
 
+def _not_utf8(csv_path: Path) -> CorpusError:
+    """Where a CSV stops being UTF-8: the byte, its offset, line and what surrounds it."""
+    raw = csv_path.read_bytes()
+    try:
+        raw.decode("utf-8-sig")
+        return CorpusError(f"{csv_path}: not valid UTF-8; save it as UTF-8")
+    except UnicodeDecodeError as exc:
+        # utf-8-sig offsets count from after a BOM
+        start = exc.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)
+    line = raw.count(b"\n", 0, start) + 1
+    line_start = raw.rfind(b"\n", 0, start) + 1
+    line_end = raw.find(b"\n", start)
+    text = raw[line_start:line_end if line_end >= 0 else len(raw)].decode("latin-1").rstrip("\r")
+    if len(text) > 120:
+        text = text[:117] + "..."
+    return CorpusError(
+        f"{csv_path}, row {line} (byte offset {start}): byte 0x{raw[start]:02x} is not valid UTF-8; "
+        f"the row reads, as Latin-1: {text!r}. The file is probably Latin-1 / Windows-1252: save it as "
+        f"UTF-8 (e.g. iconv -f latin1 -t utf-8 {csv_path.name} > {csv_path.stem}.utf8.csv)")
+
+
 def _read_rows(csv_path: Path, required: tuple[str, ...]) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     if not csv_path.is_file():
         raise CorpusError(f"CSV file not found: {csv_path}")
+    try:
+        return _read_rows_utf8(csv_path, required)
+    except UnicodeDecodeError:
+        raise _not_utf8(csv_path) from None
+
+
+def _read_rows_utf8(csv_path: Path, required: tuple[str, ...]) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         columns = reader.fieldnames or []
@@ -114,13 +140,14 @@ def check_audio(examples: list[Example], csv_path: str | Path = "") -> list[floa
 
     Returns each clip's duration in seconds (used to batch evaluation clips by length).
     """
+    from .audio import AudioError, audio_info  # torch/torchaudio only where audio is opened
     durations = []
     for ex in examples:
         where = f"{csv_path}, row {ex.row}: " if csv_path else ""
         try:
-            info = sf.info(str(ex.audio_path))
-        except Exception as exc:  # libsndfile raises RuntimeError/LibsndfileError variants
-            raise CorpusError(f"{where}unreadable audio file {ex.audio_path}: {exc}") from None
+            info = audio_info(ex.audio_path)
+        except AudioError as exc:
+            raise CorpusError(f"{where}{exc}") from None
         if info.frames <= 0 or info.samplerate <= 0:
             raise CorpusError(f"{where}audio file {ex.audio_path} is empty (0 samples)")
         durations.append(info.frames / info.samplerate)

@@ -60,6 +60,8 @@ class TrainCrops(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         wave = self.audio_loader(ex, self.sample_rate)
         choice = self.augmenter.choose(rng) if self.augmenter else None
+        if not self.crop:  # data.crop_seconds=0: whole clips
+            return _item(ex, self.augmenter.apply(wave, choice, rng) if choice is not None else wave)
         need = Augmenter.input_length(choice, self.crop)
         crop = random_crop(wave, need, rng)
         if choice is not None:

@@ -5,11 +5,14 @@ that each audio file exists, opens and is not empty.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from ..config import DataConfig
 from .corpus import Example, check_audio, read_corpus
 from .split import stratified_split
+
+log = logging.getLogger("ser_hpc.data")
 
 
 @dataclass
@@ -27,6 +30,14 @@ def load_splits(cfg: DataConfig) -> Splits:
     if cfg.dev_csv:
         dev = read_corpus(cfg.dev_csv, cfg.audio_dir, require_labels=True)
         durations.update(zip((e.id for e in dev), check_audio(dev, cfg.dev_csv)))
+        # The dev CSV is used exactly as given; its clips never train, so the full release CSV
+        # plus the authors' dev_split.csv gives their 2520 / 480 split.
+        dev_ids = {e.id for e in dev}
+        held_out = [e for e in train if e.id in dev_ids]
+        if held_out:
+            log.info("%d clip(s) of %s are in data.dev_csv %s: they are dev clips, not trained on",
+                     len(held_out), cfg.train_csv, cfg.dev_csv)
+            train = [e for e in train if e.id not in dev_ids]
     else:
         train, dev = stratified_split(train, cfg.dev_fraction, cfg.split_seed)
     test: list[Example] = []

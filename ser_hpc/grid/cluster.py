@@ -41,6 +41,7 @@ class ClusterProfile:
     train: JobResources = field(default_factory=JobResources)
     aggregate: JobResources = field(default_factory=lambda: JobResources(time_min=30))
     prepare: JobResources = field(default_factory=lambda: JobResources(cpus_per_task=8, time_min=120))
+    features: JobResources = field(default_factory=JobResources)  # default: the train resources (a GPU)
     array_parallelism: int = 8       # %N: most array tasks running at once
     setup: list[str] = field(default_factory=list)   # shell lines run before each job (module load ...)
     env: dict[str, str] = field(default_factory=dict)  # exported in each job (HF_HOME=...)
@@ -78,7 +79,8 @@ def _resources(tree: dict[str, Any], where: str, base: JobResources | None = Non
 def load_profile(path: str | Path) -> ClusterProfile:
     path = Path(path)
     tree = read_yaml(path)
-    allowed = {"name", "executor", "train", "aggregate", "prepare", "array_parallelism", "setup", "env", "description"}
+    allowed = {"name", "executor", "train", "aggregate", "prepare", "features", "array_parallelism", "setup", "env",
+               "description"}
     unknown = set(tree) - allowed
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(allowed))}")
@@ -92,6 +94,7 @@ def load_profile(path: str | Path) -> ClusterProfile:
     prepare = _resources(tree.get("prepare") or {}, f"{path}: prepare",
                          JobResources(partition=aggregate.partition, account=aggregate.account, qos=aggregate.qos,
                                       cpus_per_task=min(8, max(1, aggregate.cpus_per_task)), time_min=120))
+    features = _resources(tree.get("features") or {}, f"{path}: features", train)
     setup = tree.get("setup") or []
     if not isinstance(setup, list):
         raise ConfigError(f"{path}: setup must be a list of shell lines")
@@ -106,7 +109,8 @@ def load_profile(path: str | Path) -> ClusterProfile:
     if not isinstance(parallel, int) or parallel < 1:
         raise ConfigError(f"{path}: array_parallelism must be an integer >= 1, got {parallel!r}")
     return ClusterProfile(name=str(tree.get("name") or path.stem), executor=executor, train=train,
-                          aggregate=aggregate, prepare=prepare, array_parallelism=parallel, setup=list(setup), env=env)
+                          aggregate=aggregate, prepare=prepare, features=features, array_parallelism=parallel,
+                          setup=list(setup), env=env)
 
 
 def job_env_lines(profile: ClusterProfile) -> list[str]:

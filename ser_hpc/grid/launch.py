@@ -15,6 +15,8 @@ import yaml
 
 from .. import atomic_io
 from ..config import ConfigError, parse_override
+from ..locks import launch_lock
+from ..models.encoders import missing_model
 from ..train.packing import needs_own_forward
 from .checks import check_backbones, check_data
 from .cluster import ClusterProfile, job_env_lines, load_profile, sbatch_args
@@ -22,7 +24,7 @@ from .expand import PlannedRun, expand, make_packs
 from .plan import build_plan, read_plan, run_states, write_plan
 from .spec import GridSpec, load_grid
 from .submit import Submission, job_name, run_debug, run_local, submit_slurm
-from .tasks import run_prepare
+from .tasks import feature_groups, run_features, run_prepare
 
 log = logging.getLogger("ser_hpc.grid")
 REPO = Path(__file__).resolve().parents[2]
@@ -38,6 +40,7 @@ class LaunchPlan:
     states: dict[str, str]       # run_id -> done / failed / missing, before this launch
     to_run: list[int]            # pack indices to (re)submit
     prepare: bool = False        # some clips still need decoding into data.prepared_dir
+    features: int = 0            # feature-store groups to extract before training (train.features=cached)
 
     @property
     def skipped(self) -> list[PlannedRun]:
@@ -56,13 +59,31 @@ def prepare(grid_path: str, overrides: list[str], cluster: str | None = None, pr
     if cluster:
         profile.executor = cluster
     n_data = check_data(runs, quick=quick_check)
+    for kind, modality in (("speech", "audio"), ("text", "text")):  # a missing folder, named as such
+        for name in sorted({r.config["model"][kind]["name"] for r in runs
+                            if modality in r.config["model"]["modalities"].split("+")}):
+            error = missing_model(kind, name)
+            if error is not None:
+                raise error
     models = check_backbones(runs)
     log.info("checked %d data config(s) and %d backbone(s): %s", n_data, len(models),
              ", ".join(f"{k} {n}" for k, n in models))
     plan = build_plan(spec, runs, packs)
     states = run_states(plan)
     to_run = [i for i, pack in enumerate(packs) if any(states[r.run_id] != "done" for r in pack)]
-    return LaunchPlan(spec, profile, runs, packs, states, to_run, bool(to_run) and needs_preparation(plan))
+    return LaunchPlan(spec, profile, runs, packs, states, to_run, bool(to_run) and needs_preparation(plan),
+                      len(feature_groups(plan)) if to_run and needs_features(plan) else 0)
+
+
+def needs_features(plan: dict) -> bool:
+    """True when some cached-feature run has no complete store for its heads yet."""
+    from ..config import config_from_dict
+    from ..features.extract import find_store, read_all_clips, store_spec
+    for group in feature_groups(plan):
+        cfgs = [config_from_dict(run["config"]) for run in group]
+        if find_store(cfgs[0], store_spec(cfgs, read_all_clips(cfgs[0]))) is None:
+            return True
+    return False
 
 
 def needs_preparation(plan: dict) -> bool:
@@ -79,9 +100,23 @@ def needs_preparation(plan: dict) -> bool:
     return False
 
 
+def where(path: str | Path) -> str:
+    """A results path as the absolute folder it resolves to, with a warning when a relative
+    path climbs out of the current directory with '..'."""
+    path = Path(path)
+    resolved = path.resolve()
+    text = str(resolved)
+    if not path.is_absolute() and ".." in path.parts:
+        try:
+            resolved.relative_to(Path.cwd().resolve())
+        except ValueError:
+            text += f"  (WARNING: {path} climbs out of the current directory {Path.cwd()})"
+    return text
+
+
 def describe(lp: LaunchPlan) -> str:
     """The --dry-run report: runs, packs, resources and the sbatch parameters."""
-    lines = [f"grid {lp.spec.name}: {len(lp.runs)} runs in {len(lp.packs)} packs -> {lp.spec.out_dir}",
+    lines = [f"grid {lp.spec.name}: {len(lp.runs)} runs in {len(lp.packs)} packs -> {where(lp.spec.out_dir)}",
              f"executor {lp.profile.executor}, profile {lp.profile.name}", "", "runs:"]
     for r in lp.runs:
         lines.append(f"  pack {r.pack:3d}  {lp.states[r.run_id]:7s}  {r.run_id}  ({r.name})")
@@ -89,6 +124,9 @@ def describe(lp: LaunchPlan) -> str:
     lines.append(f"to submit: {len(lp.to_run)} pack(s) {lp.to_run}; skipping {len(lp.skipped)} finished run(s)")
     if lp.prepare:
         lines.append("first: a data-preparation job (decodes the audio once into data.prepared_dir)")
+    if lp.features:
+        lines.append(f"then: a features job, {lp.features} task(s) (each frozen backbone pair runs once over the "
+                     "corpus into data.features_dir; train.features=cached)")
     alone = {}
     for r in lp.runs:
         why = needs_own_forward(r.config)
@@ -157,24 +195,47 @@ def record_launch(lp: LaunchPlan, sub: Submission, overrides: list[str]) -> None
     manifest["launches"].append({
         "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
         **_git_commit(), "versions": _versions(), "executor": sub.executor, "profile": lp.profile.name,
-        "overrides": overrides, "job_ids": {"prepare": sub.prepare_job, "train_array": sub.train_job,
+        "overrides": overrides, "job_ids": {"prepare": sub.prepare_job, "features": sub.features_job, "train_array": sub.train_job,
                                             "aggregate": sub.aggregate_job},
         "packs": sub.packs, "skipped_runs": [r.run_id for r in lp.skipped],
     })
     atomic_io.write_json(path, manifest)
 
 
+def _refresh_states(lp: LaunchPlan) -> None:
+    """Under the launch lock: what finished since prepare() looked (e.g. a launch that just ended)."""
+    lp.states = run_states(build_plan(lp.spec, lp.runs, lp.packs))
+    lp.to_run = [i for i, pack in enumerate(lp.packs) if any(lp.states[r.run_id] != "done" for r in pack)]
+    lp.prepare = lp.prepare and bool(lp.to_run)
+    lp.features = lp.features if lp.to_run else 0
+
+
 def launch(lp: LaunchPlan, overrides: list[str]) -> Submission:
+    """Write the grid files and submit (slurm) or run (local, debug) the packs.
+
+    Holds the grid's launch lock (results/<grid>/.launch.lock, ``ser_hpc.locks``) until the
+    submission is done, or with local / debug until the packs have finished: a second
+    launch of the same grid meanwhile is refused (``LockHeld``) instead of submitting the
+    same packs again. The packs' own processes take run-folder locks, which are other files.
+    """
+    with launch_lock(lp.spec.out_dir):
+        _refresh_states(lp)
+        return _launch(lp, overrides)
+
+
+def _launch(lp: LaunchPlan, overrides: list[str]) -> Submission:
     plan_path = write_grid_files(lp)
     out = lp.spec.out_dir
     if lp.skipped:
         log.info("skipping %d finished run(s): %s", len(lp.skipped), ", ".join(r.run_id for r in lp.skipped))
     executor = lp.profile.executor
     if executor == "slurm":
-        sub = submit_slurm(plan_path.resolve(), out, lp.to_run, lp.profile, lp.spec.name, lp.prepare)
+        sub = submit_slurm(plan_path.resolve(), out, lp.to_run, lp.profile, lp.spec.name, lp.prepare, lp.features)
     elif executor in ("local", "debug"):
         if lp.prepare:
             run_prepare(str(plan_path.resolve()))
+        if lp.features:
+            run_features(str(plan_path.resolve()))
         sub = (run_local(plan_path.resolve(), out, lp.to_run, lp.profile) if executor == "local"
                else run_debug(plan_path.resolve(), out, lp.to_run))
     else:
@@ -184,7 +245,14 @@ def launch(lp: LaunchPlan, overrides: list[str]) -> Submission:
 
 
 def emit_sbatch(lp: LaunchPlan, overrides: list[str]) -> Path:
-    """Write the plan and a file of shell-quoted sbatch arguments for slurm/submit_grid.sh."""
+    """Write the plan and a file of shell-quoted sbatch arguments for slurm/submit_grid.sh
+    (under the grid's launch lock, like ``launch``)."""
+    with launch_lock(lp.spec.out_dir):
+        _refresh_states(lp)
+        return _emit_sbatch(lp, overrides)
+
+
+def _emit_sbatch(lp: LaunchPlan, overrides: list[str]) -> Path:
     plan_path = write_grid_files(lp).resolve()
     out = lp.spec.out_dir.resolve()
     setup = out / "job_setup.sh"
@@ -196,6 +264,8 @@ def emit_sbatch(lp: LaunchPlan, overrides: list[str]) -> Path:
     q = shlex.quote
     lines = [f"RESULTS={q(str(out))}", f"PLAN={q(str(plan_path))}", f"ARRAY={q(array)}",
              f"SER_HPC_JOB_SETUP={q(str(setup))}", f"PREPARE={'1' if lp.prepare else ''}",
+             f"FEATURES={q(f'0-{lp.features - 1}' if lp.features else '')}",
+             "FEAT_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.features, job_name(lp.spec.name, "features"))) + ")",
              "TRAIN_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.train, job_name(lp.spec.name, "train"))) + ")",
              "PREP_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.prepare, job_name(lp.spec.name, "prepare"))) + ")",
              "AGG_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.aggregate, job_name(lp.spec.name, "aggregate"))) + ")"]

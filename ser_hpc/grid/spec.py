@@ -70,6 +70,33 @@ def _check_keys(keys, where: str) -> None:
             raise ConfigError(f"{where}: unknown run-config key '{key}'. Valid keys: {', '.join(sorted(known))}")
 
 
+# Run-config keys that the grid sets for each run itself.
+GRID_OWNED = {"run.dir": "the grid gives every run its own folder, <results_dir>/<grid name>/runs/<run_id>; "
+                         "to put the results elsewhere set results_dir in the grid file",
+              "run.name": "the grid names each run after its backbone pair and axis values"}
+
+
+def _check_overrides(path: Path, tree: dict[str, Any], cli: dict[str, Any], pairs: list[BackbonePair],
+                     axes: dict[str, list[Any]]) -> None:
+    """Refuse settings that expand() would silently replace."""
+    yaml_over = flatten(tree.get("overrides") or {})
+    for key, why in GRID_OWNED.items():
+        if key in cli:
+            raise ConfigError(f"{key}={cli[key]!r} cannot be given to a grid: {why}")
+        if key in yaml_over or key in axes or any(key in p.overrides for p in pairs):
+            raise ConfigError(f"{path}: {key} cannot be set in a grid: {why}")
+    for key, value in cli.items():
+        if key in axes:
+            raise ConfigError(
+                f"the override {key}={value!r} would be ignored: the grid's axis '{key}' ({path}) sets it for "
+                f"every run, to {axes[key]!r}. Change the axis in the grid file (a one-value axis fixes it).")
+        setters = [p.name for p in pairs if key in p.overrides]
+        if setters:
+            raise ConfigError(
+                f"the override {key}={value!r} would be ignored: backbone pair(s) {', '.join(setters)} in {path} "
+                f"set {key}. Change it in the pair's entry in the grid file.")
+
+
 def load_grid(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> GridSpec:
     path = Path(path)
     tree = read_yaml(path)
@@ -116,12 +143,16 @@ def load_grid(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> 
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: axis '{key}' must be a non-empty list of values, got {values!r}")
 
+    _check_overrides(path, tree, dict(cli_overrides or {}), pairs, axes)
+
     pack_size = tree.get("pack_size", 1)
     if not isinstance(pack_size, int) or pack_size < 1:
         raise ConfigError(f"{path}: pack_size must be an integer >= 1, got {pack_size!r}")
     ensemble = {"top_k": 3, "method": "mean", **(tree.get("ensemble") or {})}
-    if set(ensemble) - {"top_k", "method"}:
-        raise ConfigError(f"{path}: ensemble takes top_k and method, got {', '.join(sorted(ensemble))}")
+    if set(ensemble) - {"top_k", "method", "selection"}:
+        raise ConfigError(f"{path}: ensemble takes top_k, method and selection, got {', '.join(sorted(ensemble))}")
+    if ensemble.get("selection", "topk") not in ("topk", "greedy"):
+        raise ConfigError(f"{path}: ensemble.selection must be topk or greedy, got {ensemble['selection']!r}")
     if not isinstance(ensemble["top_k"], int) or ensemble["top_k"] < 1:
         raise ConfigError(f"{path}: ensemble.top_k must be an integer >= 1, got {ensemble['top_k']!r}")
     if ensemble["method"] not in ENSEMBLE_METHODS:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cluster import ClusterProfile, submitit_parameters
-from .tasks import run_aggregation, run_pack, run_prepare
+from .tasks import run_aggregation, run_features, run_pack, run_prepare
 
 log = logging.getLogger("ser_hpc.grid")
 REPO = Path(__file__).resolve().parents[2]
@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 class Submission:
     executor: str
     prepare_job: str | None = None      # the data-preparation job (slurm), when one was needed
+    features_job: str | None = None     # the feature-extraction array (slurm), when one was needed
     train_job: str | None = None        # the array's job id (slurm)
     aggregate_job: str | None = None
     packs: list[int] = field(default_factory=list)
@@ -41,7 +42,7 @@ def job_name(grid_name: str, kind: str) -> str:
 
 
 def submit_slurm(plan_path: Path, out_dir: Path, packs: list[int], profile: ClusterProfile, grid_name: str,
-                 prepare: bool = False) -> Submission:
+                 prepare: bool = False, features: int = 0) -> Submission:
     import submitit
 
     sub = Submission("slurm", packs=packs)
@@ -55,6 +56,15 @@ def submit_slurm(plan_path: Path, out_dir: Path, packs: list[int], profile: Clus
         sub.prepare_job, sub.handles["prepare"] = job.job_id, job
         # If preparation fails the array can never run: cancel it, so aggregation (afterany) reports that.
         train_deps = {"dependency": f"afterok:{job.job_id}", "kill_on_invalid_dep": "yes"}
+    if features and packs:
+        # One task per feature store (backbone pair x corpus); the training array waits for all.
+        executor = submitit.AutoExecutor(folder=logs / "%j", cluster="slurm")
+        params = submitit_parameters(profile.features, profile, job_name(grid_name, "features"))
+        params["slurm_additional_parameters"] = {**params["slurm_additional_parameters"], **train_deps}
+        executor.update_parameters(**params, slurm_array_parallelism=profile.array_parallelism)
+        jobs = executor.map_array(run_features, [str(plan_path)] * features, list(range(features)))
+        sub.features_job, sub.handles["features"] = jobs[0].job_id.split("_")[0], jobs
+        train_deps = {"dependency": f"afterok:{sub.features_job}", "kill_on_invalid_dep": "yes"}
     if packs:
         executor = submitit.AutoExecutor(folder=logs / "%j", cluster="slurm")  # array tasks: logs/<A>_<a>/
         params = submitit_parameters(profile.train, profile, job_name(grid_name, "train"))
@@ -67,7 +77,7 @@ def submit_slurm(plan_path: Path, out_dir: Path, packs: list[int], profile: Clus
         sub.train_job, sub.handles["train"] = array_job, jobs
     executor = submitit.AutoExecutor(folder=logs / "%j", cluster="slurm")
     params = submitit_parameters(profile.aggregate, profile, job_name(grid_name, "aggregate"))
-    after = array_job or sub.prepare_job
+    after = array_job or sub.features_job or sub.prepare_job
     if after:
         params["slurm_additional_parameters"] = {**params["slurm_additional_parameters"],
                                                  "dependency": f"afterany:{after}"}

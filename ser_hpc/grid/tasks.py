@@ -5,6 +5,7 @@ and the local / debug executors.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import config_from_dict
+from ..config import config_from_dict, flatten
 from ..logs import setup_logging
 from ..train.preemption import Preempted, PreemptionFlag
 from ..train.trainer import train_pack
@@ -75,6 +76,41 @@ def prepared_data_configs(plan: dict) -> list:
             seen.add(key)
             out.append(data)
     return out
+
+
+def feature_groups(plan: dict) -> list[list[dict]]:
+    """The plan's cached-feature runs grouped by the feature store they read: same corpus,
+    backbones, modalities and augmentation views (head, seed and schedule do not matter).
+    The features job extracts one store per group, holding the layers of all its heads."""
+    from ..train.packing import HEAD_KEYS
+    ignore = HEAD_KEYS | {"train.seed", "train.lr", "train.max_steps", "train.epochs", "train.eval_every",
+                          "train.batch_size", "data.crop_seconds", "data.augment_prob", "data.split_seed",
+                          "data.dev_fraction", "train.log_every", "train.checkpoint_every"}
+    groups: dict[str, list[dict]] = {}
+    for run in plan["runs"]:
+        if run["config"]["train"]["features"] != "cached":
+            continue
+        flat = {k: v for k, v in flatten(run["config"]).items() if k not in ignore and not k.startswith("run.")}
+        groups.setdefault(json.dumps(flat, sort_keys=True, default=str), []).append(run)
+    return list(groups.values())
+
+
+def run_features(plan_path: str, group: int | None = None) -> list[str]:
+    """The features job (before the training array): each frozen backbone pair runs once
+    over the corpus into data.features_dir; ``group`` = one array task, None = all groups."""
+    from ..features.extract import extract
+    setup_logging()
+    _job_environment()
+    plan = read_plan(plan_path)
+    os.chdir(plan["launch_dir"])
+    groups = feature_groups(plan)
+    folders = []
+    for k in range(len(groups)) if group is None else [group]:
+        cfgs = [config_from_dict(run["config"], f"plan run {run['run_id']}") for run in groups[k]]
+        store = extract(cfgs)
+        folders.append(str(store.folder))
+        log.info("feature group %d (%d run(s)): %s", k, len(cfgs), store.folder)
+    return folders
 
 
 def run_prepare(plan_path: str) -> list[dict]:

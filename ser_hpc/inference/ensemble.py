@@ -139,11 +139,23 @@ def _group(members: list[Member]) -> list[BackboneGroup]:
     return list(groups.values())
 
 
+def _read_weights(path: Path, who: str) -> dict[str, torch.Tensor]:
+    """A safetensors file; a corrupt or truncated one is named with its member."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises SafetensorError (not an OSError), and others
+        size = path.stat().st_size if path.exists() else 0
+        raise EnsembleError(
+            f"{who}: {path} ({size} bytes) is not a readable safetensors file ({type(exc).__name__}: {exc}); "
+            "it is corrupt or truncated. Copy it again from the run folder "
+            "(results/<grid>/runs/<run_id>/), or re-run jobs/aggregate.py on the grid.") from None
+
+
 def _load_tuned(backbones: FrozenBackbones, path: Path) -> None:
     """Put a member's fine-tuned top layers over the pretrained ones; every key must land."""
     if not path.is_file():
         raise EnsembleError(f"{path} not found (the member fine-tuned backbone layers)")
-    weights = load_file(str(path))
+    weights = _read_weights(path, f"the member that fine-tuned backbone layers ({path.parent.name})")
     unexpected = backbones.load_state_dict(weights, strict=False).unexpected_keys
     if unexpected:
         raise EnsembleError(f"{path}: {len(unexpected)} weight(s) do not fit the backbones, e.g. {unexpected[0]}")
@@ -188,8 +200,9 @@ def load_ensemble(folder: str | Path, device: torch.device | str = "cpu",
             weights = folder / entries[i]["head"]
             if not weights.is_file():
                 raise EnsembleError(f"member {m.run_id}: {weights} not found")
+            state = _read_weights(weights, f"member {m.run_id} ({m.name})")
             try:
-                head.load_state_dict(load_file(str(weights)))
+                head.load_state_dict(state)
             except RuntimeError as exc:
                 raise EnsembleError(f"member {m.run_id}: {weights} does not match its config: {exc}") from None
             m.head = head.to(device).eval()

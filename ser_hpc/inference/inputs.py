@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 from torch.utils.data import Dataset
 
-from ser_hpc.data.audio import AudioError, fit_length, load_audio
+from ser_hpc.data.audio import AudioError, audio_info, fit_length, load_audio
 from ser_hpc.data.corpus import CorpusError, _label_id, _read_rows, unique_id_rows
 from ser_hpc.data.dataset import WholeClips
 
@@ -59,9 +58,9 @@ def probe_durations(rows: list[InputRow]) -> tuple[dict[int, float], dict[int, s
             errors[i] = f"audio file not found: {r.audio_path}"
             continue
         try:
-            info = sf.info(str(r.audio_path))
-        except Exception as exc:  # libsndfile raises several error types
-            errors[i] = f"unreadable audio file {r.audio_path}: {exc}"
+            info = audio_info(r.audio_path)
+        except AudioError as exc:
+            errors[i] = str(exc)
             continue
         if info.frames <= 0 or info.samplerate <= 0:
             errors[i] = f"audio file {r.audio_path} is empty (0 samples)"

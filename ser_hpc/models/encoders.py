@@ -21,16 +21,45 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
+def _hub_id_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a Hugging Face hub id ('name' or 'namespace/name'), or None."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(name)
+    except HFValidationError as exc:
+        return str(exc)
+    return None
+
+
+def missing_model(kind: str, name: str) -> BackboneError | None:
+    """The error for a name that is neither an existing folder nor a possible hub id, else None.
+
+    e.g. models/xlsr/checkpoint-5 that does not exist: transformers would only say
+    "Repo id must be in the form 'repo_name' or 'namespace/repo_name'".
+    """
+    folder = Path(name).expanduser()
+    if folder.exists() or not (_looks_like_path(name) or _hub_id_problem(name)):
+        return None
+    return BackboneError(
+        f"{kind} model {name!r}: the folder {folder.absolute()} does not exist"
+        + ("" if _looks_like_path(name) else
+           ", and it is not a Hugging Face hub id either (those are 'name' or 'namespace/name')")
+        + f". Check the path (relative paths start from the current directory, {Path.cwd()}).")
+
+
 def _load(kind: str, name: str, loader, **kwargs):
     if not name:
         raise BackboneError(f"no {kind} model name given")
-    if _looks_like_path(name) and not Path(name).expanduser().exists():
-        raise BackboneError(f"{kind} model path does not exist: {name}")
+    folder = Path(name).expanduser()
+    error = missing_model(kind, name)
+    if error is not None:
+        raise error
     try:
-        return loader(str(Path(name).expanduser()) if _looks_like_path(name) else name, **kwargs)
+        return loader(str(folder) if _looks_like_path(name) else name, **kwargs)
     except (OSError, ValueError) as exc:
+        also = f" (there is no folder {folder.absolute()} either)" if "/" in name and not folder.exists() else ""
         raise BackboneError(
-            f"cannot load {kind} model {name!r}: {exc}\n"
+            f"cannot load {kind} model {name!r}{also}: {exc}\n"
             "Compute nodes are usually offline: prefetch hub models on the login node "
             "(jobs/prefetch_models.py) or give a local folder.") from None
 
@@ -161,6 +190,10 @@ class BackboneOutput:
     speech_mask: torch.Tensor | None = None  # [B, F]
     text: torch.Tensor | None = None         # [L, B, S, D]
     text_mask: torch.Tensor | None = None    # [B, S]
+    # Which hidden states ``speech`` / ``text`` hold (None: all of them, in order); cached
+    # features may hold only the layers the heads read.
+    speech_layers: tuple[int, ...] | None = None
+    text_layers: tuple[int, ...] | None = None
 
 
 class FrozenBackbones(nn.Module):

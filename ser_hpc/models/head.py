@@ -1,10 +1,19 @@
-"""The trainable part of a run: layer mixing, fusion, attention pooling and the MLP.
+"""The trainable part of a run: layer mixing, fusion, pooling and the MLP.
 
-Fusion follows the authors' code: each modality is (projected to a common width when the
-encoders' widths differ,) layer-normalised, and audio frames and text tokens are joined
-along time into one sequence, optionally passed through one multi-head self-attention
-layer, then pooled once. The head sees only backbone outputs, so K heads can share one
-backbone forward.
+``model.fusion``:
+- ``early`` follows the authors' code: each modality is (projected to a common width when
+  the encoders' widths differ,) layer-normalised, and audio frames and text tokens are
+  joined along time into one sequence, optionally passed through one multi-head
+  self-attention layer, then pooled once.
+- ``late`` is the authors' "option 1": each modality is pooled on its own and the pooled
+  vectors are concatenated. Hundreds of audio frames then cannot drown a few dozen tokens.
+
+``model.pooling`` picks the pooling (``pooling.py``). The head sees only backbone outputs,
+so K heads can share one backbone forward (or read cached features).
+
+Layer choice (``model.<speech|text>.layers``): ``weighted`` learns softmax weights over the
+transformer layers only, as the authors do (hidden_states[1:]); ``weighted_all`` also
+weights hidden_states[0] (the CNN / embedding output); ``last`` takes the top layer.
 """
 from __future__ import annotations
 
@@ -14,7 +23,16 @@ from torch import nn
 from ..config import ModelConfig
 from ..data.labels import NUM_CLASSES
 from .encoders import BackboneOutput
-from .pooling import AttentionPooling
+from .pooling import build_pooling
+
+
+def layers_used(mode: str, num_states: int) -> list[int]:
+    """Absolute hidden-state indices a layer mode reads (0 = CNN / embedding output)."""
+    if mode == "last":
+        return [num_states - 1]
+    if mode == "weighted_all" or num_states == 1:
+        return list(range(num_states))
+    return list(range(1, num_states))
 
 
 class LayerMix(nn.Module):
@@ -34,17 +52,23 @@ class ModalityInput(nn.Module):
 
     def __init__(self, num_states: int, width: int, common: int, layers: str):
         super().__init__()
-        self.mix = LayerMix(num_states) if layers == "weighted" else None
+        self.used = layers_used(layers, num_states)
+        self.mix = LayerMix(len(self.used)) if layers != "last" else None
         self.proj = nn.Linear(width, common) if width != common else nn.Identity()
         self.norm = nn.LayerNorm(common)
 
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, held: tuple[int, ...] | None = None) -> torch.Tensor:
+        """``states`` [L, B, T, D] hold the hidden states ``held`` (None: all, in order)."""
+        if held is not None:
+            states = states[[held.index(i) for i in self.used]]
+        elif len(self.used) != states.shape[0]:
+            states = states[self.used]
         h = self.mix(states) if self.mix is not None else states[-1]
         return self.norm(self.proj(h))
 
 
 def mlp(width_in: int, width: int, hidden_layers: int, dropout: float) -> nn.Sequential:
-    """Linear(E->W)+LN+GELU+Dropout, N x [Linear(W->W)+LN+GELU+Dropout], Linear(W->6)."""
+    """Linear(E->W)+LN+GELU+Dropout, N x [Linear(W->W)+LN+GELU+Dropout], Linear(W->classes)."""
     blocks: list[nn.Module] = []
     for i in range(hidden_layers + 1):
         blocks += [nn.Linear(width_in if i == 0 else width, width), nn.LayerNorm(width), nn.GELU(), nn.Dropout(dropout)]
@@ -59,34 +83,46 @@ class EmotionHead(nn.Module):
         used = [s for s in (speech_shape, text_shape) if s is not None]
         if not used:
             raise ValueError("the head needs at least one modality")
+        self.fusion = cfg.fusion
         common = cfg.fusion_dim or max(width for _, width in used)
         self.speech = ModalityInput(*speech_shape, common, cfg.speech.layers) if speech_shape else None
         self.text = ModalityInput(*text_shape, common, cfg.text.layers) if text_shape else None
-        self.attention = (nn.MultiheadAttention(common, cfg.fusion_attention_heads, dropout=cfg.dropout, batch_first=True)
+        n_seq = 1 if cfg.fusion == "early" else len(used)  # sequences that are attended and pooled
+        self.attention = (nn.ModuleList(nn.MultiheadAttention(common, cfg.fusion_attention_heads, dropout=cfg.dropout,
+                                                              batch_first=True) for _ in range(n_seq))
                           if cfg.fusion_attention_heads else None)
-        self.pool = AttentionPooling(common)
-        self.classifier = mlp(common, cfg.head_width, cfg.hidden_layers, cfg.dropout)
+        self.pools = nn.ModuleList(build_pooling(cfg.pooling, common) for _ in range(n_seq))
+        # The authors' classifier drops its input too (a module of its own: the MLP's keys stay put).
+        self.input_dropout = nn.Dropout(cfg.dropout)
+        self.classifier = mlp(sum(p.out_width for p in self.pools), cfg.head_width, cfg.hidden_layers, cfg.dropout)
+
+    def sequences(self, feats: BackboneOutput) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each modality's [B, T, E] sequence and mask, in the order speech, text."""
+        out = []
+        if self.speech is not None:
+            out.append((self.speech(feats.speech, feats.speech_layers), feats.speech_mask))
+        if self.text is not None:
+            out.append((self.text(feats.text, feats.text_layers), feats.text_mask))
+        return out
 
     def fuse(self, feats: BackboneOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> the joint sequence [B, T_audio + T_text, E] and its mask."""
-        parts, masks = [], []
-        if self.speech is not None:
-            parts.append(self.speech(feats.speech))
-            masks.append(feats.speech_mask)
-        if self.text is not None:
-            parts.append(self.text(feats.text))
-            masks.append(feats.text_mask)
-        return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+        """-> the joint sequence [B, T_audio + T_text, E] and its mask (early fusion)."""
+        parts = self.sequences(feats)
+        return torch.cat([h for h, _ in parts], dim=1), torch.cat([m for _, m in parts], dim=1)
 
     def forward(self, feats: BackboneOutput) -> torch.Tensor:
-        h, mask = self.fuse(feats)
-        if self.attention is not None:
-            attended, _ = self.attention(h, h, h, key_padding_mask=~mask, need_weights=False)
-            h = h + attended
-        return self.classifier(self.pool(h, mask))
+        seqs = [self.fuse(feats)] if self.fusion == "early" else self.sequences(feats)
+        pooled = []
+        for k, (h, mask) in enumerate(seqs):
+            if self.attention is not None:
+                attended, _ = self.attention[k](h, h, h, key_padding_mask=~mask, need_weights=False)
+                h = h + attended
+            pooled.append(self.pools[k](h, mask))
+        return self.classifier(self.input_dropout(torch.cat(pooled, dim=-1)))
 
 
 def build_head(cfg: ModelConfig, backbones) -> EmotionHead:
+    """``backbones``: anything with ``speech`` / ``text`` members exposing num_states and width."""
     speech = (backbones.speech.num_states, backbones.speech.width) if backbones.speech is not None else None
     text = (backbones.text.num_states, backbones.text.width) if backbones.text is not None else None
     return EmotionHead(cfg, speech, text)

@@ -56,8 +56,9 @@ class Engine:
 
     def __init__(self, cfg: Config, model: SERModel, env: D.DistEnv, device: torch.device):
         self.model, self.env = model, env
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr,
-                                           weight_decay=cfg.train.weight_decay)
+        groups = param_groups(model, cfg)
+        self.base_lrs = [g["lr"] for g in groups]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.wrapped: nn.Module = model
         if env.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -85,9 +86,10 @@ class Engine:
     def lrs(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups]
 
-    def scale_lr(self, factor: float) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] *= factor
+    def set_lr_factor(self, factor: float) -> None:
+        """lr of each parameter group = its base lr x factor (the schedule, ``schedule.py``)."""
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * factor
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         names = set(trainable_names(self.model))
@@ -145,7 +147,9 @@ class DeepSpeedEngine(Engine):
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         self.model, self.env = model, env
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=t.lr, weight_decay=t.weight_decay)
+        groups = param_groups(model, cfg)
+        self.base_lrs = [g["lr"] for g in groups]
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
             model_parameters=[p for p in model.parameters() if p.requires_grad])

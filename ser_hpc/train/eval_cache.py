@@ -30,13 +30,14 @@ class CachedBatch:
 
 
 def _map(feats: BackboneOutput, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> BackboneOutput:
-    return BackboneOutput(**{f.name: None if getattr(feats, f.name) is None else fn(f.name, getattr(feats, f.name))
+    """Apply ``fn`` to every tensor of ``feats`` (the layer lists pass through)."""
+    return BackboneOutput(**{f.name: fn(f.name, v) if isinstance(v := getattr(feats, f.name), torch.Tensor) else v
                              for f in fields(BackboneOutput)})
 
 
 def nbytes(feats: BackboneOutput) -> int:
     return sum(t.numel() * t.element_size() for f in fields(BackboneOutput)
-               if (t := getattr(feats, f.name)) is not None)
+               if isinstance(t := getattr(feats, f.name), torch.Tensor))
 
 
 class EvalFeatureCache:
@@ -56,8 +57,8 @@ class EvalFeatureCache:
             for batch in batches:
                 feats = compute(batch)
                 # Read back in the dtype the backbone produced; masks stay bool.
-                self.compute_dtypes = {f.name: getattr(feats, f.name).dtype for f in fields(BackboneOutput)
-                                       if getattr(feats, f.name) is not None}
+                self.compute_dtypes = {f.name: t.dtype for f in fields(BackboneOutput)
+                                       if isinstance(t := getattr(feats, f.name), torch.Tensor)}
                 stored = _map(feats, lambda _, t: t.to(storage, store_dtype if t.is_floating_point() else t.dtype))
                 self.batches.append(CachedBatch(batch.ids, batch.labels, stored))
                 clips += len(batch.ids)

@@ -25,6 +25,7 @@ from . import distributed as D
 from .checkpoint import CheckpointStore
 from .engine import Engine, SERModel, make_engine
 from .run_folder import RunFolder
+from .schedule import lr_factor
 
 log = logging.getLogger("ser_hpc.train")
 
@@ -85,6 +86,7 @@ class LoopState:
     best: dict = field(default_factory=lambda: {"dev_macro_f1": -1.0, "step": 0, "epoch": 0})
     bad_evals: int = 0
     since_decay: int = 0
+    plateau_scale: float = 1.0          # lr factor from decays on plateaus (train.lr_schedule=plateau)
     lrs: list = field(default_factory=list)
     window_loss: float = 0.0
     window_n: int = 0
@@ -109,6 +111,7 @@ class HeadRun:
         self.checkpoints = CheckpointStore(folder.path)
         self.state = LoopState()
         self.status = "training"
+        self.total_steps = 0  # set by the pack trainer
         self.failure: str | None = None
         self._clock = time.monotonic()
         self._step_weight = 1.0
@@ -145,7 +148,9 @@ class HeadRun:
         self._step_loss += loss_sum.item()
 
     def finish_step(self) -> None:
-        self.engine.step(self.cfg.train.max_grad_norm)
+        t, s = self.cfg.train, self.state
+        self.engine.set_lr_factor(lr_factor(t.lr_schedule, s.step, self.total_steps, t.warmup_steps, s.plateau_scale))
+        self.engine.step(t.max_grad_norm)
         self.state.window_loss += D.all_sum(self._step_loss, self.env) / self._step_weight
         self.state.window_n += 1
 
@@ -169,7 +174,8 @@ class HeadRun:
         s, t = self.state, self.cfg.train
         scores = score(preds.labels, preds.probs.argmax(1))
         record = {"step": s.step, "epoch": s.epoch, "train_loss": s.window_loss / max(s.window_n, 1),
-                  "dev_loss": preds.loss, "dev_macro_f1": scores["macro_f1"], "lr": self.engine.lrs()[0],
+                  "dev_loss": preds.loss, "dev_macro_f1": scores["macro_f1"], "dev_ua": scores["ua"],
+                  "dev_wa": scores["wa"], "lr": self.engine.lrs()[0],
                   "elapsed_s": round(self.elapsed(), 2)}
         s.window_loss, s.window_n = 0.0, 0
         improved = scores["macro_f1"] > s.best["dev_macro_f1"]
@@ -187,8 +193,8 @@ class HeadRun:
             return
         s.bad_evals += 1
         s.since_decay += 1
-        if s.since_decay >= t.lr_patience:
-            self.engine.scale_lr(t.lr_decay)
+        if t.lr_schedule == "plateau" and s.since_decay >= t.lr_patience:
+            s.plateau_scale *= t.lr_decay  # applied from the next optimizer step on
             s.since_decay = 0
         if t.early_stop_patience and s.bad_evals >= t.early_stop_patience:
             log.info("run %s: early stop at step %d, no improvement in %d evaluations", self.name, s.step, s.bad_evals)

@@ -15,8 +15,8 @@ from ..config import Config, ConfigError, flatten
 # Keys that change only the trainable head; runs differing in nothing else may share a pack.
 HEAD_KEYS = frozenset({
     "model.hidden_layers", "model.head_width", "model.dropout", "model.fusion_dim",
-    "model.fusion_attention_heads", "model.speech.layers", "model.text.layers",
-    "train.lr", "train.weight_decay", "train.lr_decay", "train.lr_patience",
+    "model.fusion_attention_heads", "model.speech.layers", "model.text.layers", "model.fusion", "model.pooling",
+    "train.lr", "train.weight_decay", "train.lr_schedule", "train.warmup_steps", "train.lr_decay", "train.lr_patience",
     "train.early_stop_patience", "train.max_grad_norm", "train.class_weights",
     "run.name", "run.dir",
 })

@@ -29,16 +29,31 @@ from ..data.dataset import Batch, TrainCrops, WholeClips, collate, length_sorted
 from ..data.labels import LABELS
 from ..data.prepared import PreparedAudio, audio_loader_for
 from ..data.sources import Splits, load_splits
+from ..features.dataset import CachedClips, CachedCrops, FeatureBatch, FeatureCollate
+from ..features.extract import extract as extract_features
+from ..features.store import FeatureStore
 from ..models.encoders import BackboneOutput, FrozenBackbones
 from . import distributed as D
 from .eval_cache import EvalFeatureCache
 from .head_run import HeadRun, Predictions, TrainingDiverged
 from .packing import check_pack, needs_own_forward
 from .preemption import Preempted, PreemptionFlag
-from .run_folder import RunFolder
+from ..locks import hold_run_folders
+from .run_folder import RunFolder, close_tracking
 from .sampler import GlobalBatchSampler
 
 log = logging.getLogger("ser_hpc.train")
+
+
+class FeatureShapes(torch.nn.Module):
+    """Stands in for the backbones in cached mode: the shapes heads are built for, no weights."""
+
+    def __init__(self, store: FeatureStore):
+        super().__init__()
+        from types import SimpleNamespace
+        self.tuned = False
+        self.speech = SimpleNamespace(**store.meta["speech"]) if store.meta.get("speech") else None
+        self.text = SimpleNamespace(**store.meta["text"]) if store.meta.get("text") else None
 
 
 def seed_everything(seed: int) -> None:
@@ -55,40 +70,69 @@ class PackTrainer:
         seed_everything(cfg.train.seed)
         modalities = cfg.model.modalities.split("+")
         self.with_audio = "audio" in modalities
-        self.backbones = FrozenBackbones(cfg.model.speech.name if self.with_audio else None,
-                                         cfg.model.text.name if "text" in modalities else None,
-                                         cfg.data.max_text_tokens, cfg.model.speech.finetune_top_layers,
-                                         cfg.model.text.finetune_top_layers).to(self.device)
-        speech = self.backbones.speech
-        if speech is not None and speech.sample_rate != cfg.data.sample_rate:
-            raise ConfigError(f"data.sample_rate is {cfg.data.sample_rate} but speech model "
-                              f"{cfg.model.speech.name!r} expects {speech.sample_rate} Hz")
+        # Cached mode: no backbone is loaded; heads read the feature store (``ser_hpc/features``).
+        self.store = self._feature_store(cfgs) if cfg.train.features == "cached" else None
+        if self.store is not None:
+            self.backbones = FeatureShapes(self.store)
+            seed_everything(cfg.train.seed)  # extraction must not shift the heads' initialisation
+        else:
+            self.backbones = FrozenBackbones(cfg.model.speech.name if self.with_audio else None,
+                                             cfg.model.text.name if "text" in modalities else None,
+                                             cfg.data.max_text_tokens, cfg.model.speech.finetune_top_layers,
+                                             cfg.model.text.finetune_top_layers).to(self.device)
+            speech = self.backbones.speech
+            if speech is not None and speech.sample_rate != cfg.data.sample_rate:
+                raise ConfigError(f"data.sample_rate is {cfg.data.sample_rate} but speech model "
+                                  f"{cfg.model.speech.name!r} expects {speech.sample_rate} Hz")
         # Frozen backbones: one forward feeds every head, and eval outputs never change.
         self.shared_forward = needs_own_forward(cfg.to_dict()) is None
         train_labels = [e.label for e in splits.train]
         self.heads = [HeadRun(c, f, self.backbones, train_labels, env, self.device) for c, f in zip(cfgs, folders)]
-        # Prepared 16 kHz audio when data.prepared_dir is set (decoded once by the grid's first job).
-        self.audio_loader = audio_loader_for(cfg.data)
-        if isinstance(self.audio_loader, PreparedAudio) and self.with_audio:
-            self.audio_loader.check(splits.train + splits.dev + splits.test)
-        augmenter = Augmenter(cfg.data.sample_rate, cfg.data.augment_prob, cfg.data.speeds, cfg.data.snr_db,
-                              cfg.data.noise_dir, cfg.data.rir_dir)
-        self.train_set = TrainCrops(splits.train, cfg.data.sample_rate, cfg.data.crop_seconds, augmenter,
-                                    cfg.train.seed, self.with_audio, self.audio_loader)
+        if self.store is not None:
+            self.store.check([e.id for e in splits.train + splits.dev + splits.test])
+            self.collate = FeatureCollate(self.store)
+            self.train_set = CachedCrops(splits.train, self.store, cfg.data.crop_seconds, cfg.data.augment_prob,
+                                         cfg.train.seed)
+        else:
+            # Prepared 16 kHz audio when data.prepared_dir is set (decoded once by the grid's first job).
+            self.audio_loader = audio_loader_for(cfg.data)
+            if isinstance(self.audio_loader, PreparedAudio) and self.with_audio:
+                self.audio_loader.check(splits.train + splits.dev + splits.test)
+            augmenter = Augmenter(cfg.data.sample_rate, cfg.data.augment_prob, cfg.data.speeds, cfg.data.snr_db,
+                                  cfg.data.noise_dir, cfg.data.rir_dir)
+            self.collate = collate
+            self.train_set = TrainCrops(splits.train, cfg.data.sample_rate, cfg.data.crop_seconds, augmenter,
+                                        cfg.train.seed, self.with_audio, self.audio_loader)
         self.sampler = GlobalBatchSampler(len(self.train_set), cfg.train.batch_size, cfg.train.seed, env)
         # A private generator: creating a loader iterator must not consume the global RNG.
         self.train_loader = DataLoader(self.train_set, batch_size=self.sampler.per_rank, sampler=self.sampler,
-                                       num_workers=cfg.data.num_workers, collate_fn=collate,
+                                       num_workers=cfg.data.num_workers, collate_fn=self.collate,
                                        generator=torch.Generator().manual_seed(cfg.train.seed))
         self.steps_per_epoch = max(1, self.sampler.batches_per_epoch // cfg.train.grad_accum_steps)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        for h in self.heads:
+            h.total_steps = self.total_steps  # the lr schedule is a function of the step
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
         self._dev_cache: EvalFeatureCache | None = None
 
+    def _feature_store(self, cfgs: list[Config]) -> FeatureStore:
+        """The pack's feature store; the main rank extracts it when no features job did."""
+        if self.env.is_main:
+            store = extract_features(cfgs, self.device)
+        D.barrier(self.env)
+        return store if self.env.is_main else extract_features(cfgs, self.device)
+
     # ---- forward passes -----------------------------------------------------------------
-    def features(self, batch: Batch) -> BackboneOutput | None:
-        """The shared backbone forward (no graph: the backbones are frozen); None when
-        each head's model must run its own backbones (fine-tuning, DeepSpeed)."""
+    def features(self, batch: Batch | FeatureBatch) -> BackboneOutput | None:
+        """The shared backbone forward (no graph: the backbones are frozen), or the batch's
+        cached features; None when each head's model must run its own backbones
+        (fine-tuning, DeepSpeed)."""
+        if isinstance(batch, FeatureBatch):
+            f = batch.feats
+            dtype = torch.bfloat16 if self.cfg.train.bf16 else torch.float32
+            return BackboneOutput(*(None if t is None else t.to(self.device, dtype if t.is_floating_point() else t.dtype)
+                                    for t in (f.speech, f.speech_mask, f.text, f.text_mask)),
+                                  speech_layers=f.speech_layers, text_layers=f.text_layers)
         if not self.shared_forward:
             return None
         with torch.no_grad(), torch.autocast(**self.autocast):
@@ -103,8 +147,9 @@ class PackTrainer:
     # ---- evaluation ---------------------------------------------------------------------
     def eval_loader(self, examples) -> DataLoader:
         durations = [self.splits.durations.get(e.id, 0.0) for e in examples]
-        return DataLoader(WholeClips(examples, self.cfg.data.sample_rate, self.with_audio, self.audio_loader),
-                          collate_fn=collate,
+        dataset = (CachedClips(examples, self.store) if self.store is not None
+                   else WholeClips(examples, self.cfg.data.sample_rate, self.with_audio, self.audio_loader))
+        return DataLoader(dataset, collate_fn=self.collate,
                           batch_sampler=length_sorted_batches(durations, self.cfg.data.eval_batch_size),
                           num_workers=self.cfg.data.num_workers)
 
@@ -114,7 +159,7 @@ class PackTrainer:
     def _eval_batches(self, examples, heads: list[HeadRun], cache: bool):
         """(ids, labels, batch, feats) over this rank's share of ``examples``."""
         mine = examples[self.env.rank::self.env.world] if self._shard(heads) else examples
-        if cache and self.shared_forward and self.cfg.train.eval_cache:
+        if cache and self.shared_forward and self.cfg.train.eval_cache and self.store is None:
             if self._dev_cache is None:
                 self._dev_cache = EvalFeatureCache(self.features, self.eval_loader(mine), self.device,
                                                    self.cfg.train.eval_cache_dtype)
@@ -285,7 +330,24 @@ def train_pack(cfgs: list[Config], flag: PreemptionFlag | None = None) -> list[d
     the reason in every unfinished run's final.json so a grid's aggregation can report it.
     A diverged run ends as failed alone. On a preemption signal every run checkpoints and
     ``Preempted`` is raised; calling again resumes.
+
+    Every run folder is locked first (``ser_hpc.locks``; the main rank holds the locks):
+    while another live process trains one of them, ``LockHeld`` is raised before anything
+    is written. A folder is claimed (config.yaml) only once the data and backbones checked out.
     """
+    from pathlib import Path
+    env = D.detect()
+    for c in cfgs:
+        if c.run.dir and ".." in Path(c.run.dir).parts:
+            log.warning("run.dir %s is the folder %s", c.run.dir, Path(c.run.dir).resolve())
+    with hold_run_folders([c.run.dir for c in cfgs if c.run.dir], enabled=env.is_main):
+        try:
+            return _train_pack(cfgs, flag)
+        finally:
+            close_tracking([c.run.dir for c in cfgs if c.run.dir])
+
+
+def _train_pack(cfgs: list[Config], flag: PreemptionFlag | None = None) -> list[dict]:
     for cfg in cfgs:
         if not cfg.run.dir:
             raise ConfigError(f"config key 'run.dir' (the run folder) is not set for run {cfg.run.name!r}")
@@ -296,7 +358,7 @@ def train_pack(cfgs: list[Config], flag: PreemptionFlag | None = None) -> list[d
     folders = [RunFolder(c.run.dir) for c in cfgs]
     if env.is_main:
         for cfg, folder in zip(cfgs, folders):
-            folder.claim(cfg)
+            folder.check_claim(cfg)  # another config's results are refused; nothing is written yet
     D.init(env, D.device_for(env, cfgs[0].train.device))
     D.barrier(env)
     finals: list[dict | None] = [f.read_final() if f.is_done() else None for f in folders]
@@ -312,6 +374,9 @@ def train_pack(cfgs: list[Config], flag: PreemptionFlag | None = None) -> list[d
     trainer = None
     try:
         trainer = PackTrainer([cfgs[i] for i in todo], load_splits(cfgs[0].data), [folders[i] for i in todo], env)
+        if env.is_main:  # claimed only now that the data and backbones checked out
+            for i in todo:
+                folders[i].claim(cfgs[i])
         for i, record in zip(todo, trainer.fit(flag)):
             finals[i] = record
     except Preempted:

@@ -1,0 +1,48 @@
+"""Run the frozen backbones once over a corpus into the feature store (train.features=cached).
+
+    python jobs/extract_features.py RUN_CONFIG.yaml [MORE.yaml ...] [key=value ...]
+        extracts the store one run reads (data.features_dir); reused when complete
+    python jobs/extract_features.py --plan results/<grid>/plan.json [--group N]
+        a launched grid's features job: every group of cached runs, or one (an array task)
+
+Example: ``python jobs/extract_features.py configs/run/demo.yaml train.features=cached``
+"""
+import argparse
+import sys
+
+import _bootstrap  # noqa: F401  (repo root on sys.path)
+
+from ser_hpc.config import ConfigError, load_config
+from ser_hpc.data.audio import AudioError
+from ser_hpc.data.corpus import CorpusError
+from ser_hpc.features.store import FeatureStoreError
+from ser_hpc.logs import setup_logging
+from ser_hpc.models.encoders import BackboneError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("items", nargs="*", help="YAML config files, then key=value overrides")
+    parser.add_argument("--plan", help="a launched grid's plan.json")
+    parser.add_argument("--group", type=int, help="with --plan: one feature group (array task index)")
+    args = parser.parse_intermixed_args(argv)  # key=value overrides anywhere on the line
+    setup_logging()
+    try:
+        if args.plan:
+            from ser_hpc.grid.tasks import run_features
+            print("\n".join(run_features(args.plan, args.group)))
+            return 0
+        files = [a for a in args.items if "=" not in a]
+        if not files:
+            parser.error("give a run config (YAML) or --plan")
+        from ser_hpc.features.extract import extract
+        store = extract([load_config(files, [a for a in args.items if "=" in a])])
+    except (ConfigError, CorpusError, AudioError, BackboneError, FeatureStoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{store.folder}: {store.meta['clips']} clips, {store.views} view(s), {store.nbytes / 1e6:.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

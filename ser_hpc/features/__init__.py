@@ -1,0 +1,1 @@
+"""Frozen-backbone features computed once and read back by every head (``train.features=cached``)."""

@@ -1,0 +1,191 @@
+"""Cached backbone features (train.features=cached): the store, and heads trained from it."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ser_hpc.config import ConfigError, config_from_dict
+from ser_hpc.features.dataset import CachedCrops, crop_frames
+from ser_hpc.features.extract import extract, read_all_clips, store_spec
+from ser_hpc.features.store import FeatureStore, FeatureStoreError
+from ser_hpc.train.schedule import lr_factor
+from ser_hpc.train.trainer import train_pack, train_run
+from tests.conftest import run_config_tree
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def small_corpus(demo_assets, tmp_path_factory):
+    """A subset of the demo corpus (same audio): 16 train clips per class (all 12 fear clips),
+    and the first 24 test clips."""
+    root = tmp_path_factory.mktemp("feat_corpus")
+    src = demo_assets["corpus"]
+    with open(src / "train.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    label = rows[0].index("label")
+    keep = [r for r in rows[1:] if sum(x[label] == r[label] for x in rows[1:rows.index(r) + 1]) <= 16]
+    with open(root / "train.csv", "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([rows[0]] + keep)
+    for name in ("test.csv", "test_labels.csv"):
+        with open(src / name, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+        with open(root / name, "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerows(rows[:25])
+    return root
+
+
+def _tree(assets, corpus, run_dir, features_dir, **over):
+    tree = run_config_tree(assets, run_dir, **{"data.features_dir": str(features_dir), "data.augment_prob": 0.0,
+                                               "train.max_steps": 8, "train.eval_every": 4, "train.log_every": 4,
+                                               "train.batch_size": 8, **over})
+    tree["data"].update(train_csv=str(corpus / "train.csv"), test_csv=str(corpus / "test.csv"),
+                        test_labels_csv=str(corpus / "test_labels.csv"))
+    return tree
+
+
+def _cfg(assets, corpus, run_dir, features_dir, **over):
+    return config_from_dict(_tree(assets, corpus, run_dir, features_dir, **over))
+
+
+def test_cached_run_equals_online_run_on_whole_clips(demo_assets, small_corpus, tmp_path):
+    """With whole clips (no crop) and no augmentation a cached run sees the same backbone
+    outputs as an online one, up to float16 storage: same dev predictions, within tolerance."""
+    over = {"data.crop_seconds": 0.0, "model.speech.layers": "weighted", "train.max_steps": 12,
+            "train.eval_every": 6}
+    online = train_run(_cfg(demo_assets, small_corpus, tmp_path / "online", tmp_path / "feat", **over))
+    cached = train_run(_cfg(demo_assets, small_corpus, tmp_path / "cached", tmp_path / "feat",
+                            **over, **{"train.features": "cached"}))
+    assert online["status"] == cached["status"] == "done"
+    assert cached["dev_macro_f1"] == pytest.approx(online["dev_macro_f1"], abs=0.03)
+
+    def probs(run):
+        with open(tmp_path / run / "dev_probs.csv", newline="") as fh:
+            return np.array([[float(v) for v in list(r.values())[2:]] for r in csv.DictReader(fh)])
+    a, b = probs("online"), probs("cached")
+    assert a.shape == b.shape and np.abs(a - b).max() < 0.02, np.abs(a - b).max()
+    assert (a.argmax(1) == b.argmax(1)).mean() > 0.95
+    # The store holds every clip once, at its true length, in float16.
+    store = FeatureStore(next((tmp_path / "feat").iterdir()))
+    assert store.meta["clips"] == 5 * 16 + 12 + 24 and store.views == 1
+    clip = read_all_clips(_cfg(demo_assets, small_corpus, tmp_path / "x", tmp_path / "feat")).examples[0]
+    states = store.speech(clip.id)
+    assert states.dtype == np.float16 and states.shape[1:] == (4, 64)  # transformer layers 1-4 of wav2vec2-tiny
+    import soundfile as sf
+    seconds = sf.info(str(clip.audio_path)).duration
+    assert abs(len(states) - seconds * 50) < 3  # 20 ms frames, no padding stored
+
+
+def test_store_reused_invalidated_and_torn_shard_refused(demo_assets, small_corpus, tmp_path):
+    feat = tmp_path / "feat"
+    cfg = _cfg(demo_assets, small_corpus, tmp_path / "r", feat, **{"train.features": "cached"})
+    first = extract([cfg])
+    shard = first.folder / "speech_v0.npy"
+    mtime = shard.stat().st_mtime_ns
+    again = extract([cfg])  # a relaunch, or a second grid on the same corpus and backbones
+    assert again.folder == first.folder and shard.stat().st_mtime_ns == mtime
+    # A head that reads fewer layers reuses the store that holds more.
+    last = _cfg(demo_assets, small_corpus, tmp_path / "r", feat, **{"train.features": "cached",
+                                                                     "model.speech.layers": "last"})
+    assert extract([last]).folder == first.folder
+    # A changed corpus (one transcription edited) gets a new store; the old one is kept.
+    changed = tmp_path / "changed"
+    shutil.copytree(small_corpus, changed)
+    text = (changed / "train.csv").read_text(encoding="utf-8").splitlines()
+    head, row = text[0], text[1].rsplit(",", 1)
+    text[1] = row[0] + ',"una frase distinta"'
+    (changed / "train.csv").write_text("\n".join([head] + text[1:]) + "\n", encoding="utf-8")
+    cfg2 = _cfg(demo_assets, changed, tmp_path / "r", feat, **{"train.features": "cached"})
+    spec1 = store_spec([cfg], read_all_clips(cfg))
+    spec2 = store_spec([cfg2], read_all_clips(cfg2))
+    assert spec1["corpus"] != spec2["corpus"]
+    second = extract([cfg2])
+    assert second.folder != first.folder and (first.folder / "meta.json").exists()
+    # A torn shard (a truncated copy) is refused by name, never read.
+    with open(second.folder / "text.npy", "r+b") as fh:
+        fh.truncate(fh.seek(0, 2) - 100)
+    with pytest.raises(FeatureStoreError, match=r"text\.npy is torn"):
+        FeatureStore(second.folder)
+
+
+def test_augmented_views_and_feature_space_crops(demo_assets, small_corpus, tmp_path):
+    cfg = _cfg(demo_assets, small_corpus, tmp_path / "r", tmp_path / "feat",
+               **{"train.features": "cached", "data.cached_augment_copies": 2, "data.crop_seconds": 1.0})
+    store = extract([cfg])
+    assert store.views == 3
+    corpus = read_all_clips(cfg)
+    train = [e for e in corpus.examples if e.id in corpus.train_ids]
+    test = [e for e in corpus.examples if e.id not in corpus.train_ids]
+    assert all(store.has_view(e.id, 2) for e in train) and not any(store.has_view(e.id, 1) for e in test)
+    # A view is the clip augmented (differs), as long as speed perturbation allows.
+    e = train[0]
+    assert not np.array_equal(store.speech(e.id, 0)[:10], store.speech(e.id, 1)[:10])
+    assert crop_frames(store, 1.0) == 49  # the conv stack's frames for 1 s, as the backbone counts them
+    always = CachedCrops(train, store, 1.0, 1.0, seed=3)
+    never = CachedCrops(train, store, 1.0, 0.0, seed=3)
+    items = [always[i]["speech"] for i in range(8)]
+    assert all(x.shape == (49, 4, 64) for x in items)
+    clean = [never[i]["speech"] for i in range(8)]
+    assert any(not np.array_equal(a, b) for a, b in zip(items, clean))
+    # Same (seed, epoch, index) -> same crop and view; another epoch draws again.
+    assert np.array_equal(CachedCrops(train, store, 1.0, 1.0, seed=3)[5]["speech"], items[5])
+
+
+def test_cached_pack_resumes_exactly(demo_assets, small_corpus, tmp_path):
+    """A killed cached pack resumes from its checkpoint to the same result (same data order, RNG)."""
+    # plateau + warmup: the lr of the first 4 steps does not depend on the run's length
+    over = {"train.features": "cached", "model.fusion": "late", "train.lr_schedule": "plateau",
+            "train.warmup_steps": 3, "train.lr_patience": 1, "train.lr_decay": 0.5}
+    whole = train_run(_cfg(demo_assets, small_corpus, tmp_path / "whole", tmp_path / "feat", **over))
+    cut = _cfg(demo_assets, small_corpus, tmp_path / "cut", tmp_path / "feat", **over, **{"train.max_steps": 4})
+    train_run(cut)
+    # Relaunch the same run with the full schedule from its step-4 checkpoint.
+    tree = _tree(demo_assets, small_corpus, tmp_path / "cut", tmp_path / "feat", **over)
+    (tmp_path / "cut" / "final.json").unlink()
+    (tmp_path / "cut" / "config.yaml").write_text(config_from_dict(tree).to_yaml())
+    resumed = train_run(config_from_dict(tree))
+    assert resumed["resumed_from"] == [4]
+    assert resumed["dev_macro_f1"] == whole["dev_macro_f1"]
+    assert (tmp_path / "cut" / "dev_probs.csv").read_text() == (tmp_path / "whole" / "dev_probs.csv").read_text()
+
+
+def test_cached_refuses_finetuning_and_deepspeed(demo_assets, small_corpus, tmp_path):
+    with pytest.raises(ConfigError, match="cannot fine-tune backbone layers"):
+        _cfg(demo_assets, small_corpus, tmp_path, tmp_path / "f",
+             **{"train.features": "cached", "model.speech.finetune_top_layers": 1})
+    with pytest.raises(ConfigError, match="deepspeed"):
+        _cfg(demo_assets, small_corpus, tmp_path, tmp_path / "f",
+             **{"train.features": "cached", "train.strategy": "deepspeed"})
+    tree = _tree(demo_assets, small_corpus, tmp_path, tmp_path / "f", **{"train.features": "cached"})
+    tree["data"]["features_dir"] = None
+    with pytest.raises(ConfigError, match="data.features_dir"):
+        config_from_dict(tree)
+
+
+@pytest.mark.parametrize("schedule", ["plateau", "cosine", "linear"])
+def test_lr_schedules(schedule):
+    f = [lr_factor(schedule, s, 100, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup over 10 steps
+    assert all(a <= b + 1e-12 for a, b in zip(f[:10], f[1:10]))
+    if schedule == "plateau":
+        assert f[10:] == [1.0] * 90
+        assert lr_factor("plateau", 50, 100, 10, plateau_scale=0.81) == pytest.approx(0.81)
+    else:
+        assert f[10] == pytest.approx(1.0) and f[-1] < 0.02  # decays to ~0 at the last step
+        assert all(a >= b for a, b in zip(f[10:], f[11:]))
+        assert f[55] == pytest.approx(0.5, abs=0.02)
+
+
+def test_every_pooling_and_fusion_trains_in_one_pack(demo_assets, small_corpus, tmp_path):
+    variants = [(p, f) for p in ("attention", "mean", "attentive_stats") for f in ("early", "late")]
+    cfgs = [_cfg(demo_assets, small_corpus, tmp_path / f"{p}-{f}", tmp_path / "feat",
+                 **{"train.features": "cached", "model.pooling": p, "model.fusion": f, "run.name": f"{p}-{f}"})
+            for p, f in variants]
+    finals = train_pack(cfgs)
+    assert [r["status"] for r in finals] == ["done"] * 6
+    for (p, f), final in zip(variants, finals):
+        cfg = json.loads((tmp_path / f"{p}-{f}" / "final.json").read_text())
+        assert cfg["dev_macro_f1"] == final["dev_macro_f1"] and final["test_macro_f1"] is not None
