@@ -89,6 +89,21 @@ def test_ddp_two_ranks_under_torchrun_match_one_process(demo_assets, tmp_path):
     assert_same_run(tmp_path / "single", tmp_path / "ddp")  # tolerance 1e-5 on losses
 
 
+def test_cached_features_under_ddp_match_one_process(demo_assets, tmp_path):
+    """train.features=cached under 2 DDP ranks: the same run as one process (the store is
+    extracted by the single run and reused by the DDP one)."""
+    cached = {**SAME, "train.features": "cached", "data.features_dir": str(tmp_path / "feat")}
+    single = _write_cfg(demo_assets, tmp_path, "single", **cached)
+    ddp = _write_cfg(demo_assets, tmp_path, "ddp", **cached, **{"train.strategy": "ddp"})
+    subprocess.run([sys.executable, TRAIN, str(single)], env=_env(), check=True, capture_output=True, timeout=900)
+    res = subprocess.run([TORCHRUN, "--nproc_per_node=2", "--master_port=29637", TRAIN, str(ddp)], env=_env(),
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _final(tmp_path / "ddp")["world_size"] == 2
+    assert len(list((tmp_path / "feat").iterdir())) == 1  # one store, extracted once
+    assert_same_run(tmp_path / "single", tmp_path / "ddp")
+
+
 def test_a_pack_under_ddp_matches_each_run_alone(demo_assets, tmp_path):
     """Two heads in one pack, two DDP ranks (jobs/train.py --plan --pack under torchrun):
     each run ends as it does alone in one process."""

@@ -189,3 +189,24 @@ def test_every_pooling_and_fusion_trains_in_one_pack(demo_assets, small_corpus, 
     for (p, f), final in zip(variants, finals):
         cfg = json.loads((tmp_path / f"{p}-{f}" / "final.json").read_text())
         assert cfg["dev_macro_f1"] == final["dev_macro_f1"] and final["test_macro_f1"] is not None
+
+
+def test_online_evaluation_reads_a_memory_mapped_store(demo_assets, small_corpus, tmp_path):
+    """Online training with data.features_dir keeps dev/test backbone outputs in a float16
+    store of just those clips (memory-mapped), not in RAM: same dev predictions within
+    float16 precision as the in-memory float32 cache."""
+    ram = train_run(_cfg(demo_assets, small_corpus, tmp_path / "ram", tmp_path / "unused",
+                         **{"data.features_dir": None}))
+    disk = train_run(_cfg(demo_assets, small_corpus, tmp_path / "disk", tmp_path / "feat"))
+    assert ram["status"] == disk["status"] == "done"
+    store = FeatureStore(next((tmp_path / "feat").iterdir()))
+    n_train_csv = 5 * 16 + 12
+    assert store.meta["clips"] == round(0.16 * n_train_csv) + 24  # the dev split and the test clips only
+    assert not (tmp_path / "unused").exists()
+
+    def probs(run, name):
+        with open(tmp_path / run / name, newline="") as fh:
+            return np.array([[float(v) for v in list(r.values())[2:]] for r in csv.DictReader(fh)])
+    for name in ("dev_probs.csv", "test_probs.csv"):
+        a, b = probs("ram", name), probs("disk", name)
+        assert a.shape == b.shape and np.abs(a - b).max() < 0.02, (name, np.abs(a - b).max())

@@ -87,6 +87,13 @@ def store_spec(cfgs: list[Config], corpus: Corpus) -> dict:
     return spec
 
 
+def _without_views(cfg: Config) -> Config:
+    import copy
+    cfg = copy.deepcopy(cfg)
+    cfg.data.cached_augment_copies = 0
+    return cfg
+
+
 def _without_layers(spec: dict) -> dict:
     return {k: ({kk: vv for kk, vv in v.items() if kk != "layers"} if k in ("speech", "text") and v else v)
             for k, v in spec.items()}
@@ -148,14 +155,21 @@ def _estimate_bytes(spec: dict, corpus: Corpus, backbones, views: int) -> int:
     return total
 
 
-def extract(cfgs: list[Config], device: torch.device | None = None, progress_every: float = 30.0) -> FeatureStore:
-    """The store for this pack's heads: reused when complete, else extracted now."""
+def extract(cfgs: list[Config], device: torch.device | None = None, progress_every: float = 30.0,
+            only: set[str] | None = None) -> FeatureStore:
+    """The store for this pack's heads: reused when complete, else extracted now.
+
+    ``only``: a store of just these clips, without augmented views (online training's
+    evaluation cache: dev and test clips, memory-mapped instead of held in RAM)."""
     from ..models.encoders import FrozenBackbones
     cfg = cfgs[0]
     if not cfg.data.features_dir:
         from ..config import ConfigError
         raise ConfigError("data.features_dir is not set: nowhere to store the features")
     corpus = read_all_clips(cfg)
+    if only is not None:
+        corpus = Corpus([e for e in corpus.examples if e.id in only], set(), corpus.durations)
+        cfgs = [_without_views(c) for c in cfgs]
     spec = store_spec(cfgs, corpus)
     folder = store_folder(cfg, spec)
     store = find_store(cfg, spec)

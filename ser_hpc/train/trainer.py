@@ -114,13 +114,22 @@ class PackTrainer:
             h.total_steps = self.total_steps  # the lr schedule is a function of the step
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
         self._dev_cache: EvalFeatureCache | None = None
+        # Online training with data.features_dir: dev and test backbone outputs go to a float16
+        # store of just those clips, memory-mapped, instead of host RAM (an XLS-R pair's dev
+        # set is ~25 GB in float32); without it, the in-memory cache (train.eval_cache_dtype).
+        self.eval_store = self.store
+        if self.store is None and cfg.data.features_dir and cfg.train.eval_cache and self.shared_forward:
+            ids = {e.id for e in splits.dev + splits.test}
+            self.eval_store = self._feature_store(cfgs, only=ids)
+            log.info("evaluation features: %d clips, %.1f MB on disk (memory-mapped) in %s", len(ids),
+                     self.eval_store.nbytes / 1e6, self.eval_store.folder)
 
-    def _feature_store(self, cfgs: list[Config]) -> FeatureStore:
+    def _feature_store(self, cfgs: list[Config], only: set[str] | None = None) -> FeatureStore:
         """The pack's feature store; the main rank extracts it when no features job did."""
         if self.env.is_main:
-            store = extract_features(cfgs, self.device)
+            store = extract_features(cfgs, self.device, only=only)
         D.barrier(self.env)
-        return store if self.env.is_main else extract_features(cfgs, self.device)
+        return store if self.env.is_main else extract_features(cfgs, self.device, only=only)
 
     # ---- forward passes -----------------------------------------------------------------
     def features(self, batch: Batch | FeatureBatch) -> BackboneOutput | None:
@@ -145,11 +154,12 @@ class PackTrainer:
             return head.engine.forward(batch.waves, batch.wave_lengths, batch.texts).float()
 
     # ---- evaluation ---------------------------------------------------------------------
-    def eval_loader(self, examples) -> DataLoader:
+    def eval_loader(self, examples, cached: bool = False) -> DataLoader:
         durations = [self.splits.durations.get(e.id, 0.0) for e in examples]
-        dataset = (CachedClips(examples, self.store) if self.store is not None
+        store = self.eval_store if self.store is None and cached else self.store
+        dataset = (CachedClips(examples, store) if store is not None
                    else WholeClips(examples, self.cfg.data.sample_rate, self.with_audio, self.audio_loader))
-        return DataLoader(dataset, collate_fn=self.collate,
+        return DataLoader(dataset, collate_fn=FeatureCollate(store) if store is not None else collate,
                           batch_sampler=length_sorted_batches(durations, self.cfg.data.eval_batch_size),
                           num_workers=self.cfg.data.num_workers)
 
@@ -159,6 +169,10 @@ class PackTrainer:
     def _eval_batches(self, examples, heads: list[HeadRun], cache: bool):
         """(ids, labels, batch, feats) over this rank's share of ``examples``."""
         mine = examples[self.env.rank::self.env.world] if self._shard(heads) else examples
+        if cache and self.eval_store is not None:
+            for batch in self.eval_loader(mine, cached=True):
+                yield batch.ids, batch.labels, None, self.features(batch)
+            return
         if cache and self.shared_forward and self.cfg.train.eval_cache and self.store is None:
             if self._dev_cache is None:
                 self._dev_cache = EvalFeatureCache(self.features, self.eval_loader(mine), self.device,
@@ -311,7 +325,7 @@ class PackTrainer:
         if done and self.splits.test:
             for h in done:
                 h.engine.load_best(h.folder)
-            tests = self.predict(done, self.splits.test)
+            tests = self.predict(done, self.splits.test, cache=self.eval_store is not None)
         finals = []
         for h in self.heads:
             k = done.index(h) if h in done else None
