@@ -41,10 +41,10 @@ def missing_model(kind: str, name: str) -> BackboneError | None:
     if folder.exists() or not (_looks_like_path(name) or _hub_id_problem(name)):
         return None
     return BackboneError(
-        f"{kind} model {name!r}: the folder {folder.absolute()} does not exist"
+        f"{kind} model path does not exist: {name} ({kind} model {name!r}: the folder {folder.absolute()} does not exist"
         + ("" if _looks_like_path(name) else
            ", and it is not a Hugging Face hub id either (those are 'name' or 'namespace/name')")
-        + f". Check the path (relative paths start from the current directory, {Path.cwd()}).")
+        + f"). Check the path (relative paths start from the current directory, {Path.cwd()}).")
 
 
 def _load(kind: str, name: str, loader, **kwargs):
