@@ -19,7 +19,7 @@ from ser_hpc.config import ConfigError
 from ser_hpc.data.audio import AudioError
 from ser_hpc.data.corpus import CorpusError
 from ser_hpc.grid.checks import CheckError
-from ser_hpc.grid.launch import describe, emit_sbatch, launch, prepare, summary
+from ser_hpc.grid.launch import describe, describe_problems, emit_sbatch, launch, prepare, summary
 from ser_hpc.locks import LockHeld
 from ser_hpc.logs import setup_logging
 from ser_hpc.models.encoders import BackboneError
@@ -45,7 +45,11 @@ def main(argv=None) -> int:
         print(f"error: {exc}\nnothing was submitted", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(describe(lp))
+        print(describe(lp), flush=True)  # the plan first, then what stops it
+    if lp.problems:
+        print(f"error: {describe_problems(lp)}\nnothing was submitted", file=sys.stderr)
+        return 2
+    if args.dry_run:
         return 0
     try:
         if args.emit_sbatch:

@@ -592,3 +592,24 @@ def test_tensorboard_failure_never_fails_training(tiny, tmp_path, monkeypatch, c
     final = train_run(_cfg(tiny, tmp_path / "run", **{"train.max_steps": 2}))
     assert final["status"] == "done" and metric_steps(tmp_path / "run") == [1, 2]
     assert caplog.text.count("TensorBoard: cannot write events") == 1  # once, not per evaluation
+
+
+def test_dry_run_of_the_paper_grid_without_data_or_models_prints_the_plan_then_every_problem(tmp_path):
+    """From an empty folder with an empty model cache: the 28-run plan first (runs, packs,
+    sbatch lines, estimated GPU-hours), then every problem, and a non-zero exit."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, str(REPO / "jobs" / "launch_grid.py"),
+                          str(REPO / "configs" / "grid" / "emospeech2024.yaml"), "--dry-run"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    out = res.stdout
+    assert out.startswith("grid emospeech2024: 28 runs in 7 packs")
+    assert "profile marenostrum5" in out  # the grid's cluster profile, found from another folder
+    assert sum(line.startswith("  pack ") for line in out.splitlines()) == 28
+    assert "train array:  sbatch --array=" in out and "GPU-hours" in out
+    err = res.stderr
+    assert "CSV file not found: data/EmoSPeech2024/EmoSPeech_phase_2_train.csv" in err
+    assert err.count("no config.json in the hub cache") == 8  # 4 speech + 4 text backbones
+    assert "python jobs/prefetch_models.py" in err and "nothing was submitted" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "results").exists()

@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config import DataConfig, config_from_dict
-from ..data.corpus import read_corpus
+from ..config import ConfigError, DataConfig, config_from_dict
+from ..data.audio import AudioError
+from ..data.corpus import CorpusError, read_corpus
 from ..data.sources import load_splits
 from .expand import PlannedRun
 
@@ -26,8 +27,9 @@ class CheckError(ValueError):
     """A pre-submission check failed; nothing was submitted."""
 
 
-def check_data(runs: list[PlannedRun], quick: bool = False) -> int:
-    """Read every distinct data config once. ``quick`` checks files exist but does not open them."""
+def check_data(runs: list[PlannedRun], quick: bool = False, problems: list[str] | None = None) -> int:
+    """Read every distinct data config once. ``quick`` checks files exist but does not open them.
+    With ``problems``, each failure is appended there instead of raised."""
     seen: set[str] = set()
     for run in runs:
         data = config_from_dict(run.config).data
@@ -35,7 +37,12 @@ def check_data(runs: list[PlannedRun], quick: bool = False) -> int:
         if key in seen:
             continue
         seen.add(key)
-        _check_one_data(data, quick)
+        try:
+            _check_one_data(data, quick)
+        except (CorpusError, AudioError, CheckError, ConfigError) as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
     return len(seen)
 
 

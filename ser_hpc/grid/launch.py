@@ -6,7 +6,7 @@ import platform
 import shlex
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,9 @@ import yaml
 from .. import atomic_io
 from ..config import ConfigError, parse_override
 from ..locks import launch_lock
-from ..models.encoders import missing_model
+from ..models.encoders import BackboneError, missing_model
 from ..train.packing import needs_own_forward
-from .checks import check_backbones, check_data
+from .checks import CheckError, check_backbone, check_data
 from .cluster import ClusterProfile, job_env_lines, load_profile, sbatch_args
 from .expand import PlannedRun, expand, make_packs
 from .plan import build_plan, read_plan, run_states, write_plan
@@ -41,6 +41,7 @@ class LaunchPlan:
     to_run: list[int]            # pack indices to (re)submit
     prepare: bool = False        # some clips still need decoding into data.prepared_dir
     features: int = 0            # feature-store groups to extract before training (train.features=cached)
+    problems: list[str] = field(default_factory=list)  # every failed check; nothing is submitted while any
 
     @property
     def skipped(self) -> list[PlannedRun]:
@@ -54,25 +55,44 @@ def prepare(grid_path: str, overrides: list[str], cluster: str | None = None, pr
     spec = load_grid(grid_path, cli)
     runs = expand(spec)
     packs = make_packs(runs, spec.pack_size)
-    profile_file = profile_path or spec.cluster or "configs/cluster/local.yaml"
+    profile_file = Path(profile_path or spec.cluster or "configs/cluster/local.yaml")
+    if not profile_path and not profile_file.is_absolute() and not profile_file.exists():
+        # the grid's cluster: relative to the working directory, else to the grid file, else to the repository
+        profile_file = next((c for c in (Path(grid_path).parent / profile_file, REPO / profile_file) if c.exists()),
+                            profile_file)
     profile = load_profile(profile_file)
     if cluster:
         profile.executor = cluster
-    n_data = check_data(runs, quick=quick_check)
-    for kind, modality in (("speech", "audio"), ("text", "text")):  # a missing folder, named as such
+    # The plan exists from here on: every check below reports its problem and goes on, so a
+    # dry run shows the whole plan and then everything that needs fixing, not the first error.
+    problems: list[str] = []
+    n_data = check_data(runs, quick=quick_check, problems=problems)
+    names = {}
+    for kind, modality in (("speech", "audio"), ("text", "text")):
         for name in sorted({r.config["model"][kind]["name"] for r in runs
                             if modality in r.config["model"]["modalities"].split("+")}):
-            error = missing_model(kind, name)
+            names[(kind, name)] = missing_model(kind, name)  # a missing folder, named as such
+    not_cached = 0
+    for (kind, name), error in names.items():
+        try:
             if error is not None:
                 raise error
-    models = check_backbones(runs)
-    log.info("checked %d data config(s) and %d backbone(s): %s", n_data, len(models),
-             ", ".join(f"{k} {n}" for k, n in models))
+            check_backbone(name, kind)
+        except (BackboneError, CheckError) as exc:
+            problems.append(str(exc))
+            not_cached += error is None and not Path(name).expanduser().exists()
+    if not_cached:
+        problems.append(f"to fetch the {not_cached} hub model(s) above on the login node: "
+                        f"HF_HOME=<the cluster's shared cache> python jobs/prefetch_models.py {grid_path}")
+    log.info("checked %d data config(s) and %d backbone(s)", n_data, len(names))
     plan = build_plan(spec, runs, packs)
     states = run_states(plan)
     to_run = [i for i, pack in enumerate(packs) if any(states[r.run_id] != "done" for r in pack)]
-    return LaunchPlan(spec, profile, runs, packs, states, to_run, bool(to_run) and needs_preparation(plan),
-                      len(feature_groups(plan)) if to_run and needs_features(plan) else 0)
+    lp = LaunchPlan(spec, profile, runs, packs, states, to_run, problems=problems)
+    if to_run and not problems:  # both read the corpus, which the checks above found usable
+        lp.prepare = needs_preparation(plan)
+        lp.features = len(feature_groups(plan)) if needs_features(plan) else 0
+    return lp
 
 
 def needs_features(plan: dict) -> bool:
@@ -122,6 +142,11 @@ def describe(lp: LaunchPlan) -> str:
         lines.append(f"  pack {r.pack:3d}  {lp.states[r.run_id]:7s}  {r.run_id}  ({r.name})")
     lines.append("")
     lines.append(f"to submit: {len(lp.to_run)} pack(s) {lp.to_run}; skipping {len(lp.skipped)} finished run(s)")
+    res = lp.profile.train
+    gpus = res.gpus_per_task * res.tasks_per_node * res.nodes
+    hours = len(lp.to_run) * res.time_min / 60
+    lines.append(f"estimated cost, at most: {len(lp.to_run)} task(s) x {res.time_min} min time limit = {hours:.1f} h"
+                 + (f", {hours * gpus:.1f} GPU-hours ({gpus} GPU(s) per task)" if gpus else " (no GPUs requested)"))
     if lp.prepare:
         lines.append("first: a data-preparation job (decodes the audio once into data.prepared_dir)")
     if lp.features:
@@ -145,6 +170,14 @@ def describe(lp: LaunchPlan) -> str:
         lines.append("aggregation:  sbatch --dependency=afterany:<array> " +
                      " ".join(shlex.quote(a) for a in sbatch_args(lp.profile.aggregate, job_name(lp.spec.name, "aggregate"))))
     return "\n".join(lines)
+
+
+def describe_problems(lp: LaunchPlan) -> str:
+    """Every failed check, numbered; empty when there is none."""
+    if not lp.problems:
+        return ""
+    return (f"{len(lp.problems)} problem(s) to fix before this grid can be submitted:\n"
+            + "\n".join(f"  {i}. {p}" for i, p in enumerate(lp.problems, 1)))
 
 
 def write_grid_files(lp: LaunchPlan) -> Path:
