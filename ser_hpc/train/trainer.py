@@ -350,6 +350,10 @@ def train_pack(cfgs: list[Config], flag: PreemptionFlag | None = None) -> list[d
     is written. A folder is claimed (config.yaml) only once the data and backbones checked out.
     """
     from pathlib import Path
+    for cfg in cfgs:
+        if not cfg.run.dir:
+            raise ConfigError(f"config key 'run.dir' (the run folder) is not set for run {cfg.run.name!r}")
+    check_pack(cfgs)  # a pack that cannot be is refused before any folder (or lock) is made
     env = D.detect()
     for c in cfgs:
         if c.run.dir and ".." in Path(c.run.dir).parts:
@@ -362,10 +366,6 @@ def train_pack(cfgs: list[Config], flag: PreemptionFlag | None = None) -> list[d
 
 
 def _train_pack(cfgs: list[Config], flag: PreemptionFlag | None = None) -> list[dict]:
-    for cfg in cfgs:
-        if not cfg.run.dir:
-            raise ConfigError(f"config key 'run.dir' (the run folder) is not set for run {cfg.run.name!r}")
-    check_pack(cfgs)
     env = D.detect()
     if env.enabled and cfgs[0].train.strategy == "single":
         raise ConfigError(f"{env.world} ranks were started but train.strategy is 'single'; use ddp or deepspeed")
