@@ -324,7 +324,7 @@ def run(args) -> dict:
             feats = features()
         counted = counter.get_total_flops()
         counted_speech, counted_text = module_flops(counter, ".speech"), module_flops(counter, ".text")
-        probe = build_head(heads[0].cfg.model, backbones).to(device)
+        probe = build_head(heads[0].cfg.model, backbones, len(heads[0].labels)).to(device)
         with flop_counter() as head_counter:
             with torch.autocast(**autocast):
                 logits = probe(feats).float()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 
-from ser_hpc.config import ConfigError, load_config, valid_keys
+from ser_hpc.config import ConfigError, key_help, load_config
 from ser_hpc.data.audio import AudioError
 from ser_hpc.data.corpus import CorpusError
 from ser_hpc.grid.tasks import run_pack
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
                         help="if another process is training the same run folder, wait for it instead of stopping")
     args = parser.parse_intermixed_args(argv)  # key=value overrides anywhere on the line
     if args.keys:
-        print("\n".join(valid_keys()))
+        print("\n".join(key_help()))
         return 0
     setup_logging()
     if args.plan:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -25,8 +26,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    format: str = "emospeech"            # "emospeech" (train_csv/dev_csv/test_csv), "manifest" (data.manifest), "emobox" (data.root)
+    labels: list[str] | None = None      # ordered class names; null = derive (emospeech: its six; emobox: label_map.json; manifest: sorted train labels)
+    label_map: dict[str, str | None] | None = None  # raw label -> class name; several may map to one; null drops the clip
+    manifest: str = ""                   # format=manifest: a .csv, .tsv or .jsonl file, one clip per row
+    columns: dict[str, str] | None = None  # format=manifest: logical name (audio, label, text, speaker, split, id) -> column
+    root: str = ""                       # format=emobox: EmoBox's data/<corpus>/ folder (<corpus>.jsonl, label_map.json, fold_K/)
+    fold: int = 0                        # test fold (1..K) of EmoBox folds or of data.folds; 0 = none (emobox with one fold: that one)
+    folds: int = 0                       # format=manifest: generate K folds, stratified by label and grouped by speaker
     train_csv: str = ""                  # EmoSPeech CSV: id,label,transcription
-    audio_dir: str = ""                  # folder holding the files named by `id`
+    audio_dir: str = ""                  # folder holding the audio files (EmoSPeech: named by `id`; manifest/emobox: relative paths start here)
     dev_csv: str | None = None           # explicit dev split; otherwise split from train_csv
     dev_fraction: float = 0.16           # the authors' 480 of 3000
     split_seed: int = 1234
@@ -120,6 +129,7 @@ class Config:
 
 
 _CHOICES = {
+    "data.format": ("emospeech", "manifest", "emobox"),
     "model.modalities": ("audio+text", "audio", "text"),
     "model.speech.layers": ("weighted", "weighted_all", "last"),
     "model.text.layers": ("weighted", "weighted_all", "last"),
@@ -133,16 +143,28 @@ _CHOICES = {
 }
 
 
-def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every settable dotted key, e.g. ``train.lr``."""
-    keys = []
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    """A config class's field types, resolved once: typing.get_type_hints evaluates every
+    string annotation again on each call, and set_key runs for every key of every run."""
+    return typing.get_type_hints(cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _valid_keys(cls: type, prefix: str) -> tuple[str, ...]:
+    keys: list[str] = []
     for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
+        hint = _hints(cls)[f.name]
         if dataclasses.is_dataclass(hint):
-            keys += valid_keys(hint, f"{prefix}{f.name}.")
+            keys += _valid_keys(hint, f"{prefix}{f.name}.")
         else:
             keys.append(f"{prefix}{f.name}")
-    return keys
+    return tuple(keys)
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every settable dotted key, e.g. ``train.lr``."""
+    return list(_valid_keys(cls, prefix))
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
@@ -161,6 +183,11 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key, where)
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' ({where}) must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, item, f"{key}.{k}", where) for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -182,17 +209,30 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     return value
 
 
+def _is_mapping(hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(typing.get_origin(a) is dict for a in typing.get_args(hint))
+    return typing.get_origin(hint) is dict
+
+
 def set_key(cfg: Config, key: str, value: Any, where: str = "override") -> None:
     """Set a dotted key on the config tree, validating key and type."""
     parts = key.split(".")
     node: Any = cfg
-    for part in parts[:-1]:
-        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+    for i, part in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(node) or part not in _hints(type(node)):
             raise _unknown_key(key, where)
+        hint = _hints(type(node))[part]
+        if _is_mapping(hint):
+            # data.label_map.exc=happy: the rest of the key (dots included) is one mapping key
+            mapping = dict(getattr(node, part) or {})
+            mapping[".".join(parts[i + 1:])] = value
+            setattr(node, part, _coerce(mapping, hint, ".".join(parts[:i + 1]), where))
+            return
         node = getattr(node, part)
     if not dataclasses.is_dataclass(node):
         raise _unknown_key(key, where)
-    hints = typing.get_type_hints(type(node))
+    hints = _hints(type(node))
     last = parts[-1]
     if last not in hints:
         raise _unknown_key(key, where)
@@ -275,6 +315,31 @@ def config_from_dict(tree: dict[str, Any], where: str = "config") -> Config:
     return cfg
 
 
+def _validate_corpus(data: DataConfig) -> None:
+    """The keys each corpus format needs; the files themselves are checked by ser_hpc.data."""
+    needs = {"manifest": "manifest", "emobox": "root"}.get(data.format)
+    if needs and not getattr(data, needs):
+        raise ConfigError(f"data.format={data.format} needs data.{needs}")
+    if data.folds == 1:
+        raise ConfigError("config key 'data.folds' must be 0 (no folds) or >= 2, got 1")
+    if data.folds and data.format != "manifest":
+        raise ConfigError(f"data.folds generates folds for a manifest; data.format is {data.format}"
+                          + (" (EmoBox publishes its own folds: choose one with data.fold)" if data.format == "emobox" else ""))
+    if data.folds and data.fold > data.folds:
+        raise ConfigError(f"data.fold={data.fold} but data.folds={data.folds}: folds are numbered 1..{data.folds}")
+    if data.fold and data.format == "emospeech":
+        raise ConfigError("data.fold selects a test fold of an EmoBox corpus or of a manifest with data.folds; "
+                          "the EmoSPeech format has fixed splits")
+    if data.labels is not None:
+        if not data.labels:
+            raise ConfigError("config key 'data.labels' is an empty list; give the class names, or null to derive them")
+        repeated = sorted({x for x in data.labels if data.labels.count(x) > 1})
+        if repeated:
+            raise ConfigError(f"config key 'data.labels' repeats {', '.join(repeated)}")
+        if len(data.labels) < 2:
+            raise ConfigError(f"config key 'data.labels' needs at least 2 classes, got {data.labels}")
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
     flat = flatten(cfg.to_dict())
@@ -297,13 +362,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]!r}")
     for key in ["model.hidden_layers", "model.fusion_attention_heads", "train.max_steps", "train.epochs",
                 "model.speech.finetune_top_layers", "model.text.finetune_top_layers", "train.checkpoint_every",
-                "train.max_requeues", "train.warmup_steps", "data.crop_seconds", "data.cached_augment_copies",
+                "train.max_requeues", "train.warmup_steps", "data.fold", "data.folds", "data.crop_seconds", "data.cached_augment_copies",
                 "train.weight_decay", "train.early_stop_patience", "train.max_grad_norm", "data.num_workers"]:
         if flat[key] < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]!r}")
     for key in ["data.augment_prob", "model.dropout", "data.dev_fraction"]:
         if not 0 <= flat[key] < 1 or (key == "data.dev_fraction" and flat[key] == 0 and not cfg.data.dev_csv):
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {flat[key]!r}")
+    _validate_corpus(cfg.data)
     if not 0 < cfg.train.lr_decay <= 1:
         raise ConfigError(f"config key 'train.lr_decay' must be in (0, 1], got {cfg.train.lr_decay!r}")
     if len(cfg.data.snr_db) != 2 or cfg.data.snr_db[0] > cfg.data.snr_db[1]:
@@ -330,3 +396,37 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'model.speech.name' is required for the audio modality")
     if "text" in cfg.model.modalities.split("+") and not cfg.model.text.name:
         raise ConfigError("config key 'model.text.name' is required for the text modality")
+
+
+def key_help() -> list[str]:
+    """``key = default  # what it means`` for every key, from the comments in this file
+    (``jobs/train.py --keys``): one place documents a key, beside its field."""
+    import inspect
+    import re
+    comments: dict[str, str] = {}
+    field_re = re.compile(r"^\s+(\w+):[^#]*#\s*(.*)$")
+
+    def walk(cls: type, prefix: str) -> None:
+        for line in inspect.getsource(cls).splitlines():
+            m = field_re.match(line)
+            if m:
+                comments[prefix + m.group(1)] = m.group(2)
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+
+    walk(Config, "")
+    flat = flatten(Config().to_dict())
+    out = []
+    for key in valid_keys():
+        default = json_default = flat.get(key)
+        if default == "":
+            json_default = '""'
+        elif isinstance(default, (dict, list)) or default is None:
+            json_default = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        text = f"{key} = {json_default}"
+        if key in comments:
+            text += f"  # {comments[key]}"
+        out.append(text)
+    return out

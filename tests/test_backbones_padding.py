@@ -30,7 +30,7 @@ def test_padding_does_not_change_predictions(demo_assets, speech, text):
     torch.manual_seed(0)
     bbs = demo_assets["backbones"]
     backbones = FrozenBackbones(str(bbs[speech]), str(bbs[text]))
-    head = build_head(ModelConfig(fusion_attention_heads=4, head_width=32), backbones).eval()
+    head = build_head(ModelConfig(fusion_attention_heads=4, head_width=32), backbones, 6).eval()
     rng = np.random.default_rng(0)
     lengths = [16000, 40000, 23456]
     waves = torch.zeros(3, max(lengths))
@@ -68,7 +68,7 @@ def test_unequal_widths_real_pair(demo_assets):
     bbs = demo_assets["backbones"]
     backbones = FrozenBackbones(str(bbs["wavlm-tiny"]), str(bbs["roberta-tiny"]))
     assert backbones.speech.width != backbones.text.width  # 96 vs 64
-    head = build_head(ModelConfig(), backbones)
+    head = build_head(ModelConfig(), backbones, 6)
     assert head.text.proj.in_features == backbones.text.width
     assert head.text.proj.out_features == backbones.speech.width
 

@@ -5,7 +5,9 @@ import pytest
 import soundfile as sf
 
 from ser_hpc.data.corpus import CorpusError, check_audio, read_corpus, read_labels_csv
-from ser_hpc.data.labels import LABEL_TO_ID, LABELS
+from ser_hpc.data.labels import EMOSPEECH_LABELS as LABELS
+
+LABEL_TO_ID = {name: i for i, name in enumerate(LABELS)}
 from ser_hpc.data.split import class_weights, stratified_split
 
 ROWS = [
@@ -51,7 +53,7 @@ def test_test_csv_without_labels_and_gold_labels(tmp_path):
     gold.write_text("id,label\n" + "".join(f"{r[0]},{r[1]}\n" for r in ROWS))
     labelled = read_corpus(path, audio, labels_csv=gold)
     assert [e.label for e in labelled] == [LABEL_TO_ID[r[1]] for r in ROWS]
-    assert read_labels_csv(gold)[ROWS[2][0]] == LABEL_TO_ID["fear"]
+    assert read_labels_csv(gold)[ROWS[2][0]] == "fear"  # raw names: the run maps them onto its classes
 
 
 def test_missing_audio_file_names_row_and_path(tmp_path):
@@ -100,17 +102,20 @@ REAL_COUNTS = {"neutral": 1166, "disgust": 705, "anger": 399, "joy": 362, "sadne
 
 def test_class_weights_on_the_real_distribution():
     labels = [LABEL_TO_ID[name] for name, n in REAL_COUNTS.items() for _ in range(n)]
-    w = class_weights(labels, "inverse")
+    w = class_weights(labels, LABELS, "inverse")
     expected = [3000 / REAL_COUNTS[name] for name in LABELS]
     assert w == pytest.approx(expected)
     assert w[LABEL_TO_ID["neutral"]] == pytest.approx(2.573, abs=1e-3)
     assert w[LABEL_TO_ID["fear"]] == pytest.approx(130.43, abs=1e-2)
-    ws = class_weights(labels, "sqrt_inverse")
+    ws = class_weights(labels, LABELS, "sqrt_inverse")
     assert ws == pytest.approx(np.sqrt(expected))
     # A different weighting, not a rescale: fear/neutral drops from ~51x to ~7x.
     assert ws[LABEL_TO_ID["fear"]] / ws[LABEL_TO_ID["neutral"]] == pytest.approx(np.sqrt(130.43 / 2.573), rel=1e-3)
-    with pytest.raises(CorpusError, match="fear"):
-        class_weights([0, 1, 2, 3, 4], "inverse")
+    with pytest.raises(CorpusError, match="no training examples for class.*fear named in data.labels"):
+        class_weights([0, 1, 2, 3, 4], LABELS, "inverse")
+    # Classes derived from the corpus: a class absent from a training fold is left out, not an error.
+    derived = class_weights([0, 1, 1, 2, 3, 4], LABELS, "inverse", configured=False)
+    assert derived[LABEL_TO_ID["fear"]] == 0 and derived[0] == pytest.approx(6.0) and derived[1] == pytest.approx(3.0)
 
 
 def test_stratified_split_is_seeded_and_keeps_proportions(tmp_path):

@@ -29,7 +29,7 @@ import yaml
 from ser_hpc.config import ConfigError, load_config, valid_keys
 from ser_hpc.data.audio import AudioError, load_audio
 from ser_hpc.data.corpus import CorpusError, check_audio, read_corpus
-from ser_hpc.data.labels import LABELS
+from ser_hpc.data.labels import EMOSPEECH_LABELS as LABELS
 from ser_hpc.locks import LAUNCH_LOCK, RUN_LOCK, FolderLock, LockHeld, run_lock
 from ser_hpc.train.run_folder import RunFolder, close_tracking
 from tests.conftest import REPO

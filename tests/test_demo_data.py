@@ -19,7 +19,7 @@ import soundfile as sf
 import torch
 from scipy.signal import resample_poly
 
-from ser_hpc.data.labels import LABELS
+from ser_hpc.data.labels import EMOSPEECH_LABELS as LABELS
 from ser_hpc.demo.backbones import build_demo_backbones
 from ser_hpc.demo.corpus import MANIFEST, class_counts, generate_corpus
 

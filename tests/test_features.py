@@ -69,7 +69,9 @@ def test_cached_run_equals_online_run_on_whole_clips(demo_assets, small_corpus, 
     assert a.shape == b.shape and np.abs(a - b).max() < 0.02, np.abs(a - b).max()
     assert (a.argmax(1) == b.argmax(1)).mean() > 0.95
     # The store holds every clip once, at its true length, in float16.
-    store = FeatureStore(next((tmp_path / "feat").iterdir()))
+    # (the online run's evaluation store of dev + test clips sits beside it: take the full one)
+    store = max((FeatureStore(p) for p in (tmp_path / "feat").iterdir() if (p / "meta.json").is_file()),
+                key=lambda s: s.meta["clips"])
     assert store.meta["clips"] == 5 * 16 + 12 + 24 and store.views == 1
     clip = read_all_clips(_cfg(demo_assets, small_corpus, tmp_path / "x", tmp_path / "feat")).examples[0]
     states = store.speech(clip.id)
@@ -199,7 +201,9 @@ def test_online_evaluation_reads_a_memory_mapped_store(demo_assets, small_corpus
                          **{"data.features_dir": None}))
     disk = train_run(_cfg(demo_assets, small_corpus, tmp_path / "disk", tmp_path / "feat"))
     assert ram["status"] == disk["status"] == "done"
-    store = FeatureStore(next((tmp_path / "feat").iterdir()))
+    # (the online run's evaluation store of dev + test clips sits beside it: take the full one)
+    store = max((FeatureStore(p) for p in (tmp_path / "feat").iterdir() if (p / "meta.json").is_file()),
+                key=lambda s: s.meta["clips"])
     n_train_csv = 5 * 16 + 12
     assert store.meta["clips"] == round(0.16 * n_train_csv) + 24  # the dev split and the test clips only
     assert not (tmp_path / "unused").exists()

@@ -53,19 +53,19 @@ def _feats(b=2, f=7, s=4, dw=24, tw=16, l_s=3, l_t=2):
 @pytest.mark.parametrize("heads", [0, 4])
 def test_unequal_widths_are_projected_to_a_common_width(heads):
     cfg = ModelConfig(fusion_attention_heads=heads, head_width=32, hidden_layers=2)
-    head = EmotionHead(cfg, speech_shape=(3, 24), text_shape=(2, 16)).eval()
+    head = EmotionHead(cfg, speech_shape=(3, 24), text_shape=(2, 16), num_classes=6).eval()
     assert isinstance(head.text.proj, torch.nn.Linear) and head.text.proj.out_features == 24
     assert isinstance(head.speech.proj, torch.nn.Identity)
     feats = _feats()
     h, mask = head.fuse(feats)
     assert h.shape == (2, 7 + 4, 24) and mask.shape == (2, 11)  # joined along time
     assert head(feats).shape == (2, 6)
-    fixed = EmotionHead(ModelConfig(fusion_dim=20), (3, 24), (2, 16))
+    fixed = EmotionHead(ModelConfig(fusion_dim=20), (3, 24), (2, 16), 6)
     assert fixed.speech.proj.out_features == 20 and fixed.text.proj.out_features == 20
 
 
 def test_mlp_shape_follows_the_paper():
-    head = EmotionHead(ModelConfig(hidden_layers=3, head_width=512, dropout=0.2), (3, 24), None)
+    head = EmotionHead(ModelConfig(hidden_layers=3, head_width=512, dropout=0.2), (3, 24), None, 6)
     linears = [m for m in head.classifier if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(24, 512)] + [(512, 512)] * 3 + [(512, 6)]
     assert sum(isinstance(m, torch.nn.LayerNorm) for m in head.classifier) == 4
@@ -74,8 +74,8 @@ def test_mlp_shape_follows_the_paper():
 
 def test_single_modalities():
     feats = _feats()
-    audio = EmotionHead(ModelConfig(modalities="audio"), (3, 24), None).eval()
-    text = EmotionHead(ModelConfig(modalities="text"), None, (2, 16)).eval()
+    audio = EmotionHead(ModelConfig(modalities="audio"), (3, 24), None, 6).eval()
+    text = EmotionHead(ModelConfig(modalities="text"), None, (2, 16), 6).eval()
     assert audio(feats).shape == (2, 6) and text(feats).shape == (2, 6)
     # The audio-only head does not look at text at all.
     feats2 = BackboneOutput(feats.speech, feats.speech_mask, torch.randn_like(feats.text), feats.text_mask)
@@ -88,7 +88,7 @@ def test_single_modalities():
 def test_every_pooling_and_fusion_ignores_padding(pooling, fusion, attention_heads):
     torch.manual_seed(0)
     cfg = ModelConfig(pooling=pooling, fusion=fusion, fusion_attention_heads=attention_heads, head_width=32)
-    head = EmotionHead(cfg, speech_shape=(3, 24), text_shape=(2, 16)).eval()
+    head = EmotionHead(cfg, speech_shape=(3, 24), text_shape=(2, 16), num_classes=6).eval()
     feats = _feats(b=2, f=7, s=5)
     feats.speech_mask[0, 4:] = False  # clip 0: 4 frames and 3 tokens, the rest is padding
     feats.text_mask[0, 3:] = False
@@ -105,11 +105,11 @@ def test_every_pooling_and_fusion_ignores_padding(pooling, fusion, attention_hea
 
 
 def test_weighted_layers_skip_the_cnn_output_like_the_authors():
-    head = EmotionHead(ModelConfig(), speech_shape=(5, 24), text_shape=None)
+    head = EmotionHead(ModelConfig(), speech_shape=(5, 24), text_shape=None, num_classes=6)
     assert head.speech.used == [1, 2, 3, 4] and head.speech.mix.logits.numel() == 4
     from ser_hpc.config import EncoderConfig
     cfg = ModelConfig(speech=EncoderConfig(layers="weighted_all"))
-    assert EmotionHead(cfg, (5, 24), None).speech.used == [0, 1, 2, 3, 4]
+    assert EmotionHead(cfg, (5, 24), None, 6).speech.used == [0, 1, 2, 3, 4]
     # States that hold only some layers (a feature store) are indexed by absolute layer.
     feats = _feats(l_s=5)
     held = BackboneOutput(feats.speech[1:], feats.speech_mask, None, None, speech_layers=(1, 2, 3, 4))

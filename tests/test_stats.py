@@ -27,19 +27,24 @@ from ser_hpc.ensemble.stats import (bootstrap_ci, bootstrap_distribution, chance
 
 
 def sk_macro(y, pred, c):
-    return f1_score(y, pred, labels=list(range(c)), average="macro", zero_division=0)
+    """sklearn's macro-F1 over the classes present in y (absent ones are left out, not 0)."""
+    return f1_score(y, pred, labels=sorted(set(np.asarray(y).tolist())), average="macro", zero_division=0)
 
 
 # ----------------------------------------------------------------------- macro-F1 batch
 
 def test_macro_f1_batch_matches_sklearn_including_absent_classes():
     rng = np.random.default_rng(1)
-    y = rng.integers(0, 5, size=80)  # class 5 of 6 never occurs: it scores 0, like the challenge scorer
+    y = rng.integers(0, 5, size=80)  # class 5 of 6 never occurs: left out of the average, like metrics.score
     preds = rng.integers(0, 6, size=(7, 80))
     got = macro_f1_batch(y, preds, 6)
     assert got.shape == (7,)
     np.testing.assert_allclose(got, [sk_macro(y, p, 6) for p in preds], atol=1e-12)
-    assert macro_f1_batch(y, y, 6) == pytest.approx(5 / 6)  # perfect on 5 of 6 labels
+    from ser_hpc.metrics import score
+    names = ["a", "b", "c", "d", "e", "f"]
+    np.testing.assert_allclose(got, [score(y, p, names)["macro_f1"] for p in preds], atol=1e-12)
+    assert score(y, preds[0], names)["absent"] == ["f"] and score(y, preds[0], names)["per_class_f1"]["f"] is None
+    assert macro_f1_batch(y, y, 6) == pytest.approx(1.0)  # perfect on the 5 classes present: the absent one is not a 0
 
 
 # ------------------------------------------------------------------------ bootstrap CI

@@ -11,24 +11,10 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from .labels import LABEL_TO_ID, LABELS
+from .clips import CorpusError, Example, RawClip
+from .labels import EMOSPEECH_LABELS, LabelMapping, to_examples
 
-
-class CorpusError(ValueError):
-    """Bad corpus input; the message names the file and row."""
-
-
-@dataclass(frozen=True)
-class Example:
-    id: str
-    audio_path: Path
-    text: str
-    label: int | None  # None for an unlabelled test row
-    row: int           # CSV line number, for error messages
-
-    @property
-    def label_name(self) -> str:
-        return "" if self.label is None else LABELS[self.label]
+__all__ = ["CorpusError", "Example", "read_corpus", "read_emospeech", "read_labels_csv", "check_audio"]
 
 
 def _not_utf8(csv_path: Path) -> CorpusError:
@@ -90,30 +76,27 @@ def unique_id_rows(csv_path: Path, rows: list[tuple[int, dict[str, str]]]):
         yield line, ident, rec
 
 
-def _label_id(value: str, csv_path: Path, line: int) -> int:
-    name = (value or "").strip().lower()
-    if name not in LABEL_TO_ID:
-        raise CorpusError(f"{csv_path}, row {line}: label {value!r} is not one of {', '.join(LABELS)}")
-    return LABEL_TO_ID[name]
+def _raw_label(value: str) -> str:
+    return (value or "").strip().lower()  # EmoSPeech labels are matched case-insensitively
 
 
-def read_labels_csv(csv_path: str | Path) -> dict[str, int]:
-    """Gold labels (``id,label``), e.g. the EmoSPeech test key."""
+def read_labels_csv(csv_path: str | Path) -> dict[str, str]:
+    """Gold raw labels (``id,label``), e.g. the EmoSPeech test key."""
     csv_path = Path(csv_path)
     _, rows = _read_rows(csv_path, ("id", "label"))
-    return {rec["id"].strip(): _label_id(rec["label"], csv_path, line) for line, rec in rows}
+    return {rec["id"].strip(): _raw_label(rec["label"]) for line, rec in rows}
 
 
-def read_corpus(csv_path: str | Path, audio_dir: str | Path, *, require_labels: bool = True,
-                labels_csv: str | Path | None = None) -> list[Example]:
-    """Read one split. Labels come from the CSV's ``label`` column or from ``labels_csv``."""
+def read_emospeech(csv_path: str | Path, audio_dir: str | Path, *, require_labels: bool = True,
+                   labels_csv: str | Path | None = None) -> list[RawClip]:
+    """Read one split. Labels (raw, lower-cased) come from the CSV's ``label`` column or from ``labels_csv``."""
     csv_path, audio_dir = Path(csv_path), Path(audio_dir)
     required = ("id", "label", "transcription") if require_labels and labels_csv is None else ("id", "transcription")
     columns, rows = _read_rows(csv_path, required)
     gold = read_labels_csv(labels_csv) if labels_csv else None
     if not audio_dir.is_dir():
         raise CorpusError(f"audio folder not found: {audio_dir} (for {csv_path})")
-    examples = []
+    clips = []
     for line, ident, rec in unique_id_rows(csv_path, rows):
         label = None
         if gold is not None:
@@ -123,16 +106,24 @@ def read_corpus(csv_path: str | Path, audio_dir: str | Path, *, require_labels: 
             else:
                 label = gold[ident]
         elif "label" in columns and (rec.get("label") or "").strip():
-            label = _label_id(rec["label"], csv_path, line)
+            label = _raw_label(rec["label"])
         elif require_labels:
             raise CorpusError(f"{csv_path}, row {line}: empty label for id {ident!r}")
         path = audio_dir / ident
         if not path.is_file():
             raise CorpusError(f"{csv_path}, row {line}: audio file not found: {path}")
-        examples.append(Example(ident, path, rec.get("transcription") or "", label, line))
-    if not examples:
+        clips.append(RawClip(ident, path, label, rec.get("transcription") or "", None, None, str(csv_path), line))
+    if not clips:
         raise CorpusError(f"{csv_path}: no rows")
-    return examples
+    return clips
+
+
+def read_corpus(csv_path: str | Path, audio_dir: str | Path, *, require_labels: bool = True,
+                labels_csv: str | Path | None = None, labels: tuple[str, ...] = EMOSPEECH_LABELS,
+                label_map: dict[str, str | None] | None = None) -> list[Example]:
+    """One EmoSPeech split as examples whose labels index ``labels``."""
+    clips = read_emospeech(csv_path, audio_dir, require_labels=require_labels, labels_csv=labels_csv)
+    return to_examples(clips, labels, LabelMapping(label_map or {}), what=str(csv_path))
 
 
 def check_audio(examples: list[Example], csv_path: str | Path = "") -> list[float]:
@@ -143,7 +134,8 @@ def check_audio(examples: list[Example], csv_path: str | Path = "") -> list[floa
     from .audio import AudioError, audio_info  # torch/torchaudio only where audio is opened
     durations = []
     for ex in examples:
-        where = f"{csv_path}, row {ex.row}: " if csv_path else ""
+        source = csv_path or ex.source
+        where = f"{source}, row {ex.row}: " if source else ""
         try:
             info = audio_info(ex.audio_path)
         except AudioError as exc:

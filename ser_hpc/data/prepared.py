@@ -405,24 +405,15 @@ def prepare_corpus(csvs: Sequence[tuple[str | os.PathLike, str | os.PathLike]], 
     return _prepare(items, out_dir, sample_rate, workers, progress)
 
 
-def data_config_csvs(data_cfg) -> list[tuple[str, str]]:
-    """The (csv, audio folder) pairs a data config reads: train, dev and test."""
-    pairs = [(data_cfg.train_csv, data_cfg.audio_dir)]
-    if data_cfg.dev_csv:
-        pairs.append((data_cfg.dev_csv, data_cfg.audio_dir))
-    if data_cfg.test_csv:
-        pairs.append((data_cfg.test_csv, data_cfg.test_audio_dir or data_cfg.audio_dir))
-    return pairs
-
-
 def prepare_for_data_config(data_cfg, *, workers: int | None = None, progress: bool = True) -> PrepareSummary:
     """Prepare the train, dev and test clips of a ``DataConfig`` into ``data_cfg.prepared_dir``
     at ``data_cfg.sample_rate`` (the grid's first job)."""
     if not data_cfg.prepared_dir:
         from ..config import ConfigError
         raise ConfigError("data.prepared_dir is not set: nowhere to store prepared audio")
-    return prepare_corpus(data_config_csvs(data_cfg), data_cfg.prepared_dir, data_cfg.sample_rate,
-                          workers=workers, progress=progress)
+    from .sources import all_clips  # any data.format: every clip of the corpus once
+    items = [_Source(_abspath(c.audio_path), f"{c.where}: ") for c in all_clips(data_cfg)[0]]
+    return _prepare(items, data_cfg.prepared_dir, data_cfg.sample_rate, workers, progress)
 
 
 # ------------------------------------------------------------------ loading

@@ -28,7 +28,7 @@ from scipy.signal import resample_poly
 from tqdm import tqdm
 
 from ser_hpc.atomic_io import atomic_open, write_bytes, write_json
-from ser_hpc.data.labels import LABELS
+from ser_hpc.data.labels import EMOSPEECH_LABELS as LABELS
 
 GENERATOR_VERSION = 1
 MANIFEST = "manifest.json"

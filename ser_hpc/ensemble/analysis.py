@@ -14,13 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ser_hpc.data.labels import LABELS
 from ser_hpc.ensemble.collect import AggregateError, ProbTable, RunRecord, read_probs
 from ser_hpc.ensemble.combine import combine, stack
 from ser_hpc.ensemble.stats import (bootstrap_distribution, ece, macro_f1_batch, paired_p, percentile_ci,
                                     reliability, stratified_resamples)
-
-C = len(LABELS)
 
 
 @dataclass
@@ -70,6 +67,7 @@ class SplitStats:
 
     def __init__(self, pool: Pool, idx: np.ndarray):
         self.pool, self.y, self.idx = pool, pool.y, idx
+        self.n_classes = C = pool.probs.shape[-1]
         preds = pool.probs.argmax(axis=-1)
         self.points = macro_f1_batch(self.y, preds, C)                      # (R,)
         self.dists = np.stack([bootstrap_distribution(self.y, p, idx, C) for p in preds])  # (R, B)
@@ -96,8 +94,8 @@ class SplitStats:
     def system(self, bag: Sequence[str], method: str) -> dict:
         """An ensemble of pooled runs (a bag: repeats weigh): prediction, figure, CI, calibration."""
         scores, pred = combine(self.pool.probs[self.pool.rows(bag)], method)
-        dist = bootstrap_distribution(self.y, pred, self.idx, C)
-        return {"scores": scores, "pred": pred, "macro_f1": float(macro_f1_batch(self.y, pred, C)),
+        dist = bootstrap_distribution(self.y, pred, self.idx, self.n_classes)
+        return {"scores": scores, "pred": pred, "macro_f1": float(macro_f1_batch(self.y, pred, self.n_classes)),
                 "ci95": list(percentile_ci(dist)), "dist": dist,
                 "ece": ece(scores, self.y), "reliability": reliability(scores, self.y)}
 

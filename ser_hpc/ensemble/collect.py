@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from ser_hpc.data.labels import LABEL_TO_ID, LABELS
 
 
 class AggregateError(RuntimeError):
@@ -38,11 +37,12 @@ class RunRecord:
 
 @dataclass
 class ProbTable:
-    """One dev_probs.csv / test_probs.csv: rows in file order, columns in LABELS order."""
+    """One dev_probs.csv / test_probs.csv: rows in file order, one column per class."""
 
     ids: list[str]
     gold: list[int | None]  # None where the label cell is empty (unlabelled test set)
-    probs: np.ndarray  # (n, len(LABELS)) float64
+    probs: np.ndarray  # (n, len(labels)) float64
+    labels: tuple[str, ...] = ()  # the run's classes, from the header, in column order
 
     @property
     def has_gold(self) -> bool:
@@ -117,28 +117,33 @@ def collect_runs(results_dir: Path, plan: dict[str, Any] | None = None) -> list[
 
 
 def read_probs(path: Path) -> ProbTable:
-    """Parse a probs CSV by header name (column order is not trusted) and validate it."""
+    """Parse a probs CSV (``id,label,<class>...``: the classes are the header's other columns,
+    in the run's order) and validate it."""
     path = Path(path)
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        need = ["id", "label", *LABELS]
-        absent = [c for c in need if c not in (reader.fieldnames or [])]
+        header = reader.fieldnames or []
+        absent = [c for c in ("id", "label") if c not in header]
         if absent:
             raise AggregateError(f"{path}: missing columns {absent}")
+        labels = tuple(c for c in header if c not in ("id", "label"))
+        if len(labels) < 2:
+            raise AggregateError(f"{path}: needs a probability column per class, found {list(labels)}")
+        index = {c: k for k, c in enumerate(labels)}
         ids, gold, rows = [], [], []
         for line_no, row in enumerate(reader, start=2):
             label = (row["label"] or "").strip()
-            if label and label not in LABEL_TO_ID:
-                raise AggregateError(f"{path}:{line_no}: unknown label {label!r}")
+            if label and label not in index:
+                raise AggregateError(f"{path}:{line_no}: unknown label {label!r} (classes: {', '.join(labels)})")
             ids.append(row["id"])
-            gold.append(LABEL_TO_ID[label] if label else None)
+            gold.append(index[label] if label else None)
             try:
-                rows.append([float(row[c]) for c in LABELS])
+                rows.append([float(row[c]) for c in labels])
             except (TypeError, ValueError) as exc:
                 raise AggregateError(f"{path}:{line_no}: bad probability ({exc})") from exc
-    probs = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(LABELS))
+    probs = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(labels))
     if len(set(ids)) != len(ids):
         raise AggregateError(f"{path}: duplicate ids")
     if not np.isfinite(probs).all():
         raise AggregateError(f"{path}: non-finite probabilities (NaN/inf)")
-    return ProbTable(ids=ids, gold=gold, probs=probs)
+    return ProbTable(ids=ids, gold=gold, probs=probs, labels=labels)

@@ -26,6 +26,9 @@ def stack(tables: Sequence[ProbTable], run_ids: Sequence[str], split: str = "dev
     ref_set = set(ref.ids)
     out = []
     for tab, run_id in zip(tables, run_ids):
+        if tab.labels != ref.labels:
+            raise AggregateError(f"{split}_probs.csv classes differ: run {run_id} has {', '.join(tab.labels)}, "
+                                 f"{ref_id} has {', '.join(ref.labels)}; runs of one ensemble must share data.labels")
         ids = set(tab.ids)
         if ids != ref_set:
             parts = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ser_hpc.data.labels import LABELS
 from ser_hpc.ensemble.analysis import Pool, SplitStats
 from ser_hpc.ensemble.collect import RunRecord
 from ser_hpc.ensemble.configurations import Configuration
@@ -104,7 +103,7 @@ def evaluate(dev: Pool, test: Pool | None, choice: Choice, selection: str, metho
         entry["crossfit"] = choice.crossfit[name]
         selections[name] = entry
     run_ci = {r.run_id: {split: (s.ci(r.run_id) if s else None) for split, s in stats.items()} for r in ranked}
-    chance = {split: {"n": int(len(s.y)), **chance_macro_f1(s.y, len(LABELS))}
+    chance = {split: {"n": int(len(s.y)), **chance_macro_f1(s.y, s.n_classes)}
               for split, s in stats.items() if s is not None}
     return {"stats": stats, "systems": systems, "selections": selections, "run_ci": run_ci, "chance": chance,
             "significance": _significance(stats, systems, choice, selection, configs)}

@@ -2,8 +2,9 @@
 
 Pure functions on integer labels and probability arrays; nothing here reads files.
 
-Macro-F1 is computed over the full label set (absent classes score 0), exactly like
-ser_hpc.metrics.score, so an interval brackets the figure it belongs to. Resampling is
+Macro-F1 averages the classes present in the gold labels (an absent class is left out,
+not scored 0), exactly like ser_hpc.metrics.score, so an interval brackets the figure it
+belongs to. Resampling is
 stratified by gold class: every resample keeps the split's class counts, which matters
 when a class has two dev items (one resample without them would score that class 0).
 scipy.stats.bootstrap cannot stratify, hence plain numpy. One set of resample indices is
@@ -34,7 +35,10 @@ def macro_f1_batch(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarra
     tp = np.diagonal(cm, axis1=1, axis2=2)
     denom = cm.sum(axis=2) + cm.sum(axis=1)           # 2tp + fp + fn = support + predicted
     f1 = np.divide(2 * tp, denom, out=np.zeros(tp.shape, dtype=float), where=denom > 0)
-    return f1.mean(axis=1).reshape(lead)
+    present = cm.sum(axis=2) > 0                      # classes with gold items
+    n_present = present.sum(axis=1)
+    mean = np.divide((f1 * present).sum(axis=1), n_present, out=np.zeros(m), where=n_present > 0)
+    return mean.reshape(lead)
 
 
 def stratified_resamples(y: Sequence[int], n_resamples: int = N_RESAMPLES, seed: int = SEED) -> np.ndarray:
@@ -130,9 +134,10 @@ def chance_macro_f1(y: Sequence[int], n_classes: int) -> dict[str, float]:
     """
     counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=n_classes).astype(float)
     share = counts / max(counts.sum(), 1)
+    present = share[counts > 0]  # absent classes are left out of macro-F1 (metrics.score)
     top = share.max()
-    return {"uniform": float(np.mean(2 * share / (1 + n_classes * share))),
-            "majority": float(2 * top / (1 + top) / n_classes)}
+    return {"uniform": float(np.mean(2 * present / (1 + n_classes * present))) if len(present) else 0.0,
+            "majority": float(2 * top / (1 + top) / max(len(present), 1))}
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:

@@ -19,9 +19,10 @@ from transformers import AutoConfig
 
 from ..config import Config
 from ..data.augment import Augmenter
-from ..data.corpus import Example, check_audio, read_corpus
+from ..data.corpus import CorpusError, Example, check_audio
+from ..data.sources import all_clips
 from ..data.dataset import WholeClips, collate, length_sorted_batches
-from ..data.prepared import audio_loader_for, data_config_csvs, hash_file
+from ..data.prepared import audio_loader_for, hash_file
 from ..models.head import layers_used
 from .store import META, FeatureStore, FeatureStoreError, ShardWriter, check_free_space, content_key, \
     model_fingerprint, shard_bytes
@@ -39,20 +40,16 @@ class Corpus:
 
 
 def read_all_clips(cfg: Config) -> Corpus:
-    examples, train_ids, durations, where = [], set(), {}, {}
-    for k, (csv_path, audio_dir) in enumerate(data_config_csvs(cfg.data)):
-        rows = read_corpus(csv_path, audio_dir, require_labels=False)
-        for ex, seconds in zip(rows, check_audio(rows, csv_path)):
-            if ex.id in where:
-                if where[ex.id].audio_path != ex.audio_path:
-                    raise FeatureStoreError(f"{csv_path}, row {ex.row}: clip id {ex.id} also names "
-                                            f"{where[ex.id].audio_path}; ids must be unique across the corpus")
-                continue
-            where[ex.id] = ex
-            examples.append(ex)
-            durations[ex.id] = seconds
-            if k == 0 or (cfg.data.dev_csv and csv_path == cfg.data.dev_csv):
-                train_ids.add(ex.id)
+    """Every clip of the configured corpus once (any data.format), with its duration."""
+    try:
+        clips, train_ids = all_clips(cfg.data)
+    except CorpusError as exc:
+        if "ids must be unique" in str(exc):
+            raise FeatureStoreError(str(exc)) from None
+        raise
+    examples = [Example(c.id, c.audio_path, c.text or "", None, c.row, source=c.source, speaker=c.speaker)
+                for c in clips]
+    durations = dict(zip((e.id for e in examples), check_audio(examples)))
     return Corpus(examples, train_ids, durations)
 
 

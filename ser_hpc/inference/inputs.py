@@ -15,7 +15,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ser_hpc.data.audio import AudioError, audio_info, fit_length, load_audio
-from ser_hpc.data.corpus import CorpusError, _label_id, _read_rows, unique_id_rows
+from ser_hpc.data.corpus import CorpusError, _read_rows, unique_id_rows
 from ser_hpc.data.dataset import WholeClips
 
 
@@ -35,14 +35,24 @@ class InputRow:
         return f"row {self.row}, id {self.id}" if self.row else f"id {self.id}"
 
 
-def read_input_csv(csv_path: str | Path, audio_dir: str | Path) -> list[InputRow]:
-    """``id`` is required; ``transcription`` and ``label`` are optional columns."""
+def _label_index(labels: tuple[str, ...]):
+    exact = {name: i for i, name in enumerate(labels)}
+    folded = {name.lower(): i for i, name in enumerate(labels)}
+    return lambda raw: exact.get(raw, folded.get(raw.lower()))
+
+
+def read_input_csv(csv_path: str | Path, audio_dir: str | Path, labels: tuple[str, ...]) -> list[InputRow]:
+    """``id`` is required; ``transcription`` and ``label`` (a class of ``labels``) are optional columns."""
     csv_path, audio_dir = Path(csv_path), Path(audio_dir)
     columns, records = _read_rows(csv_path, ("id",))
+    index = _label_index(tuple(labels))
     rows = []
     for line, ident, rec in unique_id_rows(csv_path, records):
         raw_label = (rec.get("label") or "").strip() if "label" in columns else ""
-        label = _label_id(raw_label, csv_path, line) if raw_label else None
+        label = index(raw_label) if raw_label else None
+        if raw_label and label is None:
+            raise CorpusError(f"{csv_path}, row {line}: label {raw_label!r} is not one of the ensemble's classes "
+                              f"{', '.join(labels)}")
         text = rec.get("transcription") if "transcription" in columns else None
         rows.append(InputRow(ident, audio_dir / ident, text, label, line))
     if not rows:

@@ -4,8 +4,6 @@ from __future__ import annotations
 import csv
 import io
 
-from ser_hpc.data.labels import LABELS
-
 from .predictor import PredictionResult
 
 
@@ -18,9 +16,9 @@ def predictions_csv(result: PredictionResult) -> str:
     """
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", "label", *LABELS])
+    w.writerow(["id", "label", *result.labels])
     for i in result.labelled:
-        w.writerow([result.rows[i].id, LABELS[result.pred[i]], *(f"{p:.6f}" for p in result.probs[i])])
+        w.writerow([result.rows[i].id, result.labels[result.pred[i]], *(f"{p:.6f}" for p in result.probs[i])])
     return buf.getvalue()
 
 
@@ -29,14 +27,14 @@ def metrics_text(result: PredictionResult) -> str | None:
     if m is None:
         return None
     lines = [f"macro-F1 {m['macro_f1']:.4f} on {m['n']} labelled row(s)", "per-class F1:"]
-    lines += [f"  {name:<8} {f1:.4f}" for name, f1 in m["per_class_f1"].items()]
+    lines += [f"  {name:<8} " + ("absent" if f1 is None else f"{f1:.4f}") for name, f1 in m["per_class_f1"].items()]
     return "\n".join(lines)
 
 
 def single_clip_text(result: PredictionResult) -> str:
     i = 0
-    lines = [f"label: {LABELS[result.pred[i]]}"]
-    lines += [f"  {name:<8} {p:.4f}" for name, p in zip(LABELS, result.probs[i])]
+    lines = [f"label: {result.labels[result.pred[i]]}"]
+    lines += [f"  {name:<8} {p:.4f}" for name, p in zip(result.labels, result.probs[i])]
     if result.windows[i] > 1:
         lines.append(f"({result.windows[i]} windows averaged)")
     return "\n".join(lines)

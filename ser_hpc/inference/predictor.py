@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ser_hpc.data.dataset import length_sorted_batches
-from ser_hpc.data.labels import LABELS
 from ser_hpc.ensemble.combine import combine
 from ser_hpc.metrics import score
 
@@ -41,6 +40,7 @@ class PredictionResult:
     notes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     audio_s: float = 0.0       # seconds of audio labelled
+    labels: tuple[str, ...] = ()  # the classes, in probability-column order
 
     @property
     def labelled(self) -> list[int]:
@@ -51,7 +51,7 @@ class PredictionResult:
         idx = [i for i in self.labelled if self.rows[i].label is not None]
         if not idx:
             return None
-        return {"n": len(idx), **score([self.rows[i].label for i in idx], self.pred[idx])}
+        return {"n": len(idx), **score([self.rows[i].label for i in idx], self.pred[idx], self.labels)}
 
 
 def check_transcriptions(ens: LoadedEnsemble, rows: list[InputRow]) -> list[str]:
@@ -133,7 +133,7 @@ def predict(ens: LoadedEnsemble, rows: list[InputRow], batch_size: int = 8, wind
     if window_s <= 0 or hop_s <= 0:
         raise ValueError(f"window ({window_s}) and hop ({hop_s}) must be positive")
     notes = check_transcriptions(ens, rows)
-    n, m, c = len(rows), len(ens.members), len(LABELS)
+    n, m, c = len(rows), len(ens.members), len(ens.labels)
     if ens.needs_audio:
         durations, errors = probe_durations(rows)
     else:  # a text-only ensemble never opens the audio
@@ -175,4 +175,4 @@ def predict(ens: LoadedEnsemble, rows: list[InputRow], batch_size: int = 8, wind
     windows[list(errors)] = 0
     audio_s = float(sum(durations[i] for i in rows_ok)) if ens.needs_audio else 0.0
     return PredictionResult(rows, probs, pred, member_probs, windows.astype(int), dict(sorted(errors.items())),
-                            notes, time.monotonic() - start, audio_s)
+                            notes, time.monotonic() - start, audio_s, ens.labels)

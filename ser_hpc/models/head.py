@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..data.labels import NUM_CLASSES
 from .encoders import BackboneOutput
 from .pooling import build_pooling
 
@@ -67,17 +66,18 @@ class ModalityInput(nn.Module):
         return self.norm(self.proj(h))
 
 
-def mlp(width_in: int, width: int, hidden_layers: int, dropout: float) -> nn.Sequential:
+def mlp(width_in: int, width: int, hidden_layers: int, dropout: float, num_classes: int) -> nn.Sequential:
     """Linear(E->W)+LN+GELU+Dropout, N x [Linear(W->W)+LN+GELU+Dropout], Linear(W->classes)."""
     blocks: list[nn.Module] = []
     for i in range(hidden_layers + 1):
         blocks += [nn.Linear(width_in if i == 0 else width, width), nn.LayerNorm(width), nn.GELU(), nn.Dropout(dropout)]
-    blocks.append(nn.Linear(width, NUM_CLASSES))
+    blocks.append(nn.Linear(width, num_classes))
     return nn.Sequential(*blocks)
 
 
 class EmotionHead(nn.Module):
-    def __init__(self, cfg: ModelConfig, speech_shape: tuple[int, int] | None, text_shape: tuple[int, int] | None):
+    def __init__(self, cfg: ModelConfig, speech_shape: tuple[int, int] | None, text_shape: tuple[int, int] | None,
+                 num_classes: int):
         """``*_shape`` = (number of hidden states, width) of each encoder, or None if unused."""
         super().__init__()
         used = [s for s in (speech_shape, text_shape) if s is not None]
@@ -94,7 +94,8 @@ class EmotionHead(nn.Module):
         self.pools = nn.ModuleList(build_pooling(cfg.pooling, common) for _ in range(n_seq))
         # The authors' classifier drops its input too (a module of its own: the MLP's keys stay put).
         self.input_dropout = nn.Dropout(cfg.dropout)
-        self.classifier = mlp(sum(p.out_width for p in self.pools), cfg.head_width, cfg.hidden_layers, cfg.dropout)
+        self.classifier = mlp(sum(p.out_width for p in self.pools), cfg.head_width, cfg.hidden_layers, cfg.dropout,
+                              num_classes)
 
     def sequences(self, feats: BackboneOutput) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each modality's [B, T, E] sequence and mask, in the order speech, text."""
@@ -121,8 +122,9 @@ class EmotionHead(nn.Module):
         return self.classifier(self.input_dropout(torch.cat(pooled, dim=-1)))
 
 
-def build_head(cfg: ModelConfig, backbones) -> EmotionHead:
-    """``backbones``: anything with ``speech`` / ``text`` members exposing num_states and width."""
+def build_head(cfg: ModelConfig, backbones, num_classes: int) -> EmotionHead:
+    """``backbones``: anything with ``speech`` / ``text`` members exposing num_states and width;
+    ``num_classes``: the length of the run's class list (data.labels)."""
     speech = (backbones.speech.num_states, backbones.speech.width) if backbones.speech is not None else None
     text = (backbones.text.num_states, backbones.text.width) if backbones.text is not None else None
-    return EmotionHead(cfg, speech, text)
+    return EmotionHead(cfg, speech, text, num_classes)

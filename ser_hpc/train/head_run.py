@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..data.labels import LABELS
 from ..data.split import class_weights
 from ..metrics import score
 from ..models.encoders import FrozenBackbones
@@ -99,14 +98,15 @@ class HeadRun:
     """One run of a pack. ``status``: training, finished (early stop or last step) or failed."""
 
     def __init__(self, cfg: Config, folder: RunFolder, backbones: FrozenBackbones, train_labels: list[int],
-                 env: D.DistEnv, device: torch.device):
+                 env: D.DistEnv, device: torch.device, labels_configured: bool = True):
         self.cfg, self.folder, self.env, self.device = cfg, folder, env, device
+        self.labels = tuple(cfg.data.labels)  # the run's classes, resolved from config or corpus
         self.name = cfg.run.name
         torch.manual_seed(cfg.train.seed)  # the head's init must not depend on what loading consumed
-        self.model = SERModel(backbones, build_head(cfg.model, backbones).to(device), device)
+        self.model = SERModel(backbones, build_head(cfg.model, backbones, len(cfg.data.labels)).to(device), device)
         self.rng = RngStream()
         self.engine: Engine = make_engine(cfg, self.model, env, device)
-        weights = class_weights(train_labels, cfg.train.class_weights)
+        weights = class_weights(train_labels, self.labels, cfg.train.class_weights, configured=labels_configured)
         self.class_weights = torch.tensor(weights, dtype=torch.float32, device=device)
         self.checkpoints = CheckpointStore(folder.path)
         self.state = LoopState()
@@ -172,7 +172,7 @@ class HeadRun:
     def record_evaluation(self, preds: Predictions) -> None:
         """Log a dev evaluation; keep the best weights; decay the lr; stop early when due."""
         s, t = self.state, self.cfg.train
-        scores = score(preds.labels, preds.probs.argmax(1))
+        scores = score(preds.labels, preds.probs.argmax(1), self.labels)
         record = {"step": s.step, "epoch": s.epoch, "train_loss": s.window_loss / max(s.window_n, 1),
                   "dev_loss": preds.loss, "dev_macro_f1": scores["macro_f1"], "dev_ua": scores["ua"],
                   "dev_wa": scores["wa"], "lr": self.engine.lrs()[0],
@@ -189,7 +189,7 @@ class HeadRun:
             weights = self.engine.trainable_state()  # collective under ZeRO-3
             if self.env.is_main:
                 self.folder.save_best(weights)
-                RunFolder.write_probs(self.folder.dev_probs, preds.ids, preds.labels, preds.probs)
+                RunFolder.write_probs(self.folder.dev_probs, preds.ids, preds.labels, preds.probs, self.labels)
             return
         s.bad_evals += 1
         s.since_decay += 1
@@ -267,13 +267,13 @@ class HeadRun:
             **base, "status": "done", "reason": None,
             "dev_macro_f1": best["dev_macro_f1"], "best_step": best["step"], "best_epoch": best["epoch"],
             "steps": s.step, "epochs": s.epoch + (1 if s.batch_in_epoch else 0),
-            "stopped_early": s.stopped_early, "labels": list(LABELS), "per_class_f1": best["per_class_f1"],
+            "stopped_early": s.stopped_early, "labels": list(self.labels), "per_class_f1": best["per_class_f1"],
             "confusion_matrix": best["confusion_matrix"], "test_macro_f1": None,
         }
         if test is not None and self.env.is_main:
-            RunFolder.write_probs(self.folder.test_probs, test.ids, test.labels, test.probs)
+            RunFolder.write_probs(self.folder.test_probs, test.ids, test.labels, test.probs, self.labels)
         if test is not None and has_test_labels:
-            scores = score(test.labels, test.probs.argmax(1))
+            scores = score(test.labels, test.probs.argmax(1), self.labels)
             final.update(test_macro_f1=scores["macro_f1"], test_per_class_f1=scores["per_class_f1"],
                          test_confusion_matrix=scores["confusion_matrix"])
         return final

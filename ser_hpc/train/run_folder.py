@@ -34,7 +34,6 @@ from safetensors.torch import save as st_save
 
 from .. import atomic_io
 from ..config import Config, ConfigError
-from ..data.labels import LABELS
 
 log = logging.getLogger("ser_hpc.train")
 
@@ -109,7 +108,12 @@ class RunFolder:
         Writes nothing; ``claim`` does the writing once the run's inputs have been checked.
         """
         old = self._old_config()
-        if old is None or old == yaml.safe_load(cfg.to_yaml()):
+        new = yaml.safe_load(cfg.to_yaml())
+        if isinstance(old, dict) and isinstance(old.get("data"), dict) and new["data"].get("labels") is None:
+            # config.yaml records the classes resolved from the corpus; a config that leaves
+            # data.labels to the corpus is the same run (claim() compares the resolved ones)
+            new["data"]["labels"] = old["data"].get("labels")
+        if old is None or old == new:
             if old is None and (self.is_done() or self.has_checkpoint()):
                 what = "a finished run" if self.is_done() else "a run with checkpoints"
                 raise ConfigError(f"run folder {self.path} holds {what} but no config.yaml; "
@@ -231,11 +235,11 @@ class RunFolder:
         _PURGE[_tb_key(self.path)] = step + 1
 
     @staticmethod
-    def write_probs(path: Path, ids: list[str], labels: np.ndarray, probs: np.ndarray) -> None:
+    def write_probs(path: Path, ids: list[str], labels: np.ndarray, probs: np.ndarray, classes) -> None:
         """``id,label,<one column per class>``; label is the gold name or empty."""
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(["id", "label", *LABELS])
+        writer.writerow(["id", "label", *classes])
         for ident, label, row in zip(ids, labels, probs):
-            writer.writerow([ident, LABELS[label] if label >= 0 else "", *(f"{p:.6f}" for p in row)])
+            writer.writerow([ident, classes[label] if label >= 0 else "", *(f"{p:.6f}" for p in row)])
         atomic_io.write_text(path, buf.getvalue())

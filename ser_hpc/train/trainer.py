@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader
 from ..config import Config, ConfigError
 from ..data.augment import Augmenter
 from ..data.dataset import Batch, TrainCrops, WholeClips, collate, length_sorted_batches
-from ..data.labels import LABELS
 from ..data.prepared import PreparedAudio, audio_loader_for
 from ..data.sources import Splits, load_splits
 from ..features.dataset import CachedClips, CachedCrops, FeatureBatch, FeatureCollate
@@ -87,7 +86,8 @@ class PackTrainer:
         # Frozen backbones: one forward feeds every head, and eval outputs never change.
         self.shared_forward = needs_own_forward(cfg.to_dict()) is None
         train_labels = [e.label for e in splits.train]
-        self.heads = [HeadRun(c, f, self.backbones, train_labels, env, self.device) for c, f in zip(cfgs, folders)]
+        self.heads = [HeadRun(c, f, self.backbones, train_labels, env, self.device, splits.labels_configured)
+                      for c, f in zip(cfgs, folders)]
         if self.store is not None:
             self.store.check([e.id for e in splits.train + splits.dev + splits.test])
             self.collate = FeatureCollate(self.store)
@@ -197,7 +197,7 @@ class PackTrainer:
             labels.append(batch_labels)
         for h in heads:
             h.model.train()
-        empty = torch.zeros(0, len(LABELS))
+        empty = torch.zeros(0, len(self.splits.labels))
         mine = (ids, torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
                 [torch.cat(l) if l else empty for l in logits])
         shards = D.all_gather(mine, self.env) if self._shard(heads) else [mine]
@@ -387,7 +387,10 @@ def _train_pack(cfgs: list[Config], flag: PreemptionFlag | None = None) -> list[
     flag = flag or PreemptionFlag().__enter__()
     trainer = None
     try:
-        trainer = PackTrainer([cfgs[i] for i in todo], load_splits(cfgs[0].data), [folders[i] for i in todo], env)
+        splits = load_splits(cfgs[0].data, needs_text="text" in cfgs[0].model.modalities)
+        for cfg in cfgs:
+            cfg.data.labels = list(splits.labels)  # the resolved classes travel in config.yaml
+        trainer = PackTrainer([cfgs[i] for i in todo], splits, [folders[i] for i in todo], env)
         if env.is_main:  # claimed only now that the data and backbones checked out
             for i in todo:
                 folders[i].claim(cfgs[i])
