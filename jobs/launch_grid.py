@@ -6,8 +6,9 @@ are refused. Exit status: 0 done / submitted, 1 some runs failed, 2 bad input (n
 submitted), 3 another launch of this grid holds its lock.
 
 Expands backbone pairs x head hyperparameters into runs, checks the data and that every
-backbone loads offline, then submits ONE training array (a task per pack of runs) and an
-aggregation job that depends on it. Finished runs are skipped on relaunch. With Slurm it
+backbone loads offline, then submits ONE training array (a task per pack of runs; several
+when there are more packs than the cluster's MaxArraySize) and an aggregation job that
+depends on it (on all of them). Finished runs are skipped on relaunch. With Slurm it
 returns at once with the job ids unless --wait is given; local and debug run to the end.
 """
 import argparse
@@ -32,6 +33,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cluster", choices=["slurm", "local", "debug"], help="executor (default: the profile's)")
     parser.add_argument("--profile", help="cluster profile YAML (default: the grid's 'cluster')")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and submit nothing")
+    parser.add_argument("--verbose", action="store_true",
+                        help="with --dry-run: list every run (by default a grid of more than 50 runs shows a summary "
+                             "per backbone pair and its first and last runs)")
     parser.add_argument("--wait", action="store_true", help="with slurm: wait for the aggregation job")
     parser.add_argument("--emit-sbatch", action="store_true",
                         help="write the plan and sbatch arguments for slurm/submit_grid.sh; print that file's path")
@@ -45,7 +49,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}\nnothing was submitted", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(describe(lp), flush=True)  # the plan first, then what stops it
+        print(describe(lp, verbose=args.verbose), flush=True)  # the plan first, then what stops it
     if lp.problems:
         print(f"error: {describe_problems(lp)}\nnothing was submitted", file=sys.stderr)
         return 2
@@ -62,7 +66,9 @@ def main(argv=None) -> int:
         return 3
     out = lp.spec.out_dir.resolve()
     if sub.executor == "slurm":
-        print(f"submitted: train array {sub.train_job or '(nothing to train)'} ({len(sub.packs)} task(s)), "
+        arrays = (f"train arrays {', '.join(a['job_id'] for a in sub.train_arrays)}" if len(sub.train_arrays) > 1
+                  else f"train array {sub.train_job or '(nothing to train)'}")
+        print(f"submitted: {arrays} ({len(sub.packs)} task(s)), "
               f"aggregation {sub.aggregate_job} (afterany)\nresults: {out}")
         if not args.wait:
             return 0

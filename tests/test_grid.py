@@ -132,7 +132,8 @@ def test_dry_run_prints_the_plan_and_submits_nothing(demo_assets, tmp_path):
     path = write_grid(tmp_path, demo_assets)
     res = _launch(path, "--dry-run", "--profile", REPO / "configs/cluster/localhost_slurm.yaml")
     assert res.returncode == 0, res.stderr
-    assert "4 runs in 4 packs" in res.stdout and "sbatch --array=0,1,2,3%2" in res.stdout
+    # Array specs are ranges (the issue: "0-319%2", not "0,1,2,...,319%2").
+    assert "4 runs in 4 packs" in res.stdout and "sbatch --array=0-3%2" in res.stdout
     assert "--dependency=afterany" in res.stdout and "--partition=debug" in res.stdout
     assert not (tmp_path / "results").exists()
 
@@ -219,3 +220,352 @@ def test_requeue_budget_ends_the_run_as_failed(demo_assets, tmp_path, monkeypatc
         final = json.loads((tmp_path / "results" / "runs" / name / "final.json").read_text())
         assert final["status"] == "failed" and "max_requeues=2" in final["reason"] and final["checkpoint_step"] == 30
     assert json.loads((tmp_path / "results" / "runs" / "r2" / "final.json").read_text()) == done
+
+
+# ------------------------------------------------------------- big grids: planning speed, arrays split at MaxArraySize
+
+def _fake_grid(tmp_path, name="big", pairs=None, axes=None, pack_size=1, base_model=None, **extra) -> Path:
+    """A grid on files that need not exist (a dry run reports them); no demo assets needed."""
+    base = {"data": {"train_csv": str(tmp_path / "no" / "train.csv"), "audio_dir": str(tmp_path / "no" / "audio")},
+            "model": {"head_width": 32, **(base_model or {})}, "train": {"max_steps": 4, "eval_every": 2}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    grid = {"name": name, "run_config": "base.yaml",
+            "backbone_pairs": pairs or [{"name": "p", "speech": str(tmp_path / "s"), "text": str(tmp_path / "t")}],
+            "axes": axes or {"model.hidden_layers": [1, 2]}, "pack_size": pack_size,
+            "results_dir": str(tmp_path / "results"), **extra}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+def _no_scontrol(tmp_path, monkeypatch, output: str | None = None) -> None:
+    """A fake scontrol first on PATH: fails (no controller), or prints ``output``."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    body = f"cat <<'EOT'\n{output}\nEOT\n" if output is not None else "echo 'cannot reach the controller' >&2; exit 1\n"
+    (bin_dir / "scontrol").write_text("#!/bin/bash\n" + body)
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+
+
+def test_array_specs_are_compressed_ranges():
+    from ser_hpc.grid.arrays import array_spec, compress
+    assert array_spec(list(range(320)), 2) == "0-319%2"
+    assert array_spec([0, 1, 2, 3, 7, 9, 10, 11, 12], 2) == "0-3,7,9-12%2"  # a relaunch: 4-6 and 8 finished
+    assert compress([5, 3, 4, 4, 10]) == "3-5,10" and compress([7]) == "7" and compress([1, 3]) == "1,3"
+    assert array_spec([], 8) == "" and array_spec([0, 1]) == "0-1"
+
+
+def test_split_at_max_array_size_keeps_indices_below_it():
+    from ser_hpc.grid.arrays import dependency, split_by_count, split_by_index
+    chunks = split_by_index(list(range(2500)), 1001)
+    assert [c.offset for c in chunks] == [0, 1001, 2002]
+    assert [len(c.items) for c in chunks] == [1001, 1001, 498]
+    assert [c.spec(16) for c in chunks] == ["0-1000%16", "0-1000%16", "0-497%16"]
+    assert all(max(c.indices) < 1001 and [c.offset + i for i in c.indices] == c.items for c in chunks)
+    assert sum((c.items for c in chunks), []) == list(range(2500))
+    # A relaunch: finished packs stay out, the indices of each array stay < MaxArraySize.
+    todo = [0, 1, 2, 3, 7, 1500, 1501, 1600, 2600]
+    chunks = split_by_index(todo, 1001)
+    assert [(c.offset, c.spec(2)) for c in chunks] == [(0, "0-3,7%2"), (1500, "0-1,100%2"), (2600, "0%2")]
+    assert [len(c.items) for c in split_by_count(list(range(2500)), 1001)] == [1001, 1001, 498]
+    assert split_by_index(list(range(1001)), 1001)[0].spec() == "0-1000"  # exactly MaxArraySize: one array
+    assert dependency("afterany", ["11", "12", "13"]) == "afterany:11:12:13"
+
+
+def test_max_array_size_from_scontrol_else_the_profile_else_1001(tmp_path, monkeypatch):
+    from ser_hpc.grid.cluster import ClusterProfile, max_array_size
+    prof = tmp_path / "p.yaml"
+    prof.write_text(yaml.safe_dump({"executor": "slurm", "max_array_size": 300}))
+    profile = load_profile(prof)
+    assert profile.max_array_size == 300
+    _no_scontrol(tmp_path, monkeypatch, "Configuration data as of 2026-01-01T00:00:00\nMaxArraySize            = 40001\n"
+                                        "MaxJobCount             = 10000")
+    assert max_array_size(profile) == (40001, "scontrol show config")
+    _no_scontrol(tmp_path, monkeypatch)  # unreachable controller
+    assert max_array_size(profile) == (300, "profile p")
+    assert max_array_size(ClusterProfile(executor="slurm")) == (1001, "Slurm's default")
+    prof.write_text(yaml.safe_dump({"executor": "slurm", "max_array_size": 0}))
+    with pytest.raises(ConfigError, match="max_array_size must be an integer >= 1"):
+        load_profile(prof)
+
+
+class _FakeSubmitit:
+    """submitit's AutoExecutor, recording what would be submitted (job ids 100, 101, ...)."""
+
+    def __init__(self):
+        self.calls, self.next_id = [], 100
+        fake = self
+
+        class Job:
+            def __init__(self, job_id):
+                self.job_id = job_id
+
+        class AutoExecutor:
+            def __init__(self, folder, cluster):
+                self.params = {}
+
+            def update_parameters(self, **params):
+                self.params.update(params)
+
+            def _id(self):
+                fake.next_id += 1
+                return str(fake.next_id - 1)
+
+            def submit(self, fn, *args):
+                job = self._id()
+                fake.calls.append({"kind": fn.__name__, "id": job, "args": [args], "params": dict(self.params)})
+                return Job(job)
+
+            def map_array(self, fn, *iterables):
+                job, args = self._id(), list(zip(*iterables))
+                fake.calls.append({"kind": fn.__name__, "id": job, "args": args, "params": dict(self.params)})
+                return [Job(f"{job}_{i}") for i in range(len(args))]
+
+        self.AutoExecutor = AutoExecutor
+
+
+def test_submitit_path_splits_2500_packs_into_3_arrays_and_aggregation_waits_for_all(tmp_path, monkeypatch):
+    from ser_hpc.grid.cluster import ClusterProfile
+    from ser_hpc.grid.submit import submit_slurm
+    fake = _FakeSubmitit()
+    monkeypatch.setitem(sys.modules, "submitit", fake)
+    packs = list(range(2500))
+    sub = submit_slurm(tmp_path / "plan.json", tmp_path, packs, ClusterProfile(executor="slurm"), "g",
+                       prepare=True, features=3, max_array_size=1001)
+    kinds = [c["kind"] for c in fake.calls]
+    assert kinds == ["run_prepare", "run_features", "run_pack", "run_pack", "run_pack", "run_aggregation"]
+    prep, feat, *train, agg = fake.calls
+    assert [len(c["args"]) for c in train] == [1001, 1001, 498]
+    assert [pack for c in train for _, pack in c["args"]] == packs  # each task gets its own pack
+    assert all(c["params"]["slurm_additional_parameters"]["dependency"] == f"afterok:{feat['id']}" for c in train)
+    assert feat["params"]["slurm_additional_parameters"]["dependency"] == f"afterok:{prep['id']}"
+    assert agg["params"]["slurm_additional_parameters"]["dependency"] == "afterany:" + ":".join(c["id"] for c in train)
+    assert sub.train_job == train[0]["id"] and [a["job_id"] for a in sub.train_arrays] == [c["id"] for c in train]
+    assert [a["packs"][0] for a in sub.train_arrays] == [0, 1001, 2002]
+    # The features job split too: training waits for every one of its arrays.
+    fake.calls.clear()
+    submit_slurm(tmp_path / "plan.json", tmp_path, [0, 1], ClusterProfile(executor="slurm"), "g", features=5,
+                 max_array_size=2)
+    feats = [c for c in fake.calls if c["kind"] == "run_features"]
+    assert [[g for _, g in c["args"]] for c in feats] == [[0, 1], [2, 3], [4]]
+    train = next(c for c in fake.calls if c["kind"] == "run_pack")
+    assert train["params"]["slurm_additional_parameters"]["dependency"] == "afterok:" + ":".join(c["id"] for c in feats)
+
+
+def _fake_bin(folder: Path, name: str, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def test_sbatch_path_splits_arrays_passes_offsets_and_skips_finished_packs(tmp_path, monkeypatch):
+    """--emit-sbatch + slurm/submit_grid.sh against a fake sbatch: MaxArraySize 3 (profile key,
+    scontrol unreachable), 6 packs of which 2 finished -> 2 arrays with gaps, offsets passed to
+    the task, aggregation after both; the task script turns index + offset into the pack."""
+    import os
+    from ser_hpc.grid.launch import describe, emit_sbatch, prepare
+    from ser_hpc.grid.plan import run_folder
+    _no_scontrol(tmp_path, monkeypatch)
+    prof = tmp_path / "slurm.yaml"
+    prof.write_text(yaml.safe_dump({"executor": "slurm", "array_parallelism": 2, "max_array_size": 3}))
+    path = _fake_grid(tmp_path, axes={"model.hidden_layers": [1, 2], "train.seed": [1, 2, 3]}, pack_size=2,
+                      pairs=[{"name": "a", "speech": str(tmp_path / "s1"), "text": str(tmp_path / "t1")},
+                             {"name": "b", "speech": str(tmp_path / "s2"), "text": str(tmp_path / "t2")}])
+    lp = prepare(str(path), [], None, str(prof))
+    assert len(lp.packs) == 6 and lp.max_array_size == 3 and lp.max_array_source == "profile slurm"
+    for pack in (1, 4):  # finished in an earlier launch
+        for run in lp.packs[pack]:
+            folder = run_folder({"launch_dir": os.getcwd()}, {"config": run.config})
+            folder.path.mkdir(parents=True)
+            (folder.path / "final.json").write_text(json.dumps({"status": "done"}))
+    lp = prepare(str(path), [], None, str(prof))
+    assert lp.to_run == [0, 2, 3, 5]
+    text = describe(lp)
+    assert "2 training arrays" in text and "MaxArraySize 3 (profile slurm)" in text
+    assert "sbatch --array=0,2%2 " in text and "(task i trains pack 3 + i)" in text
+    assert "--dependency=afterany:<array 1>:<array 2>" in text
+    lp.features = 4  # as if 4 feature stores were missing: 2 arrays too
+    env_file = emit_sbatch(lp, [])
+    env = env_file.read_text()
+    assert "TRAIN_ARRAYS=(0,2%2 0,2%2)" in env and "TRAIN_OFFSETS=(0 3)" in env
+    assert "FEATURE_ARRAYS=(0-2 0)" in env and "FEATURE_OFFSETS=(0 3)" in env and "ARRAY=0,2-3,5%2" in env
+    manifest = json.loads((lp.spec.out_dir / "manifest.json").read_text())
+    assert [(a["offset"], a["packs"]) for a in manifest["launches"][-1]["train_arrays"]] == [(0, [0, 2]), (3, [3, 5])]
+
+    bin_dir = tmp_path / "bin"
+    calls = tmp_path / "sbatch_calls"
+    _fake_bin(bin_dir, "sbatch", f'n=$(( $(cat {tmp_path}/n 2>/dev/null || echo 200) + 1 )); echo $n > {tmp_path}/n\n'
+                                 f'echo "$n $*" >> {calls}\necho "$n"\n')
+    fake_py = _fake_bin(tmp_path / "py", "python", f"echo {env_file}\n")
+    res = subprocess.run(["bash", str(REPO / "slurm" / "submit_grid.sh"), str(path)], capture_output=True, text=True,
+                         env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SER_HPC_PYTHON": str(fake_py)},
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 5  # 2 feature arrays, 2 training arrays, aggregation
+    f1, f2, t1, t2, agg = lines
+    assert "--array=0-2 " in f1 and f1.endswith("slurm/features.sbatch " + str(lp.spec.out_dir.resolve() / "plan.json") + " 0")
+    assert "--array=0 " in f2 and f2.endswith(" 3") and "%A_%a_features+3.out" in f2
+    for line in (t1, t2):
+        assert "--array=0,2%2" in line and "--dependency=afterok:201:202" in line
+    assert t1.endswith(" 0") and "--output=" in t1 and "%A_%a.out" in t1
+    assert t2.endswith(" 3") and "%A_%a+3.out" in t2
+    assert "--dependency=afterany:203:204" in agg and "slurm/aggregate.sbatch" in agg
+    assert "train array: 203\n" in res.stdout and "train array: 204 (task i = pack 3 + i)" in res.stdout
+
+    # The task scripts: array index + offset = the pack (or feature group).
+    fake_srun = _fake_bin(tmp_path / "srun_bin", "srun", 'echo "$@"\n')
+    out = subprocess.run(["bash", str(REPO / "slurm" / "train_array.sbatch"), "plan.json", "3"], capture_output=True,
+                         text=True, timeout=30, cwd=tmp_path,
+                         env={**os.environ, "PATH": f"{fake_srun.parent}:{os.environ['PATH']}",
+                              "SLURM_ARRAY_TASK_ID": "2", "SER_HPC_PYTHON": "python"})
+    assert out.returncode == 0 and out.stdout.split()[-2:] == ["--pack", "5"], out.stderr
+    out = subprocess.run(["bash", str(REPO / "slurm" / "features.sbatch"), "plan.json", "3"], capture_output=True,
+                         text=True, timeout=30, cwd=tmp_path,
+                         env={**os.environ, "SLURM_ARRAY_TASK_ID": "0", "SER_HPC_PYTHON": "echo"})
+    assert out.returncode == 0 and out.stdout.split()[-2:] == ["--group", "3"], out.stderr
+    out = subprocess.run(["bash", str(REPO / "slurm" / "train_array.sbatch"), "plan.json"], capture_output=True,
+                         text=True, timeout=30, cwd=tmp_path,
+                         env={**os.environ, "PATH": f"{fake_srun.parent}:{os.environ['PATH']}",
+                              "SLURM_ARRAY_TASK_ID": "4", "SER_HPC_PYTHON": "python"})
+    assert out.stdout.split()[-2:] == ["--pack", "4"]  # no offset: the index is the pack, as before
+
+
+def test_status_maps_split_arrays_back_to_packs(tmp_path):
+    from ser_hpc.grid.status import pack_tasks
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for name in ("300_0.out", "300_2.out", "301_0+3.out", "301_2+3.out", "299_0.out"):
+        (logs / name).write_text("")
+    tasks, _ = pack_tasks(tmp_path, {"launches": [{"executor": "sbatch", "packs": [0, 2, 3, 5], "job_ids": {}}]})
+    assert {p: (t.task_id, Path(t.log).name) for p, t in tasks.items()} == {
+        0: ("300_0", "300_0.out"), 2: ("300_2", "300_2.out"), 3: ("301_0", "301_0+3.out"), 5: ("301_2", "301_2+3.out")}
+    launch = {"executor": "slurm", "packs": [0, 1, 2], "job_ids": {"train_array": "500", "aggregate": "502"},
+              "train_arrays": [{"job_id": "500", "packs": [0, 1]}, {"job_id": "501", "packs": [2]}]}
+    tasks, others = pack_tasks(tmp_path, {"launches": [launch]})
+    assert {p: t.task_id for p, t in tasks.items()} == {0: "500_0", 1: "500_1", 2: "501_0"}
+    assert others == {"aggregate": "502"}
+    del launch["train_arrays"]  # a launch recorded before arrays were split
+    assert {p: t.task_id for p, t in pack_tasks(tmp_path, {"launches": [launch]})[0].items()} == {
+        0: "500_0", 1: "500_1", 2: "500_2"}
+
+
+def test_fast_expansion_equals_building_every_run_from_scratch(tmp_path):
+    """expand() copies each pair's config and sets only the axis values: the configs must be
+    exactly what applying base, overrides, pair and axis values to a fresh Config gives."""
+    from ser_hpc.config import Config, apply_tree, config_from_dict, set_key, validate
+    path = _fake_grid(tmp_path, axes={"model.hidden_layers": [1, 2], "data.speeds": [[0.9, 1.1], [1.0]],
+                                      "train.lr": [1, 2e-3]},
+                      pairs=[{"name": "a", "speech": "s1", "text": "t1", "train": {"batch_size": 8}},
+                             {"name": "b", "speech": "s2", "text": "t2"}],
+                      overrides={"train.weight_decay": 0, "model.dropout": 0.2})
+    spec = load_grid(path)
+    runs = expand(spec)
+    assert len(runs) == 16
+    for run in runs:
+        cfg = apply_tree(Config(), spec.base, "base")
+        for key, value in {**spec.overrides, **next(p for p in spec.pairs if p.name == run.pair).overrides,
+                           **{k: v for k, v in run.overrides.items() if k in spec.axes}}.items():
+            set_key(cfg, key, value)
+        cfg.run.name = run.name
+        validate(cfg)
+        want = cfg.to_dict()
+        want["run"]["dir"] = str(spec.out_dir / "runs" / run.run_id)
+        assert run.config == want
+        assert config_from_dict(run.config).to_dict() == run.config
+    assert isinstance(runs[0].config["train"]["lr"], float)  # coerced as set_key does
+    runs[0].config["data"]["speeds"].append(3.0)  # runs share no mutable state
+    runs[0].config["model"]["dropout"] = 0.5
+    assert all(r.config["data"]["speeds"][-1] != 3.0 and r.config["model"]["dropout"] == 0.2 for r in runs[1:])
+    bad = _fake_grid(tmp_path, name="bad", overrides={"train.max_steps": "many"})
+    with pytest.raises(ConfigError, match=r"'train\.max_steps' \(.*bad\.yaml: run 'p hidden_layers=1'\) must be int"):
+        expand(load_grid(bad))
+
+
+def test_dry_run_of_a_big_grid_prints_a_summary_and_every_run_with_verbose(tmp_path, monkeypatch):
+    from ser_hpc.grid.launch import describe, prepare
+    _no_scontrol(tmp_path, monkeypatch)
+    path = _fake_grid(tmp_path, axes={"model.hidden_layers": [1, 2], "train.seed": list(range(60))}, pack_size=2,
+                      pairs=[{"name": "a", "speech": "s1", "text": "t1"}, {"name": "b", "speech": "s2", "text": "t2"}])
+    lp = prepare(str(path), [], None, str(REPO / "configs" / "cluster" / "localhost_slurm.yaml"))
+    assert len(lp.runs) == 240 and len(lp.packs) == 120 and lp.problems  # missing data and models are reported
+    text = describe(lp)
+    assert text.startswith("grid big: 240 runs in 120 packs")
+    assert "  a  120 run(s) in 60 pack(s), 0 finished, 60 pack(s) to submit" in text
+    assert "runs (the first and last 10 of 240; --verbose lists every one):" in text
+    assert sum(line.startswith("  pack ") for line in text.splitlines()) == 20 and "... 220 more run(s) ..." in text
+    assert lp.runs[0].run_id in text and lp.runs[-1].run_id in text and lp.runs[100].run_id not in text
+    assert "to submit: 120 pack(s) 0-119;" in text and "sbatch --array=0-119%2 " in text
+    assert "one training array (MaxArraySize 1001 (Slurm's default))" in text
+    verbose = describe(lp, verbose=True)
+    assert sum(line.startswith("  pack ") for line in verbose.splitlines()) == 240
+
+
+def test_planning_a_big_grid_writes_every_run(tmp_path, monkeypatch):
+    """2,000 runs expanded, validated, checked and planned (benchmarks/plan_scale.py prints how
+    long 1,000 and 10,000 take: speed is measured there, not asserted here)."""
+    from ser_hpc.grid.launch import describe, prepare, write_grid_files
+    path = _fake_grid(tmp_path, axes={"model.hidden_layers": [1, 2], "model.dropout": [0.0, 0.1, 0.2, 0.3, 0.4],
+                                      "train.seed": list(range(50))}, pack_size=4,
+                      pairs=[{"name": f"p{i}", "speech": f"s{i}", "text": f"t{i}"} for i in range(4)])
+    lp = prepare(str(path), [], "local")
+    write_grid_files(lp)
+    describe(lp)
+    assert len(lp.runs) == 2000 and len(lp.packs) == 600
+    plan = json.loads((lp.spec.out_dir / "plan.json").read_text())
+    assert len(plan["runs"]) == 2000 and plan["runs"][5]["config"] == lp.runs[5].config
+
+
+# ------------------------------------------------------------- backbone entries with one encoder
+
+def test_an_entry_with_one_encoder_trains_that_modality_alone(tmp_path):
+    from ser_hpc.grid.prefetch import grid_backbones
+    path = _fake_grid(tmp_path, base_model={"text": {"name": "base-text"}, "speech": {"name": "base-speech"}},
+                      pairs=[{"name": "both", "speech": "s0", "text": "t0"}, {"name": "w2v", "speech": "s1"},
+                             {"name": "beto", "text": "t1"}])
+    runs = expand(load_grid(path))
+    by_pair = {}
+    for r in runs:
+        by_pair.setdefault(r.pair, []).append(r.config["model"])
+    assert {(m["modalities"], m["speech"]["name"], m["text"]["name"]) for m in by_pair["both"]} == {("audio+text", "s0", "t0")}
+    assert {(m["modalities"], m["speech"]["name"], m["text"]["name"]) for m in by_pair["w2v"]} == {("audio", "s1", "")}
+    assert {(m["modalities"], m["speech"]["name"], m["text"]["name"]) for m in by_pair["beto"]} == {("text", "", "t1")}
+    # Prefetch and the launcher's checks see only the encoders the entries name.
+    assert sorted(grid_backbones(str(path))) == [("speech", "s0"), ("speech", "s1"), ("text", "t0"), ("text", "t1")]
+    res = _launch(path, "--dry-run", "--cluster", "local", cwd=tmp_path)
+    assert res.returncode == 2
+    for name in ("s0", "s1", "t0", "t1"):
+        assert f"model {name!r}" in res.stderr or f"path does not exist: {name} " in res.stderr, name
+    assert "base-text" not in res.stderr and "base-speech" not in res.stderr
+    # An entry's own modalities key is kept when it fits.
+    ok = _fake_grid(tmp_path, name="ok", pairs=[{"name": "w2v", "speech": "s1", "model.modalities": "audio"}],
+                    base_model={"modalities": "audio+text"})
+    assert {r.config["model"]["modalities"] for r in expand(load_grid(ok))} == {"audio"}
+
+
+def test_an_entry_with_one_encoder_refuses_modalities_that_need_the_other(tmp_path):
+    def refused(match, cli=None, **grid):
+        with pytest.raises(ConfigError, match=match):
+            load_grid(_fake_grid(tmp_path, name="r", **grid), cli)
+    speech_only = [{"name": "both", "speech": "s0", "text": "t0"}, {"name": "w2v", "speech": "s1"}]
+    refused(r"backbone_pairs\[1\] 'w2v' names only a speech encoder, but model\.modalities is 'audio\+text' "
+            r"\(run_config base\.yaml\), which needs a text encoder too.*set model\.modalities: audio in the entry",
+            pairs=speech_only, base_model={"modalities": "audio+text"})
+    refused(r"backbone_pairs\[1\] 'w2v' .* model\.modalities is 'audio\+text' \(overrides in",
+            pairs=speech_only, overrides={"model.modalities": "audio+text"})
+    refused(r"'w2v' names only a speech encoder, but model\.modalities is 'text' \(the command-line override",
+            cli={"model.modalities": "text"}, pairs=speech_only)
+    refused(r"'w2v' .* model\.modalities is 'audio\+text' \(the axis model\.modalities",
+            pairs=speech_only, axes={"model.modalities": ["audio", "audio+text"]})
+    refused(r"backbone_pairs\[0\] 'beto' names only a text encoder, but model\.modalities is 'audio' \(the entry itself\)"
+            r".*needs a speech encoder",
+            pairs=[{"name": "beto", "text": "t1", "model": {"modalities": "audio"}}])
+    # An axis of modalities that all fit is fine.
+    path = _fake_grid(tmp_path, name="fine", pairs=[{"name": "w2v", "speech": "s1"}],
+                      axes={"model.modalities": ["audio"], "model.hidden_layers": [1, 2]})
+    assert {r.config["model"]["modalities"] for r in expand(load_grid(path))} == {"audio"}
+    # A command-line text encoder is not "ignored" for an audio-only entry: it never used one.
+    assert load_grid(path, {"model.text.name": "x"}).overrides["model.text.name"] == "x"

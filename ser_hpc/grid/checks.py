@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import ConfigError, DataConfig, config_from_dict
 from ..data.audio import AudioError
-from ..data.corpus import CorpusError, read_corpus
+from ..data.corpus import CorpusError
 from ..data.sources import load_splits
 from .expand import PlannedRun
 
@@ -32,13 +32,16 @@ def check_data(runs: list[PlannedRun], quick: bool = False, problems: list[str] 
     With ``problems``, each failure is appended there instead of raised."""
     seen: set[str] = set()
     for run in runs:
-        data = config_from_dict(run.config).data
-        key = json.dumps(vars(data), sort_keys=True)
+        # The data section of the resolved (already validated) run config names its data;
+        # a Config is built only for each distinct one.
+        needs_text = "text" in run.config["model"]["modalities"]
+        key = json.dumps([run.config["data"], needs_text], sort_keys=True, default=str)
         if key in seen:
             continue
         seen.add(key)
+        data = config_from_dict(run.config).data
         try:
-            _check_one_data(data, quick)
+            _check_one_data(data, quick, needs_text)
         except (CorpusError, AudioError, CheckError, ConfigError) as exc:
             if problems is None:
                 raise
@@ -46,16 +49,9 @@ def check_data(runs: list[PlannedRun], quick: bool = False, problems: list[str] 
     return len(seen)
 
 
-def _check_one_data(data: DataConfig, quick: bool) -> None:
-    if quick:
-        read_corpus(data.train_csv, data.audio_dir, require_labels=True)
-        if data.dev_csv:
-            read_corpus(data.dev_csv, data.audio_dir, require_labels=True)
-        if data.test_csv:
-            read_corpus(data.test_csv, data.test_audio_dir or data.audio_dir,
-                        require_labels=bool(data.test_labels_csv), labels_csv=data.test_labels_csv)
-    else:
-        load_splits(data)
+def _check_one_data(data: DataConfig, quick: bool, needs_text: bool) -> None:
+    # Any data.format: files, columns, labels, folds and splits; ``quick`` does not open the audio.
+    load_splits(data, needs_text=needs_text, open_audio=not quick)
     for folder in (data.noise_dir, data.rir_dir):
         if folder and not Path(folder).is_dir():
             raise CheckError(f"augmentation folder not found: {folder}")

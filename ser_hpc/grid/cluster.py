@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ class ClusterProfile:
     aggregate: JobResources = field(default_factory=lambda: JobResources(time_min=30))
     prepare: JobResources = field(default_factory=lambda: JobResources(cpus_per_task=8, time_min=120))
     features: JobResources = field(default_factory=JobResources)  # default: the train resources (a GPU)
-    array_parallelism: int = 8       # %N: most array tasks running at once
+    array_parallelism: int = 8       # %N: most array tasks running at once (per array job)
+    max_array_size: int | None = None  # the cluster's MaxArraySize when scontrol cannot be asked (default 1001)
     setup: list[str] = field(default_factory=list)   # shell lines run before each job (module load ...)
     env: dict[str, str] = field(default_factory=dict)  # exported in each job (HF_HOME=...)
 
@@ -79,8 +81,8 @@ def _resources(tree: dict[str, Any], where: str, base: JobResources | None = Non
 def load_profile(path: str | Path) -> ClusterProfile:
     path = Path(path)
     tree = read_yaml(path)
-    allowed = {"name", "executor", "train", "aggregate", "prepare", "features", "array_parallelism", "setup", "env",
-               "description"}
+    allowed = {"name", "executor", "train", "aggregate", "prepare", "features", "array_parallelism", "max_array_size",
+               "setup", "env", "description"}
     unknown = set(tree) - allowed
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(allowed))}")
@@ -108,9 +110,40 @@ def load_profile(path: str | Path) -> ClusterProfile:
     parallel = tree.get("array_parallelism", 8)
     if not isinstance(parallel, int) or parallel < 1:
         raise ConfigError(f"{path}: array_parallelism must be an integer >= 1, got {parallel!r}")
+    max_size = tree.get("max_array_size")
+    if max_size is not None and (not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 1):
+        raise ConfigError(f"{path}: max_array_size must be an integer >= 1 (the cluster's MaxArraySize), "
+                          f"got {max_size!r}")
     return ClusterProfile(name=str(tree.get("name") or path.stem), executor=executor, train=train,
                           aggregate=aggregate, prepare=prepare, features=features, array_parallelism=parallel,
-                          setup=list(setup), env=env)
+                          max_array_size=max_size, setup=list(setup), env=env)
+
+
+MAX_ARRAY_RE = re.compile(r"^\s*MaxArraySize\s*=\s*(\d+)\s*$", re.MULTILINE)
+
+
+def scontrol_max_array_size(timeout_s: float = 10) -> int | None:
+    """MaxArraySize from ``scontrol show config``, or None when scontrol is missing, fails
+    (no controller reachable from here) or does not say."""
+    try:
+        res = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = MAX_ARRAY_RE.search(res.stdout) if res.returncode == 0 else None
+    return int(m.group(1)) if m and int(m.group(1)) >= 1 else None
+
+
+def max_array_size(profile: ClusterProfile) -> tuple[int, str]:
+    """The largest array job Slurm accepts here (indices 0..N-1), and where the number came
+    from: ``scontrol show config`` when it answers, else the profile's max_array_size, else
+    Slurm's default 1001."""
+    from .arrays import DEFAULT_MAX_ARRAY_SIZE
+    found = scontrol_max_array_size()
+    if found is not None:
+        return found, "scontrol show config"
+    if profile.max_array_size is not None:
+        return profile.max_array_size, f"profile {profile.name}"
+    return DEFAULT_MAX_ARRAY_SIZE, "Slurm's default"
 
 
 def job_env_lines(profile: ClusterProfile) -> list[str]:

@@ -19,7 +19,8 @@ from ..locks import launch_lock
 from ..models.encoders import BackboneError, missing_model
 from ..train.packing import needs_own_forward
 from .checks import CheckError, check_backbone, check_data
-from .cluster import ClusterProfile, job_env_lines, load_profile, sbatch_args
+from .arrays import DEFAULT_MAX_ARRAY_SIZE, ArrayChunk, array_spec, compress, split_by_index
+from .cluster import ClusterProfile, job_env_lines, load_profile, max_array_size, sbatch_args
 from .expand import PlannedRun, expand, make_packs
 from .plan import build_plan, read_plan, run_states, write_plan
 from .spec import GridSpec, load_grid
@@ -42,10 +43,19 @@ class LaunchPlan:
     prepare: bool = False        # some clips still need decoding into data.prepared_dir
     features: int = 0            # feature-store groups to extract before training (train.features=cached)
     problems: list[str] = field(default_factory=list)  # every failed check; nothing is submitted while any
+    max_array_size: int = DEFAULT_MAX_ARRAY_SIZE   # Slurm's MaxArraySize: larger arrays are split
+    max_array_source: str = "Slurm's default"      # where that number came from
 
     @property
     def skipped(self) -> list[PlannedRun]:
         return [r for r in self.runs if self.states.get(r.run_id) == "done"]
+
+    def train_arrays(self) -> list[ArrayChunk]:
+        """The training array jobs of the sbatch path (task i = pack offset + i)."""
+        return split_by_index(self.to_run, self.max_array_size)
+
+    def feature_arrays(self) -> list[ArrayChunk]:
+        return split_by_index(list(range(self.features)), self.max_array_size)
 
 
 def prepare(grid_path: str, overrides: list[str], cluster: str | None = None, profile_path: str | None = None,
@@ -63,6 +73,8 @@ def prepare(grid_path: str, overrides: list[str], cluster: str | None = None, pr
     profile = load_profile(profile_file)
     if cluster:
         profile.executor = cluster
+    limit, limit_source = (max_array_size(profile) if profile.executor == "slurm"
+                           else (profile.max_array_size or DEFAULT_MAX_ARRAY_SIZE, "not used (no Slurm)"))
     # The plan exists from here on: every check below reports its problem and goes on, so a
     # dry run shows the whole plan and then everything that needs fixing, not the first error.
     problems: list[str] = []
@@ -88,19 +100,25 @@ def prepare(grid_path: str, overrides: list[str], cluster: str | None = None, pr
     plan = build_plan(spec, runs, packs)
     states = run_states(plan)
     to_run = [i for i, pack in enumerate(packs) if any(states[r.run_id] != "done" for r in pack)]
-    lp = LaunchPlan(spec, profile, runs, packs, states, to_run, problems=problems)
+    lp = LaunchPlan(spec, profile, runs, packs, states, to_run, problems=problems, max_array_size=limit,
+                    max_array_source=limit_source)
     if to_run and not problems:  # both read the corpus, which the checks above found usable
         lp.prepare = needs_preparation(plan)
-        lp.features = len(feature_groups(plan)) if needs_features(plan) else 0
+        groups = feature_groups(plan)
+        lp.features = len(groups) if needs_features(plan, groups) else 0
     return lp
 
 
-def needs_features(plan: dict) -> bool:
+def needs_features(plan: dict, groups: list[list[dict]] | None = None) -> bool:
     """True when some cached-feature run has no complete store for its heads yet."""
     from ..config import config_from_dict
     from ..features.extract import find_store, read_all_clips, store_spec
-    for group in feature_groups(plan):
-        cfgs = [config_from_dict(run["config"]) for run in group]
+    for group in feature_groups(plan) if groups is None else groups:
+        # The store depends on the group's shared settings and the layers each head reads:
+        # one Config per distinct layer choice, not one per run.
+        distinct = {(run["config"]["model"]["speech"]["layers"], run["config"]["model"]["text"]["layers"]): run
+                    for run in group}
+        cfgs = [config_from_dict(group[0]["config"])] + [config_from_dict(run["config"]) for run in distinct.values()]
         if find_store(cfgs[0], store_spec(cfgs, read_all_clips(cfgs[0]))) is None:
             return True
     return False
@@ -134,14 +152,44 @@ def where(path: str | Path) -> str:
     return text
 
 
-def describe(lp: LaunchPlan) -> str:
-    """The --dry-run report: runs, packs, resources and the sbatch parameters."""
+LIST_ALL_UP_TO = 50   # a dry run lists every run of a grid this small; larger: the first and last few
+LIST_ENDS = 10
+
+
+def describe(lp: LaunchPlan, verbose: bool = False) -> str:
+    """The --dry-run report: runs (per backbone pair; every run with ``verbose`` or for a
+    small grid, else the first and last few), packs, resources and the sbatch parameters."""
     lines = [f"grid {lp.spec.name}: {len(lp.runs)} runs in {len(lp.packs)} packs -> {where(lp.spec.out_dir)}",
-             f"executor {lp.profile.executor}, profile {lp.profile.name}", "", "runs:"]
+             f"executor {lp.profile.executor}, profile {lp.profile.name}"]
+    to_run = set(lp.to_run)
+    per_pair: dict[str, list] = {}
     for r in lp.runs:
-        lines.append(f"  pack {r.pack:3d}  {lp.states[r.run_id]:7s}  {r.run_id}  ({r.name})")
+        entry = per_pair.setdefault(r.pair, [0, set(), 0])
+        entry[0] += 1
+        entry[1].add(r.pack)
+        entry[2] += lp.states[r.run_id] == "done"
+    if len(per_pair) > 1 or len(lp.runs) > LIST_ALL_UP_TO:
+        lines += ["", "backbone pairs:"]
+        width = max(len(p) for p in per_pair)
+        for pair, (n, packs, done) in per_pair.items():
+            lines.append(f"  {pair:<{width}}  {n} run(s) in {len(packs)} pack(s), {done} finished, "
+                         f"{len(packs & to_run)} pack(s) to submit")
+    counts = {s: sum(v == s for v in lp.states.values()) for s in ("done", "failed", "missing")}
+    show = lp.runs
+    if not verbose and len(lp.runs) > LIST_ALL_UP_TO:
+        show = lp.runs[:LIST_ENDS] + [None] + lp.runs[-LIST_ENDS:]
+        lines += ["", f"runs (the first and last {LIST_ENDS} of {len(lp.runs)}; --verbose lists every one):"]
+    else:
+        lines += ["", "runs:"]
+    for r in show:
+        if r is None:
+            lines.append(f"  ... {len(lp.runs) - 2 * LIST_ENDS} more run(s) ...")
+        else:
+            lines.append(f"  pack {r.pack:3d}  {lp.states[r.run_id]:7s}  {r.run_id}  ({r.name})")
     lines.append("")
-    lines.append(f"to submit: {len(lp.to_run)} pack(s) {lp.to_run}; skipping {len(lp.skipped)} finished run(s)")
+    lines.append(f"states: {counts['done']} done, {counts['failed']} failed, {counts['missing']} not run yet")
+    lines.append(f"to submit: {len(lp.to_run)} pack(s) {compress(lp.to_run) or '-'}; "
+                 f"skipping {len(lp.skipped)} finished run(s)")
     res = lp.profile.train
     gpus = res.gpus_per_task * res.tasks_per_node * res.nodes
     hours = len(lp.to_run) * res.time_min / 60
@@ -164,10 +212,21 @@ def describe(lp: LaunchPlan) -> str:
         lines.append(f"{len(shared)} pack(s) train several heads in one process on one backbone forward per batch "
                      f"(up to pack_size={lp.spec.pack_size})")
     if lp.profile.executor == "slurm":
-        array = ",".join(map(str, lp.to_run)) + f"%{lp.profile.array_parallelism}"
-        lines.append("train array:  sbatch --array=" + array + " " +
-                     " ".join(shlex.quote(a) for a in sbatch_args(lp.profile.train, job_name(lp.spec.name, "train"))))
-        lines.append("aggregation:  sbatch --dependency=afterany:<array> " +
+        arrays = lp.train_arrays()
+        limit = f"MaxArraySize {lp.max_array_size} ({lp.max_array_source})"
+        if len(arrays) > 1:
+            lines.append(f"{len(lp.to_run)} packs to submit exceed {limit}: {len(arrays)} training arrays, each "
+                         f"throttled to %{lp.profile.array_parallelism}; aggregation waits for all of them")
+        else:
+            lines.append(f"one training array ({limit})")
+        if lp.features and len(lp.feature_arrays()) > 1:
+            lines.append(f"the features job is {len(lp.feature_arrays())} arrays ({limit}); training waits for all")
+        train_args = " ".join(shlex.quote(a) for a in sbatch_args(lp.profile.train, job_name(lp.spec.name, "train")))
+        for chunk in arrays:
+            lines.append(f"train array:  sbatch --array={chunk.spec(lp.profile.array_parallelism)} {train_args}"
+                         + (f"  (task i trains pack {chunk.offset} + i)" if chunk.offset else ""))
+        after = ":".join(f"<array {k}>" for k in range(1, len(arrays) + 1)) if len(arrays) > 1 else "<array>"
+        lines.append(f"aggregation:  sbatch --dependency=afterany:{after} " +
                      " ".join(shlex.quote(a) for a in sbatch_args(lp.profile.aggregate, job_name(lp.spec.name, "aggregate"))))
     return "\n".join(lines)
 
@@ -231,6 +290,7 @@ def record_launch(lp: LaunchPlan, sub: Submission, overrides: list[str]) -> None
         "overrides": overrides, "job_ids": {"prepare": sub.prepare_job, "features": sub.features_job, "train_array": sub.train_job,
                                             "aggregate": sub.aggregate_job},
         "packs": sub.packs, "skipped_runs": [r.run_id for r in lp.skipped],
+        "train_arrays": sub.train_arrays, "features_arrays": sub.features_arrays,
     })
     atomic_io.write_json(path, manifest)
 
@@ -263,7 +323,8 @@ def _launch(lp: LaunchPlan, overrides: list[str]) -> Submission:
         log.info("skipping %d finished run(s): %s", len(lp.skipped), ", ".join(r.run_id for r in lp.skipped))
     executor = lp.profile.executor
     if executor == "slurm":
-        sub = submit_slurm(plan_path.resolve(), out, lp.to_run, lp.profile, lp.spec.name, lp.prepare, lp.features)
+        sub = submit_slurm(plan_path.resolve(), out, lp.to_run, lp.profile, lp.spec.name, lp.prepare, lp.features,
+                           lp.max_array_size)
     elif executor in ("local", "debug"):
         if lp.prepare:
             run_prepare(str(plan_path.resolve()))
@@ -291,20 +352,28 @@ def _emit_sbatch(lp: LaunchPlan, overrides: list[str]) -> Path:
     setup = out / "job_setup.sh"
     atomic_io.write_text(setup, "# sourced by slurm/*.sbatch: the cluster profile's env and setup\n"
                          + "\n".join(job_env_lines(lp.profile)) + "\n")
-    array = ",".join(map(str, lp.to_run))
-    if array:
-        array += f"%{lp.profile.array_parallelism}"
     q = shlex.quote
-    lines = [f"RESULTS={q(str(out))}", f"PLAN={q(str(plan_path))}", f"ARRAY={q(array)}",
+    parallel = lp.profile.array_parallelism
+    train, feats = lp.train_arrays(), lp.feature_arrays()
+    lines = [f"RESULTS={q(str(out))}", f"PLAN={q(str(plan_path))}",
+             f"ARRAY={q(array_spec(lp.to_run, parallel))}",  # every pack to train; empty: nothing to train
              f"SER_HPC_JOB_SETUP={q(str(setup))}", f"PREPARE={'1' if lp.prepare else ''}",
              f"FEATURES={q(f'0-{lp.features - 1}' if lp.features else '')}",
+             f"MAX_ARRAY_SIZE={lp.max_array_size}",
+             # Split at MaxArraySize: array k runs tasks TRAIN_ARRAYS[k], task i = pack TRAIN_OFFSETS[k] + i.
+             "TRAIN_ARRAYS=(" + " ".join(q(c.spec(parallel)) for c in train) + ")",
+             "TRAIN_OFFSETS=(" + " ".join(str(c.offset) for c in train) + ")",
+             "FEATURE_ARRAYS=(" + " ".join(q(c.spec()) for c in feats) + ")",
+             "FEATURE_OFFSETS=(" + " ".join(str(c.offset) for c in feats) + ")",
              "FEAT_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.features, job_name(lp.spec.name, "features"))) + ")",
              "TRAIN_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.train, job_name(lp.spec.name, "train"))) + ")",
              "PREP_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.prepare, job_name(lp.spec.name, "prepare"))) + ")",
              "AGG_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.aggregate, job_name(lp.spec.name, "aggregate"))) + ")"]
     env_file = out / "sbatch_env.sh"
     atomic_io.write_text(env_file, "\n".join(lines) + "\n")
-    record_launch(lp, Submission("sbatch", packs=lp.to_run), overrides)
+    record_launch(lp, Submission("sbatch", packs=lp.to_run,
+                                 train_arrays=[{"job_id": None, "offset": c.offset, "packs": c.items} for c in train]),
+                  overrides)
     return env_file
 
 

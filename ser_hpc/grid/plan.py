@@ -30,9 +30,19 @@ def build_plan(spec: GridSpec, runs: list[PlannedRun], packs: list[list[PlannedR
     }
 
 
+def plan_json(plan: dict[str, Any]) -> str:
+    """plan.json's text: one pack and one run per line. Indented JSON goes through the
+    pure-Python encoder (seconds for 10,000 runs); each line here is one C-encoded dump."""
+    def value(key: str, obj: Any) -> str:
+        if key in ("packs", "runs") and isinstance(obj, list) and obj:
+            return "[\n" + ",\n".join("  " + json.dumps(v, ensure_ascii=False) for v in obj) + "\n]"
+        return json.dumps(obj, ensure_ascii=False)
+    return "{\n" + ",\n".join(f"{json.dumps(k)}: {value(k, v)}" for k, v in plan.items()) + "\n}\n"
+
+
 def write_plan(plan: dict[str, Any], out_dir: Path) -> Path:
     path = Path(out_dir) / "plan.json"
-    atomic_io.write_json(path, plan)
+    atomic_io.write_text(path, plan_json(plan))
     return path
 
 

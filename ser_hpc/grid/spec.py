@@ -6,6 +6,9 @@ run_config: ../run/emospeech2024.yaml   # base run config, relative to this file
 overrides: {train.epochs: 30}       # applied to every run (dotted or nested keys)
 backbone_pairs:                     # one axis whose values set several keys at once
   - {name: roberta+xlsr, text: llange/xlm-roberta-large-spanish, speech: facebook/wav2vec2-xls-r-300m}
+  - {name: xlsr, speech: facebook/wav2vec2-xls-r-300m, model.modalities: audio}
+    # one encoder: its runs train that modality alone (model.modalities=audio is set for it
+    # when nothing sets modalities; here the base run config says audio+text, so the entry says audio)
 axes:                               # any run-config key; the grid is the cartesian product
   model.hidden_layers: [2, 3]
   train.weight_decay: [0.01, 0.1]
@@ -35,6 +38,7 @@ ENSEMBLE_METHODS = ("mean", "vote")
 class BackbonePair:
     name: str
     overrides: dict[str, Any]  # dotted run-config keys this pair sets
+    encoders: tuple[str, ...] = ("speech", "text")  # the encoders the entry names ("speech", "text" or both)
 
 
 @dataclass
@@ -63,10 +67,14 @@ class GridSpec:
                 "cluster": self.cluster, "results_dir": self.results_dir}
 
 
+# Keys whose value is a mapping: data.label_map.exc=happy sets one entry.
+MAPPING_KEYS = ("data.label_map.", "data.columns.")
+
+
 def _check_keys(keys, where: str) -> None:
     known = set(valid_keys())
     for key in keys:
-        if key not in known:
+        if key not in known and not key.startswith(MAPPING_KEYS):
             raise ConfigError(f"{where}: unknown run-config key '{key}'. Valid keys: {', '.join(sorted(known))}")
 
 
@@ -90,11 +98,51 @@ def _check_overrides(path: Path, tree: dict[str, Any], cli: dict[str, Any], pair
             raise ConfigError(
                 f"the override {key}={value!r} would be ignored: the grid's axis '{key}' ({path}) sets it for "
                 f"every run, to {axes[key]!r}. Change the axis in the grid file (a one-value axis fixes it).")
-        setters = [p.name for p in pairs if key in p.overrides]
+        # A one-encoder entry clears the other encoder's name, which its runs never use.
+        setters = [p.name for p in pairs if key in p.overrides
+                   and not (len(p.encoders) == 1 and key == f"model.{'text' if p.encoders[0] == 'speech' else 'speech'}.name")]
         if setters:
             raise ConfigError(
                 f"the override {key}={value!r} would be ignored: backbone pair(s) {', '.join(setters)} in {path} "
                 f"set {key}. Change it in the pair's entry in the grid file.")
+
+
+NEEDS = {"speech": "audio", "text": "text"}   # encoder -> the modality it serves
+
+
+def _one_encoder(path: Path, index: int, pair: BackbonePair, tree: dict[str, Any], base: dict[str, Any],
+                 cli: dict[str, Any], axes: dict[str, list[Any]]) -> None:
+    """A backbone entry naming one encoder (``{name: w2v, speech: PATH}``) trains that
+    modality alone: its runs get model.modalities=audio (or text), and the other encoder's
+    name is cleared so that nothing checks, fetches or hashes it. A modalities setting that
+    needs the other encoder is refused, naming the entry and where the key was set (the
+    entry's own keys beat the overrides, which beat the base run config, and axes beat all)."""
+    (kind,) = pair.encoders
+    other = "text" if kind == "speech" else "speech"
+    alone = NEEDS[kind]
+    key = "model.modalities"
+    yaml_over = flatten(tree.get("overrides") or {})
+    if key in axes:
+        sources = [(v, f"the axis {key} in {path}") for v in axes[key]]
+    elif key in pair.overrides:
+        sources = [(pair.overrides[key], "the entry itself")]
+    elif key in cli:
+        sources = [(cli[key], f"the command-line override {key}={cli[key]}")]
+    elif key in yaml_over:
+        sources = [(yaml_over[key], f"overrides in {path}")]
+    elif key in flatten(base):
+        sources = [(flatten(base)[key], f"run_config {tree.get('run_config')}")]
+    else:
+        sources = []
+    for value, where in sources:
+        if NEEDS[other] in str(value).split("+"):
+            raise ConfigError(
+                f"{path}: backbone_pairs[{index}] '{pair.name}' names only a {kind} encoder, but {key} is "
+                f"{value!r} ({where}), which needs a {other} encoder too. Give the entry a {other} encoder, or set "
+                f"{key}: {alone} in the entry.")
+    if not sources:
+        pair.overrides[key] = alone
+    pair.overrides[f"model.{other}.name"] = ""
 
 
 def load_grid(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> GridSpec:
@@ -126,7 +174,8 @@ def load_grid(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> 
             pair_over["model.speech.name"] = str(raw["speech"])
         if raw.get("text") is not None:
             pair_over["model.text.name"] = str(raw["text"])
-        pairs.append(BackbonePair(str(raw["name"]), pair_over))
+        encoders = tuple(k for k in ("speech", "text") if f"model.{k}.name" in pair_over)
+        pairs.append(BackbonePair(str(raw["name"]), pair_over, encoders or ("speech", "text")))
     names = [p.name for p in pairs]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
@@ -143,6 +192,9 @@ def load_grid(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> 
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: axis '{key}' must be a non-empty list of values, got {values!r}")
 
+    for i, pair in enumerate(pairs):
+        if len(pair.encoders) == 1:
+            _one_encoder(path, i, pair, tree, base, dict(cli_overrides or {}), axes)
     _check_overrides(path, tree, dict(cli_overrides or {}), pairs, axes)
 
     pack_size = tree.get("pack_size", 1)

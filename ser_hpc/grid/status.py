@@ -82,28 +82,38 @@ def pack_tasks(results_dir: Path, manifest: dict) -> tuple[dict[int, PackTask], 
         names = os.listdir(logs)
     except OSError:
         names = []
-    # slurm/submit_grid.sh launches record no job ids; their logs are named <array>_<pack>.out.
-    sbatch_logs: dict[int, int] = {}
+    # slurm/submit_grid.sh launches record no job ids; their logs are named <array>_<pack>.out,
+    # or <array>_<task>+<offset>.out for the arrays after the first of a grid split at
+    # MaxArraySize (task i of such an array trains pack offset + i).
+    sbatch_logs: dict[int, tuple[int, int, str]] = {}   # pack -> (array job, task index, log name)
     for n in names:
-        m = re.fullmatch(r"(\d+)_(\d+)\.out", n)
+        m = re.fullmatch(r"(\d+)_(\d+)(?:\+(\d+))?\.out", n)
         if m:
-            sbatch_logs[int(m.group(2))] = max(sbatch_logs.get(int(m.group(2)), 0), int(m.group(1)))
+            array, index = int(m.group(1)), int(m.group(2))
+            pack = index + int(m.group(3) or 0)
+            if array >= sbatch_logs.get(pack, (-1,))[0]:
+                sbatch_logs[pack] = (array, index, n)
     tasks: dict[int, PackTask] = {}
     others: dict[str, str] = {}
     for launch in manifest.get("launches", []):
         executor, packs = launch.get("executor"), launch.get("packs") or []
         ids = launch.get("job_ids") or {}
         others = {k: str(v) for k, v in ids.items() if k != "train_array" and v}
-        for i, pack in enumerate(packs):
-            if executor == "slurm" and ids.get("train_array"):
-                # submitit arrays index tasks 0..n-1 over the submitted packs.
-                tid = f"{ids['train_array']}_{i}"
+        # submitit arrays index tasks 0..n-1 over the packs each was given; a grid split at
+        # MaxArraySize records every array ("train_arrays"), an older launch only the one.
+        arrays = [a for a in launch.get("train_arrays") or [] if a.get("job_id")]
+        if executor == "slurm" and not arrays and ids.get("train_array"):
+            arrays = [{"job_id": ids["train_array"], "packs": packs}]
+        submitted = {pack: (str(a["job_id"]), i) for a in arrays for i, pack in enumerate(a.get("packs") or [])}
+        for pack in packs:
+            if executor == "slurm" and pack in submitted:
+                tid = "{}_{}".format(*submitted[pack])
                 err, out = logs / tid / f"{tid}_0_log.err", logs / tid / f"{tid}_0_log.out"
                 tasks[pack] = PackTask(executor, tid, str(err if err.exists() or not out.exists() else out))
             elif executor == "sbatch":
-                array = sbatch_logs.get(pack)
-                tasks[pack] = PackTask(executor, f"{array}_{pack}" if array else None,
-                                       str(logs / f"{array}_{pack}.out") if array else None)
+                found = sbatch_logs.get(pack)
+                tasks[pack] = PackTask(executor, f"{found[0]}_{found[1]}" if found else None,
+                                       str(logs / found[2]) if found else None)
             elif executor == "local":
                 tasks[pack] = PackTask(executor, None, str(logs / f"local_pack{pack}.log"))
             else:

@@ -2,7 +2,10 @@
 
 slurm: submitit, ONE job array over the packs to (re)train (throttled with %N), then the
        aggregation job with ``afterany`` on the array (it runs even when some tasks fail;
-       ``afterok`` would leave it pending forever).
+       ``afterok`` would leave it pending forever). More packs than the cluster's
+       MaxArraySize are split into several arrays (``ser_hpc.grid.arrays``), each throttled
+       with %N; the aggregation job depends on all of them, and so does training on every
+       array of the features job.
 local: the same entry point (jobs/train.py --plan --pack) as subprocesses, at most
        ``array_parallelism`` at a time, then aggregation; waits for them.
 debug: everything in this process, one pack after the other (for pdb and tracebacks).
@@ -18,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .arrays import DEFAULT_MAX_ARRAY_SIZE, dependency, split_by_count
 from .cluster import ClusterProfile, submitit_parameters
 from .tasks import run_aggregation, run_features, run_pack, run_prepare
 
@@ -30,9 +34,11 @@ class Submission:
     executor: str
     prepare_job: str | None = None      # the data-preparation job (slurm), when one was needed
     features_job: str | None = None     # the feature-extraction array (slurm), when one was needed
-    train_job: str | None = None        # the array's job id (slurm)
+    train_job: str | None = None        # the array's job id (slurm); the first one when split
     aggregate_job: str | None = None
     packs: list[int] = field(default_factory=list)
+    train_arrays: list[dict] = field(default_factory=list)     # slurm: [{"job_id", "packs"}] per array job
+    features_arrays: list[dict] = field(default_factory=list)  # slurm: [{"job_id", "groups"}] per array job
     failed_packs: list[int] = field(default_factory=list)  # local / debug only
     handles: dict = field(default_factory=dict)             # submitit job objects (slurm)
 
@@ -41,13 +47,17 @@ def job_name(grid_name: str, kind: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "-", f"ser-{grid_name}-{kind}")[:64]
 
 
+def _array_id(jobs) -> str:
+    return jobs[0].job_id.split("_")[0]
+
+
 def submit_slurm(plan_path: Path, out_dir: Path, packs: list[int], profile: ClusterProfile, grid_name: str,
-                 prepare: bool = False, features: int = 0) -> Submission:
+                 prepare: bool = False, features: int = 0, max_array_size: int = DEFAULT_MAX_ARRAY_SIZE) -> Submission:
     import submitit
 
     sub = Submission("slurm", packs=packs)
     logs = out_dir / "logs"
-    array_job = None
+    train_ids: list[str] = []
     train_deps: dict = {}
     if prepare and packs:
         executor = submitit.AutoExecutor(folder=logs / "%j", cluster="slurm")
@@ -62,9 +72,14 @@ def submit_slurm(plan_path: Path, out_dir: Path, packs: list[int], profile: Clus
         params = submitit_parameters(profile.features, profile, job_name(grid_name, "features"))
         params["slurm_additional_parameters"] = {**params["slurm_additional_parameters"], **train_deps}
         executor.update_parameters(**params, slurm_array_parallelism=profile.array_parallelism)
-        jobs = executor.map_array(run_features, [str(plan_path)] * features, list(range(features)))
-        sub.features_job, sub.handles["features"] = jobs[0].job_id.split("_")[0], jobs
-        train_deps = {"dependency": f"afterok:{sub.features_job}", "kill_on_invalid_dep": "yes"}
+        feature_ids, handles = [], []
+        for chunk in split_by_count(list(range(features)), max_array_size):
+            jobs = executor.map_array(run_features, [str(plan_path)] * len(chunk.items), chunk.items)
+            feature_ids.append(_array_id(jobs))
+            handles += jobs
+            sub.features_arrays.append({"job_id": feature_ids[-1], "groups": chunk.items})
+        sub.features_job, sub.handles["features"] = feature_ids[0], handles
+        train_deps = {"dependency": dependency("afterok", feature_ids), "kill_on_invalid_dep": "yes"}
     if packs:
         executor = submitit.AutoExecutor(folder=logs / "%j", cluster="slurm")  # array tasks: logs/<A>_<a>/
         params = submitit_parameters(profile.train, profile, job_name(grid_name, "train"))
@@ -72,15 +87,19 @@ def submit_slurm(plan_path: Path, out_dir: Path, packs: list[int], profile: Clus
         params["slurm_additional_parameters"] = {**params["slurm_additional_parameters"],
                                                  "requeue": True, "open_mode": "append", **train_deps}
         executor.update_parameters(**params, slurm_array_parallelism=profile.array_parallelism)
-        jobs = executor.map_array(run_pack, [str(plan_path)] * len(packs), packs)
-        array_job = jobs[0].job_id.split("_")[0]
-        sub.train_job, sub.handles["train"] = array_job, jobs
+        handles = []
+        for chunk in split_by_count(packs, max_array_size):  # submitit numbers each array's tasks 0..n-1
+            jobs = executor.map_array(run_pack, [str(plan_path)] * len(chunk.items), chunk.items)
+            train_ids.append(_array_id(jobs))
+            handles += jobs
+            sub.train_arrays.append({"job_id": train_ids[-1], "packs": chunk.items})
+        sub.train_job, sub.handles["train"] = train_ids[0], handles
     executor = submitit.AutoExecutor(folder=logs / "%j", cluster="slurm")
     params = submitit_parameters(profile.aggregate, profile, job_name(grid_name, "aggregate"))
-    after = array_job or sub.features_job or sub.prepare_job
+    after = train_ids or [a["job_id"] for a in sub.features_arrays] or ([sub.prepare_job] if sub.prepare_job else [])
     if after:
         params["slurm_additional_parameters"] = {**params["slurm_additional_parameters"],
-                                                 "dependency": f"afterany:{after}"}
+                                                 "dependency": dependency("afterany", after)}
     executor.update_parameters(**params)
     job = executor.submit(run_aggregation, str(out_dir.resolve()))
     sub.aggregate_job, sub.handles["aggregate"] = job.job_id, job

@@ -70,11 +70,12 @@ def prepared_data_configs(plan: dict) -> list:
     """The distinct data configs of a plan that read prepared audio."""
     seen, out = set(), []
     for run in plan["runs"]:
-        data = config_from_dict(run["config"]).data
-        key = repr(sorted(vars(data).items()))
-        if data.prepared_dir and key not in seen:
+        if not run["config"]["data"].get("prepared_dir"):
+            continue
+        key = json.dumps(run["config"]["data"], sort_keys=True, default=str)
+        if key not in seen:  # a Config only for each distinct data section
             seen.add(key)
-            out.append(data)
+            out.append(config_from_dict(run["config"]).data)
     return out
 
 
