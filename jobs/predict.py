@@ -3,6 +3,10 @@
 
     python jobs/predict.py ENSEMBLE_DIR --csv FILE [--audio-dir DIR] --out preds.csv
     python jobs/predict.py ENSEMBLE_DIR --audio clip.wav --text "la transcripción"
+    python jobs/predict.py ENSEMBLE_DIR --fold 2 --csv FILE --out preds.csv   (a grid with folds)
+
+A grid with a data.fold axis has one ensemble per fold (ENSEMBLE_DIR/fold_K/): by default
+all of them label the clips and their scores are averaged; --fold K uses fold K's alone.
 
 The CSV is in EmoSPeech format: `id` (the audio file name in --audio-dir, default the
 CSV's folder), `transcription` and, optionally, `label`. The output has `id,label` and one
@@ -37,7 +41,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never hang on an offline compute
 
 from ser_hpc.atomic_io import write_text  # noqa: E402
 from ser_hpc.data.corpus import CorpusError  # noqa: E402
-from ser_hpc.inference.ensemble import EnsembleError, load_ensemble  # noqa: E402
+from ser_hpc.inference.ensemble import (EnsembleError, combine_fold_results, ensemble_labels,  # noqa: E402
+                                        fold_ensemble_dirs, load_ensemble)
 from ser_hpc.inference.inputs import InputRow, read_input_csv  # noqa: E402
 from ser_hpc.inference.output import errors_text, metrics_text, predictions_csv, single_clip_text  # noqa: E402
 from ser_hpc.inference.predictor import MissingTextError, predict  # noqa: E402
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", action="append", default=[], metavar="OLD=NEW",
                         help="load backbone NEW where ensemble.json names OLD (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--fold", type=int, default=None, metavar="K",
+                        help="grids with folds: use fold K's ensemble only (default: the mean of all folds')")
     args = parser.parse_args(argv)
     if bool(args.csv) == bool(args.audio):
         parser.error("give either --csv (with --out) or --audio")
@@ -88,12 +95,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.csv:
-            rows = read_input_csv(args.csv, args.audio_dir or args.csv.parent)
+            rows = read_input_csv(args.csv, args.audio_dir or args.csv.parent, ensemble_labels(args.ensemble_dir))
         else:
             rows = [InputRow(args.audio.name, args.audio, args.text, None, 0)]
-        ensemble = load_ensemble(args.ensemble_dir, _device(args.device), mapping)
-        result = predict(ensemble, rows, args.batch_size, args.window, args.hop, args.workers,
-                         progress=False if args.no_progress else None)
+        device = _device(args.device)
+        results = []
+        for folder in fold_ensemble_dirs(args.ensemble_dir, args.fold):  # [ensemble_dir] without folds
+            ensemble = load_ensemble(folder, device, mapping)  # one fold at a time: one set of backbones in memory
+            results.append(predict(ensemble, rows, args.batch_size, args.window, args.hop, args.workers,
+                                   progress=False if args.no_progress else None))
+            del ensemble
+        result = combine_fold_results(results)
     except (CorpusError, EnsembleError, BackboneError, MissingTextError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.csv:
         write_text(args.out, predictions_csv(result))
         print(f"labelled {len(result.labelled)} of {len(rows)} row(s) -> {args.out} "
-              f"({result.audio_s:.0f} s of audio in {result.elapsed_s:.1f} s on {ensemble.device})")
+              f"({result.audio_s:.0f} s of audio in {result.elapsed_s:.1f} s on {device})")
     elif result.labelled:
         print(single_clip_text(result))
     metrics = metrics_text(result)

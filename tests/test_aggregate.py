@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # plain `pytest` without an editable install
     sys.path.insert(0, str(REPO))
 
-from ser_hpc.data.labels import LABELS
+from ser_hpc.data.labels import EMOSPEECH_LABELS as LABELS
 from ser_hpc.ensemble import stats as stats_module
 from ser_hpc.ensemble.aggregate import AggregateError, aggregate
 from ser_hpc.ensemble.collect import RunRecord

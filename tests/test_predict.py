@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 
 from ser_hpc.data.audio import load_audio
-from ser_hpc.data.labels import LABELS
+from ser_hpc.data.labels import EMOSPEECH_LABELS as LABELS
 from ser_hpc.ensemble.members import resolve_backbone
 from ser_hpc.inference.windows import window_starts
 from tests.conftest import REPO

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from matplotlib.image import imread
 
-from ser_hpc.data.labels import LABELS
+from ser_hpc.data.labels import EMOSPEECH_LABELS as LABELS
 from ser_hpc.ensemble import aggregate as aggregate_module
 from ser_hpc.ensemble.aggregate import AggregateError, aggregate
 from ser_hpc.ensemble.report import REPORT_FILES, hidden_size
@@ -111,15 +111,25 @@ def test_report_of_a_trained_grid(trained_grid, demo_assets):  # noqa: F811
     counts = table(md, "| true \\ predicted")
     assert [r[0] for r in counts] == [f"**{c}**" for c in LABELS]
     assert [[int(v) for v in r[1:]] for r in counts] == meta["confusion_matrix_dev"]
-    norm = np.array([[float(v) for v in r[1:]] for r in table(md, "| true \\ predicted", nth=1)])
     cm = np.array(meta["confusion_matrix_dev"], dtype=float)
     rows_with_examples = cm.sum(1) > 0
+    norm_rows = table(md, "| true \\ predicted", nth=1)
+    # a class with no dev item has no recall: its row reads "—", not a row of zeros
+    assert all(set(r[1:]) == {"—"} for r, has in zip(norm_rows, rows_with_examples) if not has)
+    norm = np.array([[float(v) for v in r[1:]] for r, has in zip(norm_rows, rows_with_examples) if has])
     expected = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    np.testing.assert_allclose(norm[rows_with_examples], expected[rows_with_examples], atol=0.005)
+    np.testing.assert_allclose(norm, expected[rows_with_examples], atol=0.005)
     per_class = table(md, "| class | dev | test")
     assert [r[0] for r in per_class] == list(LABELS)
-    assert [r[1] for r in per_class] == [f"{100 * meta['per_class_f1_dev'][c]:.2f}" for c in LABELS]
-    assert [r[2] for r in per_class] == [f"{100 * meta['per_class_f1_test'][c]:.2f}" for c in LABELS]
+
+    def cell(v):  # a class absent from a split is listed as absent, not scored 0
+        return "absent" if v is None else f"{100 * v:.2f}"
+    assert [r[1] for r in per_class] == [cell(meta["per_class_f1_dev"][c]) for c in LABELS]
+    assert [r[2] for r in per_class] == [cell(meta["per_class_f1_test"][c]) for c in LABELS]
+    for split in ("dev", "test"):
+        absent = [c for c in LABELS if meta[f"per_class_f1_{split}"][c] is None]
+        assert meta[f"absent_{split}"] == absent
+        assert (f"have no {split} item" in md) == bool(absent)
 
 
 def test_report_on_a_tree_without_curves_or_known_backbones(tmp_path):

@@ -22,7 +22,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from ser_hpc.atomic_io import write_json, write_text
-from ser_hpc.data.labels import LABELS
 from ser_hpc.ensemble.ablation import ablation_rows
 from ser_hpc.ensemble.analysis import load_pool
 from ser_hpc.ensemble.collect import AggregateError, ProbTable, RunRecord, collect_runs, load_plan, read_probs
@@ -47,9 +46,9 @@ def _probs_csv(ref: ProbTable, scores: np.ndarray) -> str:
     """Same layout as the runs' probs files, so tools that read a run can read the ensemble."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", "label", *LABELS])
+    w.writerow(["id", "label", *ref.labels])
     for i, g, row in zip(ref.ids, ref.gold, scores):
-        w.writerow([i, "" if g is None else LABELS[g], *(f"{p:.6f}" for p in row)])
+        w.writerow([i, "" if g is None else ref.labels[g], *(f"{p:.6f}" for p in row)])
     return buf.getvalue()
 
 
@@ -58,7 +57,7 @@ def _predictions_csv(ref: ProbTable, pred: np.ndarray) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["id", "label"])
-    w.writerows([i, LABELS[p]] for i, p in zip(ref.ids, pred))
+    w.writerows([i, ref.labels[p]] for i, p in zip(ref.ids, pred))
     return buf.getvalue()
 
 
@@ -67,16 +66,21 @@ def _ensemble_split(members: Sequence[RunRecord], split: str, method: str):
     ref, stacked = stack(tables, [m.run_id for m in members], split)
     scores, pred = combine(stacked, method)
     # Score only when every member carries gold labels (an unlabelled test set has none).
-    metrics = score(ref.gold, pred) if all(t.has_gold for t in tables) else None
+    metrics = score(ref.gold, pred, ref.labels) if all(t.has_gold for t in tables) else None
     return ref, scores, pred, metrics
 
 
 def _build(grid_name: str, out: Path, ranked: list[RunRecord], k: int, method: str, selection: str,
            records: list[RunRecord], configs: list[Configuration], notes: list[str],
-           plan: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Write every ensemble output into ``out``; return (ensemble.json content, figures)."""
+           plan: dict[str, Any], bag: Sequence[RunRecord] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write every ensemble output into ``out``; return (ensemble.json content, figures).
+
+    ``bag``: the top-k members given by the caller instead of ``ranked[:k]`` (folds.py
+    passes the runs of the top configurations over folds); None keeps the top-k runs.
+    """
     dev_pool = load_pool(ranked, "dev")
-    for run_id in [r.run_id for r in ranked[:k]]:  # top-k is always computed, so its runs must align
+    top = list(bag) if bag is not None else ranked[:k]
+    for run_id in [r.run_id for r in top]:  # top-k is always computed, so its runs must align
         if run_id in dev_pool.errors:
             raise AggregateError(dev_pool.errors[run_id])
     if dev_pool.y is None:
@@ -86,6 +90,8 @@ def _build(grid_name: str, out: Path, ranked: list[RunRecord], k: int, method: s
                      + ", ".join(sorted(dev_pool.errors)))
     # Selection sees the dev pool only; test probabilities are read after it.
     choice = choose(dev_pool, ranked, k, method)
+    if bag is not None:
+        choice.bags["topk"] = [r.run_id for r in top]
     by_id = {r.run_id: r for r in ranked}
     members = [by_id[i] for i in choice.bags[selection]]
 
@@ -94,7 +100,7 @@ def _build(grid_name: str, out: Path, ranked: list[RunRecord], k: int, method: s
         raise AggregateError("dev_probs.csv rows without a gold label in a member; cannot score the ensemble")
     label = f"Ensemble ({method} of {len(members)}, {selection})"
     write_text(out / "dev_probs.csv", _probs_csv(ref, scores))
-    plot_confusion(dev["confusion_matrix"], LABELS, out / "confusion_matrix.png",
+    plot_confusion(dev["confusion_matrix"], ref.labels, out / "confusion_matrix.png",
                    f"{label} — dev macro-F1 {100 * dev['macro_f1']:.2f}")
 
     test = None
@@ -104,7 +110,7 @@ def _build(grid_name: str, out: Path, ranked: list[RunRecord], k: int, method: s
         write_text(out / "test_probs.csv", _probs_csv(tref, tscores))
         write_text(out / "predictions_test.csv", _predictions_csv(tref, tpred))
         if test is not None:
-            plot_confusion(test["confusion_matrix"], LABELS, out / "confusion_matrix_test.png",
+            plot_confusion(test["confusion_matrix"], tref.labels, out / "confusion_matrix_test.png",
                            f"{label} — test macro-F1 {100 * test['macro_f1']:.2f}")
         else:
             notes.append("test set has no gold labels: test predictions written, test macro-F1 not computed")
@@ -137,16 +143,20 @@ def _build(grid_name: str, out: Path, ranked: list[RunRecord], k: int, method: s
         "selection": selection,
         "top_k": k,
         "n_members": len(members),
-        "labels": list(LABELS),
+        "labels": list(ref.labels),
         "dev_macro_f1": dev["macro_f1"],
         "dev_macro_f1_ci95": chosen["dev_macro_f1_ci95"],
         "dev_macro_f1_crossfit": chosen["dev_macro_f1_crossfit"],
         "per_class_f1_dev": dev["per_class_f1"],
+        "absent_dev": dev["absent"],
         "confusion_matrix_dev": dev["confusion_matrix"],
         "dev_ece": chosen["dev_ece"],
         "test_macro_f1": test["macro_f1"] if test else None,
         "test_macro_f1_ci95": chosen["test_macro_f1_ci95"] if test else None,
         "per_class_f1_test": test["per_class_f1"] if test else None,
+        "absent_test": test["absent"] if test else [],
+        "ua_dev": dev["ua"], "wa_dev": dev["wa"],
+        "test_ua": test["ua"] if test else None, "test_wa": test["wa"] if test else None,
         "confusion_matrix_test": test["confusion_matrix"] if test else None,
         "test_ece": chosen["test_ece"] if test else None,
         "selections": figures["selections"],
@@ -224,6 +234,10 @@ def aggregate(results_dir: str | Path, top_k: int | None = None, method: str | N
 
     grid_name = plan.get("grid_name") or results_dir.name
     records = collect_runs(results_dir, plan)
+    from ser_hpc.ensemble.folds import aggregate_folds, fold_groups  # folds.py builds on this module
+    folds = fold_groups(records)
+    if folds:  # a grid with a data.fold axis: one ensemble per fold, figures averaged over folds
+        return aggregate_folds(results_dir, plan, grid_name, records, folds, k, method, selection)
     ranked = rank_runs(records)
     configs = group_configurations(ranked)
     others = [r for r in records if r.status != "done"]

@@ -19,7 +19,6 @@ from typing import Any, Sequence
 import yaml
 
 from ser_hpc.atomic_io import write_text
-from ser_hpc.data.labels import LABELS
 from ser_hpc.ensemble import report_stats
 from ser_hpc.ensemble.collect import RunRecord
 from ser_hpc.ensemble.configurations import Configuration
@@ -205,11 +204,11 @@ def _curves_section(out: Path, ranked: Sequence[RunRecord], written: set[str]) -
                     f"![Training curves of the top runs]({CURVES_PNG})"]
 
 
-def _confusion_tables(cm: list[list[int]]) -> list[str]:
-    counts = [["**" + LABELS[i] + "**", *row] for i, row in enumerate(cm)]
-    norm = [["**" + LABELS[i] + "**", *(f"{v / sum(row):.2f}" if sum(row) else "0.00" for v in row)]
+def _confusion_tables(cm: list[list[int]], labels: list[str]) -> list[str]:
+    counts = [["**" + labels[i] + "**", *row] for i, row in enumerate(cm)]
+    norm = [["**" + labels[i] + "**", *(f"{v / sum(row):.2f}" if sum(row) else "—" for v in row)]
             for i, row in enumerate(cm)]
-    head = ["true \\ predicted", *LABELS]
+    head = ["true \\ predicted", *labels]
     return (["Counts:", ""] + _table(head, counts) + ["", "Normalised by true class (recall on the diagonal):", ""]
             + _table(head, norm))
 
@@ -219,16 +218,25 @@ def _ensemble_section(out: Path, result: dict, written: set[str]) -> list[str]:
              f"{result['method']} of {result['n_members']}: "
              + report_stats.bag_text([m["run_id"] for m in result["members"]]) + ".", "",
              f"### Dev (macro-F1 {_pct(result['dev_macro_f1'])})", ""]
-    lines += _confusion_tables(result["confusion_matrix_dev"]) + ["", "![Dev confusion matrix](confusion_matrix.png)"]
-    splits = {"dev": [result["per_class_f1_dev"][c] for c in LABELS]}
+    labels = result["labels"]
+    lines += _confusion_tables(result["confusion_matrix_dev"], labels)
+    lines += ["", "![Dev confusion matrix](confusion_matrix.png)"]
+    splits = {"dev": [result["per_class_f1_dev"][c] for c in labels]}
     if result.get("confusion_matrix_test"):
         lines += ["", f"### Test (macro-F1 {_pct(result['test_macro_f1'])})", ""]
-        lines += _confusion_tables(result["confusion_matrix_test"])
+        lines += _confusion_tables(result["confusion_matrix_test"], labels)
         lines += ["", "![Test confusion matrix](confusion_matrix_test.png)"]
-        splits["test"] = [result["per_class_f1_test"][c] for c in LABELS]
-    rows = [[c, *(_pct(v[k]) for v in splits.values())] for k, c in enumerate(LABELS)]
+        splits["test"] = [result["per_class_f1_test"][c] for c in labels]
+    rows = [[c, *(_pct(v[k]) if v[k] is not None else "absent" for v in splits.values())]
+            for k, c in enumerate(labels)]
     lines += ["", "### Per-class F1 (%)", ""] + _table(["class", *splits], rows)
-    per_class_bars(LABELS, splits, out / PER_CLASS_PNG, "Ensemble per-class F1")
+    for split in ("dev", "test"):
+        absent = result.get(f"absent_{split}") or []
+        if absent:
+            lines += ["", f"**Warning:** class(es) {', '.join(absent)} have no {split} item: they are left out of "
+                          f"the {split} macro-F1 and UA (not counted as 0)."]
+    per_class_bars(labels, {k: [x if x is not None else 0.0 for x in v] for k, v in splits.items()},
+                   out / PER_CLASS_PNG, "Ensemble per-class F1")
     written.add(PER_CLASS_PNG)
     return lines + ["", f"![Ensemble per-class F1]({PER_CLASS_PNG})"]
 
@@ -264,3 +272,53 @@ def write_report(out: Path, result: dict, ranked: Sequence[RunRecord], records: 
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     write_text(out / REPORT_MD, "\n".join(lines) + "\n")
     return written | {REPORT_MD}
+
+
+def fold_section(result: dict) -> list[str]:
+    """Grids with a data.fold axis: configurations over folds and the fold-averaged ensemble.
+
+    ``result`` is the top-level ensemble.json of ensemble/folds.py; only such grids call this.
+    """
+    from ser_hpc.ensemble.leaderboard import mean_pm
+    folds = [b["fold"] for b in result["folds"]]
+    configs = result.get("configurations") or []
+    top = set(result.get("top_configurations") or [])
+    lines = ["## Configurations over folds", "",
+             f"Per fold: macro-F1 (%) of the configuration, mean over its seeds; then mean ± sample std over "
+             f"folds (EmoBox: per-fold scores, then mean). Ranked by mean dev macro-F1; `*`: in the ensemble "
+             f"(top {result['top_k']}).", ""]
+    rows = []
+    for rank, c in enumerate(configs, 1):
+        per = {f["fold"]: f for f in c["folds"]}
+        cells = [("—" if f not in per else f"{_pct(per[f]['dev_macro_f1'])} / {_pct(per[f]['test_macro_f1']) or '—'}")
+                 for f in folds]
+        rows.append([f"{rank}{' *' if c['name'] in top else ''}", c["name"], *cells,
+                     mean_pm(c["dev_mean"], c["dev_std"]), mean_pm(c["test_mean"], c["test_std"]) or "—"])
+    lines += _table(["rank", "configuration", *(f"fold {f} dev / test" for f in folds),
+                     "dev (mean ± std)", "test (mean ± std)"], rows)
+    lines += ["", "## Ensemble per fold", "",
+              f"{result['method']} of every seed of the top {result['top_k']} configurations, built per fold "
+              "from that fold's runs (details, members and intervals in each fold_K/report.md). Dev figures are "
+              "selection-biased.", ""]
+    rows = [[f"[{b['fold']}]({b['dir']}/report.md)", b["n_members"], _pct(b["dev_macro_f1"]),
+             _pct(b["test_macro_f1"]) or "—", _pct(b["test_ua"]) or "—", _pct(b["test_wa"]) or "—"]
+            for b in result["folds"]]
+    m, s = result.get("mean") or {}, result.get("std") or {}
+    dev, dev_s = result.get("dev_mean") or {}, result.get("dev_std") or {}
+    rows.append(["**mean ± std**", "", mean_pm(dev.get("macro_f1"), dev_s.get("macro_f1")),
+                 *(mean_pm(m.get(k), s.get(k)) or "—" for k in ("macro_f1", "ua", "wa"))])
+    lines += _table(["fold", "members", "dev macro-F1", "test macro-F1", "test UA", "test WA"], rows)
+    return lines
+
+
+def write_fold_report(out: Path, result: dict) -> set[str]:
+    """report.md of a grid with folds: the fold sections; each fold_K/ has the full report."""
+    lines = [f"# Report — {result['grid_name']} ({result['n_folds']} folds)", "",
+             f"{result['n_done']} runs done, {result['n_failed']} failed, {result['n_missing']} missing "
+             "(see [leaderboard.md](leaderboard.md)). Macro-F1, UA (unweighted average recall) and WA "
+             "(accuracy) in %.", ""]
+    lines += fold_section(result)
+    if result.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
+    write_text(out / REPORT_MD, "\n".join(lines) + "\n")
+    return {REPORT_MD}

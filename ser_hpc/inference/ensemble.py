@@ -10,17 +10,18 @@ layers has its own copy of the backbone, since its weights are its own.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from ser_hpc.config import Config, ConfigError, config_from_dict
-from ser_hpc.data.labels import LABELS
 from ser_hpc.ensemble.combine import METHODS
 from ser_hpc.models.encoders import FrozenBackbones
 from ser_hpc.models.head import EmotionHead, build_head
@@ -72,6 +73,7 @@ class LoadedEnsemble:
     members: list[Member]
     groups: list[BackboneGroup]
     device: torch.device
+    labels: tuple[str, ...] = ()   # the classes, in probability-column order
 
     @property
     def needs_audio(self) -> bool:
@@ -161,6 +163,16 @@ def _load_tuned(backbones: FrozenBackbones, path: Path) -> None:
         raise EnsembleError(f"{path}: {len(unexpected)} weight(s) do not fit the backbones, e.g. {unexpected[0]}")
 
 
+def ensemble_labels(folder: str | Path, meta: dict | None = None) -> tuple[str, ...]:
+    """The ensemble's classes, in probability-column order, from ensemble.json."""
+    folder = Path(folder).expanduser().resolve()
+    meta = _read_json(folder / "ensemble.json") if meta is None else meta
+    labels = meta.get("labels")
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise EnsembleError(f"{folder / 'ensemble.json'}: 'labels' must list the class names, got {labels!r}")
+    return tuple(labels)
+
+
 def load_ensemble(folder: str | Path, device: torch.device | str = "cpu",
                   backbone_map: dict[str, str] | None = None) -> LoadedEnsemble:
     """Read the folder, load each backbone group once and every member's head onto ``device``.
@@ -171,13 +183,15 @@ def load_ensemble(folder: str | Path, device: torch.device | str = "cpu",
     folder = Path(folder).expanduser().resolve()
     device = torch.device(device)
     meta = _read_json(folder / "ensemble.json")
-    labels = meta.get("labels") or list(LABELS)
-    if list(labels) != list(LABELS):
-        raise EnsembleError(f"{folder / 'ensemble.json'}: labels {labels} differ from this code's {list(LABELS)}")
+    labels = ensemble_labels(folder, meta)
     method = meta.get("method", "mean")
     if method not in METHODS:
         raise EnsembleError(f"{folder / 'ensemble.json'}: unknown ensemble method {method!r}")
     entries = meta.get("members") or []
+    if not entries and meta.get("fold_ensembles"):
+        raise EnsembleError(f"{folder / 'ensemble.json'}: a grid with folds has one ensemble per fold "
+                            f"({', '.join(meta['fold_ensembles'])}): load each (fold_ensemble_dirs), "
+                            "or give jobs/predict.py this folder (all folds) or --fold K")
     if not entries:
         raise EnsembleError(f"{folder / 'ensemble.json'}: no members")
     members = [_member(folder, e, backbone_map or {}) for e in entries]
@@ -196,7 +210,7 @@ def load_ensemble(folder: str | Path, device: torch.device | str = "cpu",
             # The head is built for the member's own modalities even inside a wider group.
             view = SimpleNamespace(speech=g.backbones.speech if m.needs_audio else None,
                                    text=g.backbones.text if m.needs_text else None)
-            head = build_head(m.config.model, view)
+            head = build_head(m.config.model, view, len(labels))
             weights = folder / entries[i]["head"]
             if not weights.is_file():
                 raise EnsembleError(f"member {m.run_id}: {weights} not found")
@@ -206,4 +220,71 @@ def load_ensemble(folder: str | Path, device: torch.device | str = "cpu",
             except RuntimeError as exc:
                 raise EnsembleError(f"member {m.run_id}: {weights} does not match its config: {exc}") from None
             m.head = head.to(device).eval()
-    return LoadedEnsemble(folder, method, members, groups, device)
+    return LoadedEnsemble(folder, method, members, groups, device, labels)
+
+
+# ----------------------------------------------------------------------------- fold ensembles
+# A grid with a data.fold axis publishes ensemble/ with one self-contained ensemble per
+# fold (fold_K/, each loadable by load_ensemble) and a top-level ensemble.json listing them
+# in ``fold_ensembles``. Inference uses them together (the mean of their scores: mean
+# probabilities, or vote shares for vote ensembles) or one of them.
+
+def fold_ensemble_dirs(folder: str | Path, fold: int | None = None) -> list[Path]:
+    """The ensemble folders to run: [folder] for a plain ensemble; every fold_K/ of a fold
+    ensemble, or only fold ``fold``. Checks that every fold ensemble has the top level's classes."""
+    folder = Path(folder).expanduser().resolve()
+    meta = _read_json(folder / "ensemble.json")
+    dirs = meta.get("fold_ensembles")
+    if not dirs:
+        if fold is not None:
+            raise EnsembleError(f"{folder / 'ensemble.json'}: not an ensemble of a grid with folds "
+                                "(no 'fold_ensembles'); --fold applies only to those")
+        return [folder]
+    labels = ensemble_labels(folder, meta)
+    by_fold = {r.get("fold"): r.get("dir") for r in meta.get("folds") or [] if isinstance(r, dict)}
+    if fold is not None:
+        if fold not in by_fold:
+            raise EnsembleError(f"{folder / 'ensemble.json'}: no ensemble for fold {fold}; "
+                                f"folds: {', '.join(str(f) for f in sorted(by_fold))}")
+        dirs = [by_fold[fold]]
+    out = []
+    for name in dirs:
+        path = (folder / name).resolve()
+        if ensemble_labels(path) != labels:
+            raise EnsembleError(f"{path / 'ensemble.json'}: classes {', '.join(ensemble_labels(path))} differ from "
+                                f"{folder / 'ensemble.json'}'s {', '.join(labels)}: the fold ensembles cannot be "
+                                "averaged")
+        out.append(path)
+    return out
+
+
+def combine_fold_results(results: list):
+    """One PredictionResult from the fold ensembles' results on the same rows: the mean of their
+    scores, argmax for the label. A row any fold could not label stays unlabelled."""
+    if not results:
+        raise ValueError("no fold results to combine")
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    if any(r.labels != first.labels for r in results) or any(len(r.rows) != len(first.rows) for r in results):
+        raise EnsembleError("fold ensembles disagree on classes or rows: they cannot be averaged")
+    errors: dict[int, str] = {}
+    for r in results:
+        for i, why in r.errors.items():
+            errors.setdefault(i, why)
+    stacked = np.stack([r.probs for r in results])          # (folds, n, C)
+    n, c = stacked.shape[1], stacked.shape[2]
+    probs, pred = np.full((n, c), np.nan), np.full(n, -1, dtype=np.int64)
+    ok = [i for i in range(n) if i not in errors and not np.isnan(stacked[:, i]).any()]
+    for i in range(n):
+        if i not in errors and i not in ok:
+            errors[i] = "not scored by every fold ensemble"
+    if ok:
+        probs[ok] = stacked[:, ok].mean(axis=0)
+        pred[ok] = probs[ok].argmax(axis=1)
+    notes = list(dict.fromkeys(note for r in results for note in r.notes))
+    notes.append(f"mean of the scores of {len(results)} fold ensembles")
+    return dataclasses.replace(first, probs=probs, pred=pred,
+                               member_probs=np.concatenate([r.member_probs for r in results]),
+                               errors=dict(sorted(errors.items())), notes=notes,
+                               elapsed_s=sum(r.elapsed_s for r in results))
