@@ -245,6 +245,7 @@ def peak_memory(device: torch.device) -> int:
 # ---------------------------------------------------------------------------- the benchmark
 def run(args) -> dict:
     from ser_hpc.config import Config
+    from ser_hpc.data.labels import EMOSPEECH_LABELS
     from ser_hpc.models.encoders import FrozenBackbones
     from ser_hpc.models.head import build_head
     from ser_hpc.train import distributed as D
@@ -298,6 +299,7 @@ def run(args) -> dict:
             cfg = Config()
             cfg.run.name, cfg.run.dir = f"head{k}", str(scratch / f"head{k}")
             cfg.train.bf16, cfg.train.device = bf16, str(device)
+            cfg.data.labels = list(EMOSPEECH_LABELS)  # what PackTrainer resolves from the corpus
             heads.append(HeadRun(cfg, RunFolder(cfg.run.dir), backbones, train_labels, D.DistEnv(), device))
         for h in heads:
             h.model.train()

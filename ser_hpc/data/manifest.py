@@ -36,7 +36,7 @@ def read_manifest(path: str | Path, audio_dir: str | Path | None, columns: Mappi
         raise CorpusError(f"{path}: unknown manifest format {path.suffix or '(no suffix)'!r}; "
                           f"use one of {', '.join(SUFFIXES)} (comma-separated, tab-separated, JSON Lines)")
     if not path.is_file():
-        raise CorpusError(f"manifest not found: {path}")
+        raise CorpusError(f"manifest not found: {path} (data.manifest; looked for {path.absolute()})")
     try:
         found, rows = _read_rows(path)
     except UnicodeDecodeError:

@@ -45,7 +45,8 @@ def check_data(runs: list[PlannedRun], quick: bool = False, problems: list[str] 
         except (CorpusError, AudioError, CheckError, ConfigError) as exc:
             if problems is None:
                 raise
-            problems.append(str(exc))
+            if str(exc) not in problems:  # e.g. one missing corpus folder, named once for all its folds
+                problems.append(str(exc))
     return len(seen)
 
 

@@ -66,6 +66,22 @@ def close_tracking(paths=None) -> None:
 atexit.register(close_tracking)
 
 
+def same_run(old: dict, new: dict) -> bool:
+    """Two configs describe the same run. ``data.labels`` null means "the corpus's classes":
+    config.yaml records the resolved list, so null on either side matches any list there
+    (the classes themselves are checked against the data when the run starts)."""
+    if old == new:
+        return True
+    if not (isinstance(old, dict) and isinstance(new, dict)
+            and isinstance(old.get("data"), dict) and isinstance(new.get("data"), dict)):
+        return False
+    a, b = old["data"].get("labels"), new["data"].get("labels")
+    if a is not None and b is not None:
+        return False
+    strip = lambda tree: {**tree, "data": {k: v for k, v in tree["data"].items() if k != "labels"}}  # noqa: E731
+    return strip(old) == strip(new)
+
+
 class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -109,11 +125,7 @@ class RunFolder:
         """
         old = self._old_config()
         new = yaml.safe_load(cfg.to_yaml())
-        if isinstance(old, dict) and isinstance(old.get("data"), dict) and new["data"].get("labels") is None:
-            # config.yaml records the classes resolved from the corpus; a config that leaves
-            # data.labels to the corpus is the same run (claim() compares the resolved ones)
-            new["data"]["labels"] = old["data"].get("labels")
-        if old is None or old == new:
+        if old is None or same_run(old, new):
             if old is None and (self.is_done() or self.has_checkpoint()):
                 what = "a finished run" if self.is_done() else "a run with checkpoints"
                 raise ConfigError(f"run folder {self.path} holds {what} but no config.yaml; "
@@ -139,6 +151,9 @@ class RunFolder:
         text = cfg.to_yaml()
         old = self._old_config()
         if old == yaml.safe_load(text):
+            return
+        if old is not None and same_run(old, yaml.safe_load(text)):
+            atomic_io.write_text(self.config, text)  # the same run, now with its resolved classes
             return
         if self._leftovers():
             final = self.read_final() or {}

@@ -63,6 +63,8 @@ def seed_everything(seed: int) -> None:
 
 class PackTrainer:
     def __init__(self, cfgs: list[Config], splits: Splits, folders: list[RunFolder], env: D.DistEnv):
+        for c in cfgs:
+            c.data.labels = list(splits.labels)  # the resolved classes travel in config.yaml
         cfg = cfgs[0]  # every setting but the head's is the same across the pack
         self.cfg, self.splits, self.env = cfg, splits, env
         self.device = D.device_for(env, cfg.train.device)
@@ -388,8 +390,6 @@ def _train_pack(cfgs: list[Config], flag: PreemptionFlag | None = None) -> list[
     trainer = None
     try:
         splits = load_splits(cfgs[0].data, needs_text="text" in cfgs[0].model.modalities)
-        for cfg in cfgs:
-            cfg.data.labels = list(splits.labels)  # the resolved classes travel in config.yaml
         trainer = PackTrainer([cfgs[i] for i in todo], splits, [folders[i] for i in todo], env)
         if env.is_main:  # claimed only now that the data and backbones checked out
             for i in todo:
