@@ -385,7 +385,17 @@ def summary(out_dir: Path) -> str:
     ens = out_dir / "ensemble" / "ensemble.json"
     if ens.exists():
         e = atomic_io.read_json(ens)
-        text += (f"\nensemble of {len(e['members'])} ({e['method']}): dev macro-F1 {e['dev_macro_f1']:.4f}"
-                 + (f", test macro-F1 {e['test_macro_f1']:.4f}" if e.get("test_macro_f1") is not None else "")
-                 + f"\nleaderboard: {out_dir / 'ensemble' / 'leaderboard.md'}")
+        if e.get("kind") == "folds":  # one ensemble per fold: the figures are means over folds
+            mean, std = e.get("mean") or {}, e.get("std") or {}
+            test = " ".join(f"{k} {mean[k]:.4f} ± {std.get(k) or 0:.4f}" for k in ("macro_f1", "ua", "wa")
+                            if mean.get(k) is not None)
+            dev = (e.get("dev_mean") or {}).get("macro_f1")
+            text += (f"\nensembles of {len(e['folds'])} folds ({e['method']})"
+                     + (f": dev macro-F1 {dev:.4f} ± {(e.get('dev_std') or {}).get('macro_f1') or 0:.4f}"
+                        if dev is not None else "")
+                     + (f", test {test} (mean ± std over folds)" if test else ""))
+        else:
+            text += (f"\nensemble of {len(e['members'])} ({e['method']}): dev macro-F1 {e['dev_macro_f1']:.4f}"
+                     + (f", test macro-F1 {e['test_macro_f1']:.4f}" if e.get("test_macro_f1") is not None else ""))
+        text += f"\nleaderboard: {out_dir / 'ensemble' / 'leaderboard.md'}"
     return text
