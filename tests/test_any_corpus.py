@@ -57,7 +57,8 @@ def test_label_map_merges_and_drops_with_counts_logged(manifest, caplog):
     n_fear = sum(1 for e in all_clips(_manifest_cfg(root, path))[0] if e.label == "fear")
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert "data.label_map maps to null" in logged
-    dropped = sum  # one log line per split: train+dev and test(int(r.getMessage().rsplit("fear ", 1)[1]) for r in caplog.records if "maps to null" in r.getMessage())
+    # one log line per split (train+dev, test), each counting the dropped clips per raw label
+    dropped = sum(int(r.getMessage().rsplit("fear ", 1)[1]) for r in caplog.records if "maps to null" in r.getMessage())
     assert dropped == n_fear
     assert len(s.train) + len(s.dev) + len(s.test) == 50 - n_fear
 
