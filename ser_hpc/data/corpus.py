@@ -8,7 +8,6 @@ line number, header = line 1), so a researcher can fix the input before a job is
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 
 from .clips import CorpusError, Example, RawClip

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..config import DataConfig
 from .clips import CorpusError, Example, RawClip
