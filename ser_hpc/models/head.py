@@ -41,9 +41,14 @@ class LayerMix(nn.Module):
         super().__init__()
         self.logits = nn.Parameter(torch.zeros(num_states))
 
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        w = torch.softmax(self.logits, dim=0).to(states.dtype)
-        return torch.einsum("l,lbtd->btd", w, states)
+    def forward(self, states: torch.Tensor, positions: list[int] | None = None) -> torch.Tensor:
+        """Mix ``states`` [L, B, T, D]; ``positions``: where this mix's states lie among the L
+        (None: all L, in order). Unused states get weight 0 instead of being gathered out:
+        the gather copied the whole stack for every head on every step."""
+        w = torch.softmax(self.logits, dim=0)
+        if positions is not None and positions != list(range(states.shape[0])):
+            w = torch.zeros(states.shape[0], dtype=w.dtype, device=w.device).index_put((torch.tensor(positions),), w)
+        return torch.einsum("l,lbtd->btd", w.to(states.dtype), states)
 
 
 class ModalityInput(nn.Module):
@@ -58,11 +63,8 @@ class ModalityInput(nn.Module):
 
     def forward(self, states: torch.Tensor, held: tuple[int, ...] | None = None) -> torch.Tensor:
         """``states`` [L, B, T, D] hold the hidden states ``held`` (None: all, in order)."""
-        if held is not None:
-            states = states[[held.index(i) for i in self.used]]
-        elif len(self.used) != states.shape[0]:
-            states = states[self.used]
-        h = self.mix(states) if self.mix is not None else states[-1]
+        positions = [held.index(i) for i in self.used] if held is not None else self.used
+        h = self.mix(states, positions) if self.mix is not None else states[positions[-1]]
         return self.norm(self.proj(h))
 
 
@@ -125,6 +127,10 @@ class EmotionHead(nn.Module):
 def build_head(cfg: ModelConfig, backbones, num_classes: int) -> EmotionHead:
     """``backbones``: anything with ``speech`` / ``text`` members exposing num_states and width;
     ``num_classes``: the length of the run's class list (data.labels)."""
-    speech = (backbones.speech.num_states, backbones.speech.width) if backbones.speech is not None else None
-    text = (backbones.text.num_states, backbones.text.width) if backbones.text is not None else None
+    # A head reads only its own modalities (a text-only head in a pack on a store of both).
+    modalities = cfg.modalities.split("+")
+    speech = ((backbones.speech.num_states, backbones.speech.width)
+              if backbones.speech is not None and "audio" in modalities else None)
+    text = ((backbones.text.num_states, backbones.text.width)
+            if backbones.text is not None and "text" in modalities else None)
     return EmotionHead(cfg, speech, text, num_classes)
