@@ -20,8 +20,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.fixture(scope="module")
 def small_corpus(demo_assets, tmp_path_factory):
-    """A subset of the demo corpus (same audio): 16 train clips per class (all 12 fear clips),
-    and the first 24 test clips."""
+    """A subset of the demo corpus (same audio): at most 16 train clips per class, and the
+    first 24 test clips."""
     root = tmp_path_factory.mktemp("feat_corpus")
     src = demo_assets["corpus"]
     with open(src / "train.csv", newline="", encoding="utf-8") as fh:
@@ -38,6 +38,11 @@ def small_corpus(demo_assets, tmp_path_factory):
     return root
 
 
+def small_train_ids(corpus) -> list[str]:
+    with open(corpus / "train.csv", newline="", encoding="utf-8") as fh:
+        return [row["id"] for row in csv.DictReader(fh)]
+
+
 def _tree(assets, corpus, run_dir, features_dir, **over):
     tree = run_config_tree(assets, run_dir, **{"data.features_dir": str(features_dir), "data.augment_prob": 0.0,
                                                "train.max_steps": 8, "train.eval_every": 4, "train.log_every": 4,
@@ -51,6 +56,7 @@ def _cfg(assets, corpus, run_dir, features_dir, **over):
     return config_from_dict(_tree(assets, corpus, run_dir, features_dir, **over))
 
 
+@pytest.mark.slow
 def test_cached_run_equals_online_run_on_whole_clips(demo_assets, small_corpus, tmp_path):
     """With whole clips (no crop) and no augmentation a cached run sees the same backbone
     outputs as an online one, up to float16 storage: same dev predictions, within tolerance."""
@@ -72,7 +78,7 @@ def test_cached_run_equals_online_run_on_whole_clips(demo_assets, small_corpus, 
     # (the online run's evaluation store of dev + test clips sits beside it: take the full one)
     store = max((FeatureStore(p) for p in (tmp_path / "feat").iterdir() if (p / "meta.json").is_file()),
                 key=lambda s: s.meta["clips"])
-    assert store.meta["clips"] == 5 * 16 + 12 + 24 and store.views == 1
+    assert store.meta["clips"] == len(small_train_ids(small_corpus)) + 24 and store.views == 1
     clip = read_all_clips(_cfg(demo_assets, small_corpus, tmp_path / "x", tmp_path / "feat")).examples[0]
     states = store.speech(clip.id)
     assert states.dtype == np.float16 and states.shape[1:] == (4, 64)  # transformer layers 1-4 of wav2vec2-tiny
@@ -81,6 +87,7 @@ def test_cached_run_equals_online_run_on_whole_clips(demo_assets, small_corpus, 
     assert abs(len(states) - seconds * 50) < 3  # 20 ms frames, no padding stored
 
 
+@pytest.mark.slow
 def test_store_reused_invalidated_and_torn_shard_refused(demo_assets, small_corpus, tmp_path):
     feat = tmp_path / "feat"
     cfg = _cfg(demo_assets, small_corpus, tmp_path / "r", feat, **{"train.features": "cached"})
@@ -103,7 +110,7 @@ def test_store_reused_invalidated_and_torn_shard_refused(demo_assets, small_corp
     cfg2 = _cfg(demo_assets, changed, tmp_path / "r", feat, **{"train.features": "cached"})
     spec1 = store_spec([cfg], read_all_clips(cfg))
     spec2 = store_spec([cfg2], read_all_clips(cfg2))
-    assert spec1["corpus"] != spec2["corpus"]
+    assert spec1["corpus"] == spec2["corpus"] and spec1["text"]["texts"] != spec2["text"]["texts"]
     second = extract([cfg2])
     assert second.folder != first.folder and (first.folder / "meta.json").exists()
     # A torn shard (a truncated copy) is refused by name, never read.
@@ -113,6 +120,7 @@ def test_store_reused_invalidated_and_torn_shard_refused(demo_assets, small_corp
         FeatureStore(second.folder)
 
 
+@pytest.mark.slow
 def test_augmented_views_and_feature_space_crops(demo_assets, small_corpus, tmp_path):
     cfg = _cfg(demo_assets, small_corpus, tmp_path / "r", tmp_path / "feat",
                **{"train.features": "cached", "data.cached_augment_copies": 2, "data.crop_seconds": 1.0})
@@ -193,6 +201,32 @@ def test_every_pooling_and_fusion_trains_in_one_pack(demo_assets, small_corpus, 
         assert cfg["dev_macro_f1"] == final["dev_macro_f1"] and final["test_macro_f1"] is not None
 
 
+@pytest.mark.slow
+def test_one_modality_heads_share_the_fused_pack_and_store(demo_assets, small_corpus, tmp_path):
+    """On cached features a text-only and an audio-only head join a fused head's pack and
+    read its store (holding both), each only its own modality: every run ends exactly as
+    when it trains alone on a store of its own modality, and no second store is written."""
+    def cfg(where, feat, modalities, extra=None):
+        over = {"train.features": "cached", "model.modalities": modalities, "run.name": modalities,
+                "model.fusion": "late", **(extra or {})}
+        return _cfg(demo_assets, small_corpus, tmp_path / where / modalities, tmp_path / feat, **over)
+    kinds = ["audio+text", "text", "audio"]
+    # the one-modality entries of a grid clear the encoder they do not read
+    clear = {"text": {"model.speech.name": ""}, "audio": {"model.text.name": ""}}
+    packed = train_pack([cfg("pack", "feat", m, clear.get(m)) for m in kinds])
+    assert len([p for p in (tmp_path / "feat").iterdir() if (p / "meta.json").is_file()]) == 1
+    for kind, final in zip(kinds, packed):
+        alone = train_run(cfg("alone", f"feat-{kind}", kind, clear.get(kind)))
+        assert final["status"] == alone["status"] == "done"
+        assert final["dev_macro_f1"] == alone["dev_macro_f1"], kind
+        for name in ("dev_probs.csv", "test_probs.csv"):
+            assert ((tmp_path / "pack" / kind / name).read_text()
+                    == (tmp_path / "alone" / kind / name).read_text()), (kind, name)
+    alone_stores = {kind: [json.loads((p / "meta.json").read_text()) for p in (tmp_path / f"feat-{kind}").iterdir()]
+                    for kind in ("text", "audio")}
+    assert alone_stores["text"][0]["speech"] is None and alone_stores["audio"][0]["text"] is None
+
+
 def test_online_evaluation_reads_a_memory_mapped_store(demo_assets, small_corpus, tmp_path):
     """Online training with data.features_dir keeps dev/test backbone outputs in a float16
     store of just those clips (memory-mapped), not in RAM: same dev predictions within
@@ -204,7 +238,7 @@ def test_online_evaluation_reads_a_memory_mapped_store(demo_assets, small_corpus
     # (the online run's evaluation store of dev + test clips sits beside it: take the full one)
     store = max((FeatureStore(p) for p in (tmp_path / "feat").iterdir() if (p / "meta.json").is_file()),
                 key=lambda s: s.meta["clips"])
-    n_train_csv = 5 * 16 + 12
+    n_train_csv = len((small_corpus / "train.csv").read_text(encoding="utf-8").splitlines()) - 1
     assert store.meta["clips"] == round(0.16 * n_train_csv) + 24  # the dev split and the test clips only
     assert not (tmp_path / "unused").exists()
 

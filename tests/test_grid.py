@@ -108,6 +108,7 @@ def _launch(*args, cwd=REPO):
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_launcher_refuses_bad_input_before_writing_anything(demo_assets, tmp_path):
     import shutil
     corpus = tmp_path / "corpus"
@@ -128,6 +129,7 @@ def test_launcher_refuses_bad_input_before_writing_anything(demo_assets, tmp_pat
     assert res.returncode == 2 and "org/no-such-model" in res.stderr and "prefetch" in res.stderr
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_and_submits_nothing(demo_assets, tmp_path):
     path = write_grid(tmp_path, demo_assets)
     res = _launch(path, "--dry-run", "--profile", REPO / "configs/cluster/localhost_slurm.yaml")
@@ -138,6 +140,7 @@ def test_dry_run_prints_the_plan_and_submits_nothing(demo_assets, tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_debug_launch_runs_aggregates_and_relaunch_skips(demo_assets, tmp_path):
     path = write_grid(tmp_path, demo_assets, pack_size=2,
                       overrides={"train.max_steps": 4, "train.eval_every": 2,
@@ -167,6 +170,7 @@ def test_debug_launch_runs_aggregates_and_relaunch_skips(demo_assets, tmp_path):
     assert list((tmp_path / "prepared").rglob("*.npy"))  # trained from audio decoded once
 
 
+@pytest.mark.slow
 def test_fine_tuning_runs_get_packs_of_one(demo_assets, tmp_path):
     path = write_grid(tmp_path, demo_assets, pack_size=4, overrides={"model.speech.finetune_top_layers": 1},
                       axes={"model.hidden_layers": [1, 2]})
@@ -176,6 +180,7 @@ def test_fine_tuning_runs_get_packs_of_one(demo_assets, tmp_path):
             in _launch(path, "--dry-run").stdout)
 
 
+@pytest.mark.slow
 def test_deepspeed_runs_get_packs_of_one(demo_assets, tmp_path):
     path = write_grid(tmp_path, demo_assets, pack_size=4, overrides={"train.strategy": "deepspeed"},
                       axes={"model.hidden_layers": [1, 2]})
@@ -183,6 +188,7 @@ def test_deepspeed_runs_get_packs_of_one(demo_assets, tmp_path):
     assert "cannot share a backbone forward (it trains under DeepSpeed" in _launch(path, "--dry-run").stdout
 
 
+@pytest.mark.slow
 def test_prefetch_checks_local_folders_and_names_unreachable_models(demo_assets, tmp_path):
     path = write_grid(tmp_path, demo_assets)
     res = subprocess.run([PY, str(REPO / "jobs" / "prefetch_models.py"), str(path)], capture_output=True, text=True,
@@ -521,6 +527,7 @@ def test_planning_a_big_grid_writes_every_run(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------- backbone entries with one encoder
 
+@pytest.mark.slow
 def test_an_entry_with_one_encoder_trains_that_modality_alone(tmp_path):
     from ser_hpc.grid.prefetch import grid_backbones
     path = _fake_grid(tmp_path, base_model={"text": {"name": "base-text"}, "speech": {"name": "base-speech"}},
@@ -569,3 +576,28 @@ def test_an_entry_with_one_encoder_refuses_modalities_that_need_the_other(tmp_pa
     assert {r.config["model"]["modalities"] for r in expand(load_grid(path))} == {"audio"}
     # A command-line text encoder is not "ignored" for an audio-only entry: it never used one.
     assert load_grid(path, {"model.text.name": "x"}).overrides["model.text.name"] == "x"
+
+
+def test_an_entry_key_pins_an_axis_for_that_entry(tmp_path):
+    """A text-only entry has no use for a fusion axis: setting model.fusion in the entry pins
+    it, so the entry gets pooling x seed runs while the fused pair gets the full product."""
+    path = _fake_grid(tmp_path, name="pin",
+                      pairs=[{"name": "both", "speech": "s0", "text": "t0"},
+                             {"name": "text", "text": "t1", "model.fusion": "late"}],
+                      axes={"model.fusion": ["early", "late"], "model.pooling": ["attention", "mean"],
+                            "train.seed": [1, 2]})
+    runs = expand(load_grid(path))
+    combos = {}
+    for r in runs:
+        m = r.config["model"]
+        combos.setdefault(r.pair, []).append((m["fusion"], m["pooling"], r.config["train"]["seed"]))
+    assert len(combos["both"]) == 8 and len(set(combos["both"])) == 8
+    assert sorted(combos["text"]) == [("late", p, s) for p in ("attention", "mean") for s in (1, 2)]
+    assert all(r.overrides["model.fusion"] == "late" for r in runs if r.pair == "text")
+    assert {r.name for r in runs if r.pair == "text"} == {f"text fusion=late pooling={p} seed={s}"
+                                                        for p in ("attention", "mean") for s in (1, 2)}
+    # The pair without the key keeps the ids it had before the entry was added.
+    alone = _fake_grid(tmp_path, name="pin", pairs=[{"name": "both", "speech": "s0", "text": "t0"}],
+                       axes={"model.fusion": ["early", "late"], "model.pooling": ["attention", "mean"],
+                             "train.seed": [1, 2]})
+    assert [r.run_id for r in expand(load_grid(alone))] == [r.run_id for r in runs if r.pair == "both"]

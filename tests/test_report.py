@@ -58,6 +58,7 @@ def check_png(path: Path) -> None:
     assert img.shape[0] > 200 and img.shape[1] > 400 and img[..., :3].std() > 0.05, (path, img.shape)
 
 
+@pytest.mark.slow
 def test_report_of_a_trained_grid(trained_grid, demo_assets):  # noqa: F811
     ens_dir = trained_grid / "ensemble"
     md = (ens_dir / "report.md").read_text()
@@ -216,20 +217,24 @@ def test_report_configurations_over_seeds(tmp_path):
 
 def test_report_ablation_table_for_pooling_and_fusion(tmp_path):
     root = tmp_path / "g"
-    quality = {("attention", "early"): 3.4, ("attention", "late"): 3.0, ("mean", "early"): 2.6,
-               ("mean", "late"): 2.2}
+    # (modalities, pooling, fusion): a text-only entry (fusion pinned to late) is a cell of its
+    # own, fusion "—", never pooled with the fused late runs
+    quality = {("audio+text", "attention", "early"): 3.8, ("audio+text", "attention", "late"): 3.4,
+               ("text", "attention", "—"): 3.0, ("audio+text", "mean", "early"): 2.6,
+               ("audio+text", "mean", "late"): 2.2}
     runs = []
-    for (pooling, fusion), q in quality.items():
+    for (modalities, pooling, fusion), q in quality.items():
         for seed in (1, 2):
-            runs.append((f"{pooling}-{fusion}-s{seed}", f"p pooling={pooling} fusion={fusion} seed={seed}",
-                         {"model.pooling": pooling, "model.fusion": fusion, "train.seed": seed}, q + 0.1 * seed))
+            runs.append((f"{modalities}-{pooling}-{fusion}-s{seed}", f"p pooling={pooling} fusion={fusion} seed={seed}",
+                         {"model.modalities": modalities, "model.pooling": pooling,
+                          "model.fusion": "late" if fusion == "—" else fusion, "train.seed": seed}, q + 0.1 * seed))
     make_grid_tree(root, runs)
     res = aggregate(root)
     finals = {p.parent.name: json.loads(p.read_text()) for p in root.glob("runs/*/final.json")}
     cells = res["ablation"]
-    assert [(c["pooling"], c["fusion"]) for c in cells] == list(quality)  # best mean first
+    assert [(c["modalities"], c["pooling"], c["fusion"]) for c in cells] == list(quality)  # best mean first
     for c in cells:
-        ids = [f"{c['pooling']}-{c['fusion']}-s{s}" for s in (1, 2)]
+        ids = [f"{c['modalities']}-{c['pooling']}-{c['fusion']}-s{s}" for s in (1, 2)]
         assert sorted(c["run_ids"]) == sorted(ids) and c["n_runs"] == 2
         dev = [finals[i]["dev_macro_f1"] for i in ids]
         assert c["dev_mean"] == pytest.approx(np.mean(dev)) and c["dev_std"] == pytest.approx(np.std(dev, ddof=1))
@@ -238,12 +243,12 @@ def test_report_ablation_table_for_pooling_and_fusion(tmp_path):
     md = (root / "ensemble" / "report.md").read_text()
     assert md.index("## Head grid") < md.index("## Ablation: pooling × fusion") < md.index("## Ensemble selection")
     assert "the mean of the runs' paired bootstrap distributions" in md  # the caption says which CI
-    rows = table(md, "| pooling | fusion | runs")
-    assert len(rows) == 4
+    rows = table(md, "| modalities | pooling | fusion | runs")
+    assert len(rows) == 5
     for row, c in zip(rows, cells):
-        assert row[:3] == [c["pooling"], c["fusion"], "2"]
-        assert row[3] == f"{pct(c['dev_mean'])} ± {pct(c['dev_std'])}" and row[4] == pct_ci(c["dev_ci95"])
-        assert row[5] == f"{pct(c['test_mean'])} ± {pct(c['test_std'])}" and row[6] == pct_ci(c["test_ci95"])
+        assert row[:4] == [c["modalities"], c["pooling"], c["fusion"], "2"]
+        assert row[4] == f"{pct(c['dev_mean'])} ± {pct(c['dev_std'])}" and row[5] == pct_ci(c["dev_ci95"])
+        assert row[6] == f"{pct(c['test_mean'])} ± {pct(c['test_std'])}" and row[7] == pct_ci(c["test_ci95"])
 
 
 def test_a_failing_report_does_not_lose_the_ensemble(tmp_path, monkeypatch):

@@ -1,8 +1,10 @@
-"""Ablation of the pooling and fusion choices: one row per (pooling, fusion) cell.
+"""Ablation of the pooling and fusion choices: one row per (modalities, pooling, fusion) cell.
 
 Shown only when the grid varies ``model.pooling`` and/or ``model.fusion``. A cell pools
-every done run with those two values, whatever their seeds and other axes, so its
-mean ± std says how the choice does across the rest of the grid, not at one lucky point.
+every done run with those values, whatever their seeds and other axes, so its mean ± std
+says how the choice does across the rest of the grid, not at one lucky point. Runs of one
+modality (text-only or audio-only entries) get cells of their own, fusion "—": they are
+the baselines the fused rows are read against, never mixed into them.
 """
 from __future__ import annotations
 
@@ -42,11 +44,14 @@ def ablation_rows(ranked: Sequence[RunRecord], records: Sequence[RunRecord], pla
     entries = {e.get("run_id"): e for e in plan.get("runs", [])}
     cells: dict[tuple, list[RunRecord]] = {}
     for r in ranked:
-        cell = tuple(str(_value(r, entries.get(r.run_id, {}), k)) for k in KEYS)
-        cells.setdefault(cell, []).append(r)
+        entry = entries.get(r.run_id, {})
+        modalities = str(_value(r, entry, "model.modalities"))
+        pooling, fusion = (str(_value(r, entry, k)) for k in KEYS)
+        one_modality = modalities in ("audio", "text")
+        cells.setdefault((modalities, pooling, "—" if one_modality else fusion), []).append(r)
     rows = []
-    for (pooling, fusion), runs in cells.items():
-        row: dict[str, Any] = {"pooling": pooling, "fusion": fusion, "n_runs": len(runs),
+    for (modalities, pooling, fusion), runs in cells.items():
+        row: dict[str, Any] = {"modalities": modalities, "pooling": pooling, "fusion": fusion, "n_runs": len(runs),
                                "run_ids": [r.run_id for r in runs]}
         for split in ("dev", "test"):
             mean, std = mean_std([getattr(r, f"{split}_macro_f1") for r in runs])

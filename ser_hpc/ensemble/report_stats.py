@@ -72,15 +72,15 @@ def ablation_section(result: dict) -> list[str]:
     rows = result.get("ablation")
     if not rows:
         return []
-    body = [[r["pooling"], r["fusion"], r["n_runs"], mean_pm(r["dev_mean"], r["dev_std"]), pct_ci(r["dev_ci95"]),
+    body = [[r.get("modalities", "—"), r["pooling"], r["fusion"], r["n_runs"], mean_pm(r["dev_mean"], r["dev_std"]), pct_ci(r["dev_ci95"]),
              mean_pm(r["test_mean"], r["test_std"]), pct_ci(r["test_ci95"]) if r["test_mean"] is not None else "—"]
             for r in rows]
     return (["## Ablation: pooling × fusion", "",
-             "One row per (`model.pooling`, `model.fusion`) cell: mean ± std macro-F1 (%) over all its done runs "
-             "(every seed and every other axis). 95 % CI: stratified bootstrap over the items of the cell's mean "
+             "One row per (`model.modalities`, `model.pooling`, `model.fusion`) cell: mean ± std macro-F1 (%) over "
+             "all its done runs (every seed and every other axis); one-modality runs are the baselines, fusion —. 95 % CI: stratified bootstrap over the items of the cell's mean "
              "macro-F1, its runs held fixed (the mean of the runs' paired bootstrap distributions); the spread "
              "over runs is the ± std.", ""]
-            + table(["pooling", "fusion", "runs", "dev macro-F1", "dev 95% CI", "test macro-F1", "test 95% CI"],
+            + table(["modalities", "pooling", "fusion", "runs", "dev macro-F1", "dev 95% CI", "test macro-F1", "test 95% CI"],
                     body) + [""])
 
 

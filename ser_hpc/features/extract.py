@@ -53,29 +53,51 @@ def _num_states(name: str) -> int:
                                           else name).num_hidden_layers) + 1
 
 
+def _primary(cfgs: list[Config]) -> Config:
+    """The config whose encoders and data settings a store follows: a fused run's if any."""
+    return next((c for c in cfgs if "+" in c.model.modalities), cfgs[0])
+
+
+def _encoder_name(cfgs: list[Config], kind: str) -> str:
+    """The ``kind`` ("speech" / "text") encoder of the first config that reads it."""
+    modality = "audio" if kind == "speech" else "text"
+    return next(getattr(c.model, kind).name for c in cfgs if modality in c.model.modalities.split("+"))
+
+
 def store_spec(cfgs: list[Config], corpus: Corpus) -> dict:
-    """Everything that changes what the store holds; its hash is the store's folder name."""
-    cfg = cfgs[0]
-    modalities = cfg.model.modalities.split("+")
+    """Everything that changes what the store holds; its hash is the store's folder name.
+
+    The store holds every modality any of ``cfgs`` uses (a grid's features job may serve
+    fused, text-only and audio-only heads from one store); the corpus is fingerprinted per
+    modality (ids, audio, texts), so a run of one modality can read a store that holds both."""
+    cfg = _primary(cfgs)
+    modalities = {m for c in cfgs for m in c.model.modalities.split("+")}
     spec: dict = {"sample_rate": cfg.data.sample_rate, "speech": None, "text": None}
-    for kind, used in (("speech", "audio" in modalities), ("text", "text" in modalities)):
-        if not used:
+    for kind, modality in (("speech", "audio"), ("text", "text")):
+        if modality not in modalities:
             continue
-        name = getattr(cfg.model, kind).name
+        users = [c for c in cfgs if modality in c.model.modalities.split("+")]
+        name = _encoder_name(cfgs, kind)
         n = _num_states(name)
-        held = sorted({i for c in cfgs for i in layers_used(getattr(c.model, kind).layers, n)})
+        held = sorted({i for c in users for i in layers_used(getattr(c.model, kind).layers, n)})
         spec[kind] = {"model": model_fingerprint(name), "layers": held}
-    if spec["text"]:
-        spec["text"]["max_tokens"] = cfg.data.max_text_tokens
     d = cfg.data
     spec["augment"] = ({"copies": d.cached_augment_copies, "speeds": d.speeds, "snr_db": d.snr_db,
                         "noise_dir": d.noise_dir, "rir_dir": d.rir_dir, "seed": AUGMENT_SEED}
                        if d.cached_augment_copies and spec["speech"] else None)
-    digest = hashlib.sha256()
+    ids, audio, texts = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
     for ex in corpus.examples:
-        audio = hash_file(ex.audio_path) if spec["speech"] else ""
-        digest.update(f"{ex.id}\t{audio}\t{ex.text if spec['text'] else ''}\t{ex.id in corpus.train_ids}\n".encode())
-    spec["corpus"] = digest.hexdigest()
+        ids.update(f"{ex.id}\t{ex.id in corpus.train_ids}\n".encode())
+        if spec["speech"]:
+            audio.update(f"{ex.id}\t{hash_file(ex.audio_path)}\n".encode())
+        if spec["text"]:
+            texts.update(f"{ex.id}\t{ex.text}\n".encode())
+    spec["corpus"] = ids.hexdigest()
+    if spec["speech"]:
+        spec["speech"]["audio"] = audio.hexdigest()
+    if spec["text"]:
+        spec["text"]["max_tokens"] = cfg.data.max_text_tokens
+        spec["text"]["texts"] = texts.hexdigest()
     return spec
 
 
@@ -97,18 +119,41 @@ def store_folder(cfg: Config, spec: dict) -> Path:
     return Path(cfg.data.features_dir) / f"{content_key(_without_layers(spec))}-{content_key(layers)[:8]}"
 
 
+def holds(held: dict, spec: dict) -> bool:
+    """Does a store extracted for ``held`` serve ``spec``: the same corpus and, for each
+    modality ``spec`` reads, the same encoder and text/audio fingerprint with at least its layers?
+    (A store may hold more layers, or a modality ``spec`` does not read.)"""
+    if held.get("sample_rate") != spec["sample_rate"] or held.get("corpus") != spec["corpus"]:
+        return False
+    if spec["speech"] and held.get("augment") != spec["augment"]:  # the views are speech views
+        return False
+    for kind in ("speech", "text"):
+        want, have = spec[kind], held.get(kind)
+        if want is None:
+            continue
+        if not have or {**have, "layers": None} != {**want, "layers": None} \
+                or not set(want["layers"]) <= set(have["layers"]):
+            return False
+    return True
+
+
 def find_store(cfg: Config, spec: dict) -> FeatureStore | None:
-    """A complete store for ``spec``, or one holding more layers (a grid's features job
-    extracts the union of the layers all its heads read, so every pack finds it)."""
+    """A complete store serving ``spec`` (``holds``), opened as holding only the modalities
+    ``spec`` reads: the exact one, or one with more layers (a grid's features job extracts
+    the union of the layers all its heads read) or more modalities (the fused runs' store
+    serves the text-only and audio-only runs of the same encoders)."""
     exact = store_folder(cfg, spec)
-    candidates = [exact] + sorted(p for p in exact.parent.glob(exact.name.rsplit("-", 1)[0] + "-*") if p != exact)
-    for folder in candidates:
+    others = sorted(p for p in exact.parent.glob("*") if p != exact) if exact.parent.is_dir() else []
+    modalities = tuple(k for k in ("speech", "text") if spec[k])
+    for folder in [exact] + others:
         if not (folder / META).is_file():
             continue
-        meta = json.loads((folder / META).read_text(encoding="utf-8"))
-        held = meta["spec"]
-        if all(set(spec[k]["layers"]) <= set(held[k]["layers"]) for k in ("speech", "text") if spec[k]):
-            return FeatureStore(folder)
+        try:
+            meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # another store's unreadable meta is not this run's problem
+        if holds(meta.get("spec") or {}, spec):
+            return FeatureStore(folder, modalities)
     return None
 
 
@@ -154,7 +199,7 @@ def extract(cfgs: list[Config], device: torch.device | None = None, progress_eve
     ``only``: a store of just these clips, without augmented views (online training's
     evaluation cache: dev and test clips, memory-mapped instead of held in RAM)."""
     from ..models.encoders import FrozenBackbones
-    cfg = cfgs[0]
+    cfg = _primary(cfgs)
     if not cfg.data.features_dir:
         from ..config import ConfigError
         raise ConfigError("data.features_dir is not set: nowhere to store the features")
@@ -170,7 +215,7 @@ def extract(cfgs: list[Config], device: torch.device | None = None, progress_eve
         return store
     start = time.monotonic()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backbones = FrozenBackbones(spec["speech"] and cfg.model.speech.name, spec["text"] and cfg.model.text.name,
+    backbones = FrozenBackbones(spec["speech"] and _encoder_name(cfgs, "speech"), spec["text"] and _encoder_name(cfgs, "text"),
                                 cfg.data.max_text_tokens).to(device)
     views = 1 + (spec["augment"]["copies"] if spec["augment"] else 0)
     need = _estimate_bytes(spec, corpus, backbones, views)
@@ -229,7 +274,7 @@ def extract(cfgs: list[Config], device: torch.device | None = None, progress_eve
                                       "num_states": backbones.text.num_states},
             "extract_seconds": round(time.monotonic() - start, 2)}
     write_json(folder / META, meta)  # last: the store is complete
-    store = FeatureStore(folder)
+    store = FeatureStore(folder, tuple(k for k in ("speech", "text") if spec[k]))
     log.info("feature store %s written: %d clips x %d view(s), %.1f MB in %.1f s", folder, len(corpus.examples),
              views, store.nbytes / 1e6, meta["extract_seconds"])
     return store

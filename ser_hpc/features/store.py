@@ -165,24 +165,28 @@ class FeatureStore:
     """A complete store, opened read-only: ``speech(clip_id, view)`` and ``text(clip_id)``
     return [frames, layers, width] float16 views into memory-mapped shards."""
 
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
+    def __init__(self, folder: str | os.PathLike, modalities: tuple[str, ...] | None = None):
+        """``modalities`` ("speech", "text"): read the store as if it held only these (a
+        text-only run reading the fused runs' store sees no speech); None: all it holds."""
+        self.folder, self.modalities = Path(folder), modalities
         meta_path = self.folder / META
         if not meta_path.is_file():
             raise FeatureStoreError(f"no complete feature store in {self.folder} (no {META}): run "
                                     "`python jobs/extract_features.py RUN.yaml` or launch the grid, whose "
                                     "features job writes it")
         self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if modalities is not None:
+            self.meta.update({k: None for k in ("speech", "text") if k not in modalities})
         self.views = int(self.meta["views"])
         self._speech = [Shard.open(self.folder / f"speech_v{k}.npy") for k in range(self.views)] \
             if self.meta.get("speech") else []
         self._text = Shard.open(self.folder / "text.npy") if self.meta.get("text") else None
 
     def __getstate__(self) -> dict:  # DataLoader workers reopen the memory maps, never copy them
-        return {"folder": self.folder}
+        return {"folder": self.folder, "modalities": self.modalities}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["folder"])
+        self.__init__(state["folder"], state.get("modalities"))
 
     @property
     def speech_layers(self) -> tuple[int, ...] | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config, ConfigError, apply_tree, set_key, validate
-from ..train.packing import needs_own_forward, shared_settings
+from ..train.packing import group_runs, needs_own_forward
 from .spec import GridSpec
 
 
@@ -129,7 +129,10 @@ def expand(spec: GridSpec) -> list[PlannedRun]:
     apply_tree(base, spec.base, f"{spec.path}: run_config")
     for pair in spec.pairs:
         pair_cfg = None
-        for values in itertools.product(*(spec.axes[k] for k in axis_keys)):
+        # An entry that sets an axis key pins it: the axis does not vary for that entry's runs
+        # (a text-only entry has no use for a fusion axis).
+        pair_axes = [[pair.overrides[k]] if k in pair.overrides else spec.axes[k] for k in axis_keys]
+        for values in itertools.product(*pair_axes):
             labels = [_fmt(v) for v in values]
             name = " ".join([pair.name] + [f"{k}={v}" for k, v in zip(short, labels)])
             where = f"{spec.path}: run '{name}'"
@@ -164,12 +167,13 @@ def expand(spec: GridSpec) -> list[PlannedRun]:
 
 def make_packs(runs: list[PlannedRun], pack_size: int) -> list[list[PlannedRun]]:
     """Group runs sharing backbones and data; split groups larger than ``pack_size``."""
-    groups: dict[str, list[PlannedRun]] = {}
-    for run in runs:
-        alone = needs_own_forward(run.config)  # fine-tuned layers or DeepSpeed: a pack of one
-        groups.setdefault(run.run_id if alone else shared_settings(run.config), []).append(run)
+    alone = [r for r in runs if needs_own_forward(r.config)]  # fine-tuned layers or DeepSpeed: a pack of one
+    shared = [r for r in runs if not needs_own_forward(r.config)]
+    groups = [[shared[i] for i in g] for g in group_runs([r.config for r in shared])] + [[r] for r in alone]
+    order = {id(r): i for i, r in enumerate(runs)}
+    groups.sort(key=lambda g: order[id(g[0])])  # plan order, as before
     packs = []
-    for members in groups.values():
+    for members in groups:
         for i in range(0, len(members), pack_size):
             packs.append(members[i:i + pack_size])
     for index, pack in enumerate(packs):

@@ -6,9 +6,10 @@ run_config: ../run/emospeech2024.yaml   # base run config, relative to this file
 overrides: {train.epochs: 30}       # applied to every run (dotted or nested keys)
 backbone_pairs:                     # one axis whose values set several keys at once
   - {name: roberta+xlsr, text: llange/xlm-roberta-large-spanish, speech: facebook/wav2vec2-xls-r-300m}
-  - {name: xlsr, speech: facebook/wav2vec2-xls-r-300m, model.modalities: audio}
+  - {name: xlsr, speech: facebook/wav2vec2-xls-r-300m, model.modalities: audio, model.fusion: late}
     # one encoder: its runs train that modality alone (model.modalities=audio is set for it
-    # when nothing sets modalities; here the base run config says audio+text, so the entry says audio)
+    # when nothing sets modalities; here the base run config says audio+text, so the entry says audio).
+    # An entry's key beats an axis of the same key: the axis does not vary for its runs.
 axes:                               # any run-config key; the grid is the cartesian product
   model.hidden_layers: [2, 3]
   train.weight_decay: [0.01, 0.1]
@@ -116,16 +117,16 @@ def _one_encoder(path: Path, index: int, pair: BackbonePair, tree: dict[str, Any
     modality alone: its runs get model.modalities=audio (or text), and the other encoder's
     name is cleared so that nothing checks, fetches or hashes it. A modalities setting that
     needs the other encoder is refused, naming the entry and where the key was set (the
-    entry's own keys beat the overrides, which beat the base run config, and axes beat all)."""
+    entry's own keys beat the axes, which beat the overrides, which beat the base run config)."""
     (kind,) = pair.encoders
     other = "text" if kind == "speech" else "speech"
     alone = NEEDS[kind]
     key = "model.modalities"
     yaml_over = flatten(tree.get("overrides") or {})
-    if key in axes:
-        sources = [(v, f"the axis {key} in {path}") for v in axes[key]]
-    elif key in pair.overrides:
+    if key in pair.overrides:
         sources = [(pair.overrides[key], "the entry itself")]
+    elif key in axes:
+        sources = [(v, f"the axis {key} in {path}") for v in axes[key]]
     elif key in cli:
         sources = [(cli[key], f"the command-line override {key}={cli[key]}")]
     elif key in yaml_over:

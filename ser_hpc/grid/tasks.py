@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import config_from_dict, flatten
+from ..config import config_from_dict
 from ..logs import setup_logging
 from ..train.preemption import Preempted, PreemptionFlag
 from ..train.trainer import train_pack
@@ -83,17 +83,14 @@ def feature_groups(plan: dict) -> list[list[dict]]:
     """The plan's cached-feature runs grouped by the feature store they read: same corpus,
     backbones, modalities and augmentation views (head, seed and schedule do not matter).
     The features job extracts one store per group, holding the layers of all its heads."""
-    from ..train.packing import HEAD_KEYS
+    from ..train.packing import HEAD_KEYS, group_runs
     ignore = HEAD_KEYS | {"train.seed", "train.lr", "train.max_steps", "train.epochs", "train.eval_every",
                           "train.batch_size", "data.crop_seconds", "data.augment_prob", "data.split_seed",
                           "data.dev_fraction", "train.log_every", "train.checkpoint_every"}
-    groups: dict[str, list[dict]] = {}
-    for run in plan["runs"]:
-        if run["config"]["train"]["features"] != "cached":
-            continue
-        flat = {k: v for k, v in flatten(run["config"]).items() if k not in ignore and not k.startswith("run.")}
-        groups.setdefault(json.dumps(flat, sort_keys=True, default=str), []).append(run)
-    return list(groups.values())
+    cached = [run for run in plan["runs"] if run["config"]["train"]["features"] == "cached"]
+    # A one-modality run joins the fused group of its encoder: it reads the fused store
+    # (find_store), so the features job extracts that encoder once.
+    return [[cached[i] for i in g] for g in group_runs([run["config"] for run in cached], ignore)]
 
 
 def run_features(plan_path: str, group: int | None = None) -> list[str]:

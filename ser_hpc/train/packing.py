@@ -4,6 +4,11 @@ Runs that differ only in head settings see exactly the same batches and the same
 backbone outputs, so one forward per batch can feed all of their heads. Anything that
 changes the backbone input (backbone, crop, augmentation, batch size, seed, steps) or the
 backbone itself (fine-tuned layers) keeps runs apart.
+
+On cached features the "forward" is a batch read from the feature store, so the modality
+a head reads is a head setting too: a text-only and an audio-only head join the fused heads
+of the same encoders (the store holds both; each head reads its own), which is what makes
+the modality baselines of a grid nearly free.
 """
 from __future__ import annotations
 
@@ -22,10 +27,46 @@ HEAD_KEYS = frozenset({
 })
 
 
-def shared_settings(config: dict[str, Any]) -> str:
-    """Everything but the head keys, canonically: equal for runs that can share a pack."""
+ENCODER_KEYS = frozenset({"model.modalities", "model.speech.name", "model.text.name"})
+
+
+def encoders(flat: dict[str, Any]) -> dict[str, str]:
+    """{"speech": name, "text": name} of the encoders a run reads (flattened config)."""
+    modalities = str(flat["model.modalities"]).split("+")
+    return {kind: flat[f"model.{kind}.name"] for kind, m in (("speech", "audio"), ("text", "text")) if m in modalities}
+
+
+def _cached(flat: dict[str, Any]) -> bool:
+    return flat.get("train.features") == "cached"
+
+
+def shared_settings(config: dict[str, Any], ignore: frozenset[str] = HEAD_KEYS) -> str:
+    """Everything but the ``ignore`` keys, canonically: equal for runs that can share a pack
+    (on cached features, the encoders are compared apart: see ``group_runs``)."""
     flat = flatten(config)
-    return json.dumps({k: v for k, v in flat.items() if k not in HEAD_KEYS}, sort_keys=True, default=str)
+    skip = ignore | (ENCODER_KEYS if _cached(flat) else frozenset())
+    return json.dumps({k: v for k, v in flat.items() if k not in skip and not k.startswith("run.")},
+                      sort_keys=True, default=str)
+
+
+def group_runs(configs: list[dict[str, Any]], ignore: frozenset[str] = HEAD_KEYS) -> list[list[int]]:
+    """Indices of ``configs`` that may share packs (or, with a wider ``ignore``, one feature
+    store), in first-seen order. Online runs group by equal shared settings; cached runs
+    also need compatible encoders, and a one-modality run joins the first group of the same
+    settings that already reads its encoder (fused first)."""
+    keyed = []
+    for i, config in enumerate(configs):
+        flat = flatten(config)
+        keyed.append((i, shared_settings(config, ignore), encoders(flat) if _cached(flat) else {}))
+    by_key: dict[str, list[tuple[dict[str, str], list[int]]]] = {}
+    for i, key, enc in sorted(keyed, key=lambda t: -len(t[2])):  # fused runs found the groups
+        candidates = by_key.setdefault(key, [])
+        host = next((g for g in candidates if all(g[0].get(k) == v for k, v in enc.items())), None)
+        if host is None:
+            candidates.append((dict(enc), [i]))
+        else:
+            host[1].append(i)
+    return sorted((sorted(g[1]) for gs in by_key.values() for g in gs), key=lambda g: g[0])
 
 
 def needs_own_forward(config: dict[str, Any]) -> str | None:
@@ -50,9 +91,17 @@ def check_pack(cfgs: list[Config]) -> None:
         if why:
             raise ConfigError(f"run {cfg.run.name!r} cannot share a pack: {why}")
     first = flatten(trees[0])
+    head_keys = HEAD_KEYS | (ENCODER_KEYS if _cached(first) else frozenset())
+    names: dict[str, tuple[str, str]] = {}  # kind -> (encoder, the run that reads it)
+    for cfg, tree in zip(cfgs, trees):
+        for kind, name in encoders(flatten(tree)).items():
+            seen = names.setdefault(kind, (name, cfg.run.name))
+            if seen[0] != name:
+                raise ConfigError(f"runs {seen[1]!r} and {cfg.run.name!r} cannot share a pack: they read different "
+                                  f"{kind} encoders ({seen[0]!r} and {name!r})")
     for cfg, tree in zip(cfgs[1:], trees[1:]):
         flat = flatten(tree)
-        differ = sorted(k for k in first if k not in HEAD_KEYS and first[k] != flat.get(k))
+        differ = sorted(k for k in first if k not in head_keys and first[k] != flat.get(k))
         if differ:
             raise ConfigError(f"runs {cfgs[0].run.name!r} and {cfg.run.name!r} cannot share a pack: they differ in "
                               f"{', '.join(differ)} (only head settings may differ: {', '.join(sorted(HEAD_KEYS))})")

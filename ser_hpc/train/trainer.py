@@ -389,7 +389,7 @@ def _train_pack(cfgs: list[Config], flag: PreemptionFlag | None = None) -> list[
     flag = flag or PreemptionFlag().__enter__()
     trainer = None
     try:
-        splits = load_splits(cfgs[0].data, needs_text="text" in cfgs[0].model.modalities)
+        splits = load_splits(cfgs[0].data, needs_text=any("text" in c.model.modalities for c in cfgs))
         trainer = PackTrainer([cfgs[i] for i in todo], splits, [folders[i] for i in todo], env)
         if env.is_main:  # claimed only now that the data and backbones checked out
             for i in todo:
