@@ -12,17 +12,20 @@ from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TEST_CORPUS = (240, 96)  # train / test clips of the session's demo corpus
 
 
 @pytest.fixture(scope="session")
 def demo_assets(tmp_path_factory):
-    """The default demo corpus (720/180 clips, mp3, 44.1 kHz) and the four tiny backbones."""
+    """A demo corpus (240/96 clips, mp3, 44.1 kHz: the demo's format at a third of its size,
+    so that every run's evaluation and every feature store costs a third) and the tiny
+    backbones. tests/test_demo_data.py checks this same corpus."""
     from ser_hpc.demo.backbones import build_demo_backbones
     from ser_hpc.demo.corpus import generate_corpus
 
     root = tmp_path_factory.mktemp("demo_assets")
     corpus = root / "corpus"
-    generate_corpus(corpus, n_train=720, n_test=180, seed=1234)
+    generate_corpus(corpus, n_train=TEST_CORPUS[0], n_test=TEST_CORPUS[1], seed=1234, progress=False)
     with open(corpus / "train.csv", newline="", encoding="utf-8") as fh:
         texts = [row["transcription"] for row in csv.DictReader(fh)]
     backbones = build_demo_backbones(root / "backbones", seed=1234, corpus_texts=texts)

@@ -219,6 +219,7 @@ def test_mean_ensemble_matches_hand_computation(tree):
     assert [r["label"] for r in rows] == [LABELS[data["dev_y"][idx[r["id"]]]] for r in rows]
 
 
+@pytest.mark.slow
 def test_vote_matches_hand_vote_and_differs_from_mean(tree):
     root, data = tree
     res_vote = aggregate(root, method="vote")
@@ -383,6 +384,7 @@ def test_rerun_is_identical_apart_from_created(tree):
     assert first == second  # leaderboards, probs, predictions and PNGs byte-identical
 
 
+@pytest.mark.slow
 def test_cli_exit_codes(tree, tmp_path):
     root, _ = tree
     cmd = [str(PYTHON), "jobs/aggregate.py"]
@@ -590,6 +592,7 @@ agg.aggregate(root, top_k=1)
 """
 
 
+@pytest.mark.slow
 def test_kill_mid_aggregation_keeps_the_previous_ensemble(tmp_path):
     """SIGKILL after the new members are copied (in write_report), then just before the
     switch (in publish): each time ensemble/ is still the previous, complete ensemble

@@ -274,6 +274,7 @@ def train_story(tiny, tmp_path_factory):
             "b": b, "c": (c.returncode, c_out, c_err), "c_waiting": c_waiting}
 
 
+@pytest.mark.slow
 def test_second_trainer_on_a_run_folder_is_refused_naming_the_holder(train_story):
     b, (a_rc, _, a_err, a_pid) = train_story["b"], train_story["a"]
     assert b.returncode == 3, b.stderr[-3000:]
@@ -285,6 +286,7 @@ def test_second_trainer_on_a_run_folder_is_refused_naming_the_holder(train_story
     assert not (train_story["run"] / RUN_LOCK).exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_wait_takes_the_folder_after_the_holder_and_finds_it_done(train_story):
     rc, out, err = train_story["c"]
     assert train_story["c_waiting"], err[-3000:]
@@ -294,6 +296,7 @@ def test_wait_takes_the_folder_after_the_holder_and_finds_it_done(train_story):
     assert metric_steps(train_story["run"]) == [1, 2]
 
 
+@pytest.mark.slow
 def test_failed_validation_claims_nothing_and_the_corrected_command_runs(train_story):
     failed, run = train_story["failed"], train_story["run"]
     assert failed.returncode == 2 and "missing.csv" in failed.stderr
@@ -306,6 +309,7 @@ def test_failed_validation_claims_nothing_and_the_corrected_command_runs(train_s
     assert "the earlier attempt (failed" in train_story["a"][2]
 
 
+@pytest.mark.slow
 def test_run_writes_tensorboard_events_matching_metrics(train_story):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run = train_story["run"]
@@ -386,6 +390,7 @@ def grid_story(tiny, tmp_path_factory):
     return {"out": out, "grid": grid, "tmp": tmp, "a": (a.returncode, a_out, a_err, a.pid), "b": b}
 
 
+@pytest.mark.slow
 def test_second_launch_of_a_grid_is_refused_and_the_first_finishes(grid_story):
     b, (a_rc, a_out, a_err, a_pid) = grid_story["b"], grid_story["a"]
     out = grid_story["out"]
@@ -400,6 +405,7 @@ def test_second_launch_of_a_grid_is_refused_and_the_first_finishes(grid_story):
     assert not (out / LAUNCH_LOCK).exists() and not any((r / RUN_LOCK).exists() for r in runs)
 
 
+@pytest.mark.slow
 def test_tensorboard_logdir_of_a_grid_compares_its_runs(grid_story):
     from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
     mux = EventMultiplexer()
@@ -411,6 +417,7 @@ def test_tensorboard_logdir_of_a_grid_compares_its_runs(grid_story):
         assert [e.step for e in mux.Tensors(r, "dev/macro_f1")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_corrupt_head_in_predict_names_the_file_and_member(grid_story, tiny, tmp_path, capsys):
     ens = tmp_path / "ensemble"
     shutil.copytree(grid_story["out"] / "ensemble", ens)
@@ -594,6 +601,7 @@ def test_tensorboard_failure_never_fails_training(tiny, tmp_path, monkeypatch, c
     assert caplog.text.count("TensorBoard: cannot write events") == 1  # once, not per evaluation
 
 
+@pytest.mark.slow
 def test_dry_run_of_the_paper_grid_without_data_or_models_prints_the_plan_then_every_problem(tmp_path):
     """From an empty folder with an empty model cache: the 28-run plan first (runs, packs,
     sbatch lines, estimated GPU-hours), then every problem, and a non-zero exit."""

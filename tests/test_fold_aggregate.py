@@ -110,6 +110,7 @@ def hand_fold_ensemble(data, fold, cfgs):
     return figs, sorted(r["run_id"] for r in runs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_fold_grid_ranking_and_fold_averaged_ensemble(tmp_path, top_k):
     data = make_fold_tree(tmp_path, top_k=top_k)
@@ -178,6 +179,7 @@ def test_fold_grid_ranking_and_fold_averaged_ensemble(tmp_path, top_k):
         fold_ensemble_dirs(ens, 7)
 
 
+@pytest.mark.slow
 def test_fold_labels_must_agree(tmp_path):
     make_fold_tree(tmp_path)
     aggregate(tmp_path)

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_full_size_bench_tiny_figures_are_consistent(tmp_path):
     out = tmp_path / "figures.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "full_size.py"), "--tiny", "--device", "cpu",

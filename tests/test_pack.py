@@ -68,6 +68,7 @@ def alone(demo_assets, tmp_path_factory):
     return {name: (root / name, train_run(_cfg(demo_assets, root / name, name))) for name in HEADS}
 
 
+@pytest.mark.slow
 def test_every_run_of_a_pack_ends_as_it_does_alone(demo_assets, alone, tmp_path):
     names = list(HEADS) + ["nan"]
     cfgs = [_cfg(demo_assets, tmp_path / n, n, **({"train.lr": 1e30} if n == "nan" else {})) for n in names]
@@ -106,6 +107,7 @@ class _SignalAfter(PreemptionFlag):
         return self.signum is not None
 
 
+@pytest.mark.slow
 def test_a_pack_resumes_even_when_killed_between_two_heads_checkpoints(demo_assets, alone, tmp_path):
     names = ["base", "deep", "wide-last"]
     cfgs = [_cfg(demo_assets, tmp_path / n, n) for n in names]
@@ -140,6 +142,7 @@ def _trainer(assets, tmp_path, names, **over):
     return PackTrainer(cfgs, load_splits(cfgs[0].data), [RunFolder(c.run.dir) for c in cfgs], D.DistEnv())
 
 
+@pytest.mark.slow
 def test_dev_backbone_outputs_are_computed_once_and_give_the_fresh_predictions(demo_assets, tmp_path):
     trainer = _trainer(demo_assets, tmp_path, ["base", "deep"])
     calls = []

@@ -59,7 +59,7 @@ def trained_grid(demo_assets, tmp_path_factory) -> Path:
              {"name": "w2v-ft+roberta", "speech": str(bb["wav2vec2-tiny"]), "text": str(bb["roberta-tiny"]),
               "model.speech.finetune_top_layers": 1}]
     path = write_grid(tmp, demo_assets, name="p", pairs=pairs, axes={"model.hidden_layers": [1, 2]},
-                      overrides={"train.max_steps": 4, "train.eval_every": 2, "data.dev_fraction": 0.05,
+                      overrides={"train.max_steps": 4, "train.eval_every": 2, "data.dev_fraction": 0.15,
                                  "data.test_csv": str(small_test)},
                       ensemble={"top_k": 8, "method": "mean"})
     res = subprocess.run([PY, str(REPO / "jobs" / "launch_grid.py"), str(path), "--cluster", "debug"], cwd=REPO,
@@ -95,6 +95,7 @@ def predict_cli(*args, cwd=REPO):
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_ensemble_folder_is_self_contained(trained_grid):
     ens_dir = trained_grid / "ensemble"
     meta = json.loads((ens_dir / "ensemble.json").read_text())
@@ -111,6 +112,7 @@ def test_ensemble_folder_is_self_contained(trained_grid):
     assert sorted(p.name for p in (ens_dir / "members").iterdir()) == sorted(m["run_id"] for m in meta["members"])
 
 
+@pytest.mark.slow
 def test_predictions_reproduce_the_ensemble_dev_probs(audio_dir, trained_grid, dev_table, tmp_path):
     rows, want = dev_table
     csv_path = write_csv(tmp_path / "dev.csv", rows)
@@ -130,6 +132,7 @@ def test_predictions_reproduce_the_ensemble_dev_probs(audio_dir, trained_grid, d
         assert f"  {name:<8} {f1:.4f}" in res.stdout
 
 
+@pytest.mark.slow
 def test_members_sharing_a_pair_share_one_backbone_forward(audio_dir, ensemble, dev_table, monkeypatch):
     from ser_hpc.inference.inputs import InputRow
     from ser_hpc.inference.predictor import predict
@@ -150,6 +153,7 @@ def test_members_sharing_a_pair_share_one_backbone_forward(audio_dir, ensemble, 
         np.testing.assert_allclose(result.probs[k], want[r["id"]], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_long_clip_is_scored_over_averaged_windows(audio_dir, ensemble, dev_table, tmp_path):
     from ser_hpc.inference.inputs import InputRow
     from ser_hpc.inference.predictor import predict
@@ -183,6 +187,7 @@ def test_long_clip_is_scored_over_averaged_windows(audio_dir, ensemble, dev_tabl
     assert whole.windows.tolist() == [1] and not np.allclose(whole.probs[0], result.probs[0], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_missing_and_unreadable_audio_are_reported_and_the_rest_labelled(audio_dir, trained_grid, dev_table, tmp_path):
     rows, want = dev_table
     audio = tmp_path / "audio"
@@ -206,6 +211,7 @@ def test_missing_and_unreadable_audio_are_reported_and_the_rest_labelled(audio_d
     assert "labelled 4 of 6 row(s)" in res.stdout
 
 
+@pytest.mark.slow
 def test_missing_transcription_falls_back_to_audio_only_members_or_fails(audio_dir, trained_grid, dev_table, tmp_path):
     rows, _ = dev_table
     meta = json.loads((trained_grid / "ensemble" / "ensemble.json").read_text())
@@ -236,6 +242,7 @@ def test_missing_transcription_falls_back_to_audio_only_members_or_fails(audio_d
     assert res.returncode == 2 and "no transcription" in res.stderr
 
 
+@pytest.mark.slow
 def test_copied_folder_labels_one_clip_from_anywhere(audio_dir, trained_grid, dev_table, tmp_path):
     rows, want = dev_table
     elsewhere = tmp_path / "elsewhere" / "my_ensemble"
@@ -271,6 +278,7 @@ def test_window_starts_and_backbone_resolution(tmp_path):
     assert resolve_backbone(None, tmp_path) is None
 
 
+@pytest.mark.slow
 def test_bad_arguments_and_a_bad_folder(tmp_path):
     assert predict_cli(tmp_path).returncode == 2  # neither --csv nor --audio
     res = predict_cli(tmp_path, "--audio", tmp_path / "x.wav", "--text", "hola")

@@ -307,6 +307,7 @@ def test_prepare_for_data_config_and_audio_loader_for(corpus, tmp_path):
     loader.check(read_corpus(cfg.test_csv, cfg.audio_dir, require_labels=False))
 
 
+@pytest.mark.slow
 def test_cli_prepares_and_reports(corpus, tmp_path):
     out = tmp_path / "prepared"
     cmd = [sys.executable, str(REPO / "jobs" / "prepare_audio.py"), "--csv", str(corpus / "train.csv"),

@@ -196,6 +196,7 @@ def _wait_for(cluster, array: str, want: dict[str, str], timeout: float = 60) ->
     raise TimeoutError(f"{array}: wanted {want}, got {got}")
 
 
+@pytest.mark.slow
 def test_real_slurm_failed_running_pending_requeued(slurm_cluster, tmp_path, monkeypatch):
     slurm_cluster.apply_env(monkeypatch)
     root = tmp_path / "g"

@@ -19,6 +19,7 @@ def _cfg(assets, run_dir, **over):
     return config_from_dict(run_config_tree(assets, run_dir, **over))
 
 
+@pytest.mark.slow
 def test_end_to_end_run_beats_chance_and_writes_its_folder(demo_assets, tmp_path):
     run = tmp_path / "run"
     # The settings of configs/run/demo.yaml.
@@ -63,6 +64,7 @@ def test_end_to_end_run_beats_chance_and_writes_its_folder(demo_assets, tmp_path
     assert (run / "final.json").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_same_seed_same_result(demo_assets, tmp_path):
     a = train_run(_cfg(demo_assets, tmp_path / "a"))
     b = train_run(_cfg(demo_assets, tmp_path / "b"))
@@ -70,12 +72,14 @@ def test_same_seed_same_result(demo_assets, tmp_path):
     assert (tmp_path / "a" / "dev_probs.csv").read_text() == (tmp_path / "b" / "dev_probs.csv").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modalities", ["audio", "text"])
 def test_single_modality_runs(demo_assets, tmp_path, modalities):
     final = train_run(_cfg(demo_assets, tmp_path / modalities, **{"model.modalities": modalities}))
     assert final["status"] == "done"
 
 
+@pytest.mark.slow
 def test_bf16_and_grad_accumulation(demo_assets, tmp_path):
     final = train_run(_cfg(demo_assets, tmp_path / "bf16", **{"train.bf16": True, "train.grad_accum_steps": 2}))
     assert final["status"] == "done" and final["steps"] == 6
@@ -142,6 +146,7 @@ def test_missing_model_path_fails_before_training(demo_assets, tmp_path):
     assert json.loads((tmp_path / "run" / "final.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_folder_of_another_config_is_not_overwritten(demo_assets, tmp_path):
     run = tmp_path / "run"
     train_run(_cfg(demo_assets, run))
