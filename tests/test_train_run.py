@@ -12,7 +12,7 @@ from ser_hpc.config import ConfigError, config_from_dict
 from ser_hpc.data.corpus import CorpusError
 from ser_hpc.models.encoders import BackboneError
 from ser_hpc.train.trainer import train_run
-from tests.conftest import run_config_tree
+from tests.conftest import TEST_CORPUS, run_config_tree
 
 
 def _cfg(assets, run_dir, **over):
@@ -28,7 +28,7 @@ def test_end_to_end_run_beats_chance_and_writes_its_folder(demo_assets, tmp_path
                                     "model.head_width": 128, "model.hidden_layers": 1, "data.crop_seconds": 4.0})
     final = train_run(cfg)
     assert final["status"] == "done" and final["reason"] is None
-    # Beating chance, measured: the predictions on dev + test (295 clips) against 2000
+    # Beating chance, measured: the predictions on dev + test (134 clips) against 2000
     # shuffles of the same predictions (same predicted class mix, links to the truth broken).
     gold, pred = [], []
     for name in ("dev_probs.csv", "test_probs.csv"):
@@ -57,7 +57,7 @@ def test_end_to_end_run_beats_chance_and_writes_its_folder(demo_assets, tmp_path
     assert sum(v.numel() for v in weights.values()) < 200_000
     with open(run / "test_probs.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 180 and all(abs(sum(float(r[c]) for c in final["labels"]) - 1) < 1e-3 for r in rows)
+    assert len(rows) == TEST_CORPUS[1] and all(abs(sum(float(r[c]) for c in final["labels"]) - 1) < 1e-3 for r in rows)
     # A rerun never redoes a finished run.
     mtime = (run / "final.json").stat().st_mtime_ns
     assert train_run(cfg)["dev_macro_f1"] == final["dev_macro_f1"]
