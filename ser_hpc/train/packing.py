@@ -40,10 +40,9 @@ def _cached(flat: dict[str, Any]) -> bool:
     return flat.get("train.features") == "cached"
 
 
-def shared_settings(config: dict[str, Any], ignore: frozenset[str] = HEAD_KEYS) -> str:
+def _shared_key(flat: dict[str, Any], ignore: frozenset[str]) -> str:
     """Everything but the ``ignore`` keys, canonically: equal for runs that can share a pack
-    (on cached features, the encoders are compared apart: see ``group_runs``)."""
-    flat = flatten(config)
+    (on cached features the encoders are compared apart, in ``group_runs``)."""
     skip = ignore | (ENCODER_KEYS if _cached(flat) else frozenset())
     return json.dumps({k: v for k, v in flat.items() if k not in skip and not k.startswith("run.")},
                       sort_keys=True, default=str)
@@ -57,7 +56,7 @@ def group_runs(configs: list[dict[str, Any]], ignore: frozenset[str] = HEAD_KEYS
     keyed = []
     for i, config in enumerate(configs):
         flat = flatten(config)
-        keyed.append((i, shared_settings(config, ignore), encoders(flat) if _cached(flat) else {}))
+        keyed.append((i, _shared_key(flat, ignore), encoders(flat) if _cached(flat) else {}))
     by_key: dict[str, list[tuple[dict[str, str], list[int]]]] = {}
     for i, key, enc in sorted(keyed, key=lambda t: -len(t[2])):  # fused runs found the groups
         candidates = by_key.setdefault(key, [])
