@@ -250,9 +250,29 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+def _one_owner(tmp_path_factory) -> None:
+    """Under pytest-xdist only one worker may start a cluster (two on one host fight over the
+    node): tests/conftest.py sends every Slurm test to one worker. Fail loudly if not."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker or os.environ.get("SER_HPC_SLURM_CONF"):
+        return
+    owner = tmp_path_factory.getbasetemp().parent / "slurm_cluster.owner"
+    try:
+        fd = os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        os.write(fd, worker.encode())
+        os.close(fd)
+    except FileExistsError:
+        first = owner.read_text()
+        if first != worker:
+            pytest.fail(f"xdist worker {worker} needs the Slurm cluster that worker {first} started: the Slurm "
+                        "tests were not grouped on one worker (tests/conftest.py; pytest-xdist 3.8 ignores "
+                        "xdist_group under pytest 9, hence the pytest pin)", pytrace=False)
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
+def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
     """The real local Slurm cluster: ``.env`` (SLURM_CONF set), ``.state_dir``, helpers."""
+    _one_owner(tmp_path_factory)
     with ExitStack() as stack:
         try:
             cluster = stack.enter_context(shared_slurm_cluster())

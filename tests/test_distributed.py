@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_config_tree
+from tests.conftest import REPO, run_config_tree, shared_folder
 from tests.run_compare import assert_same_run, read_final as _final, read_metrics as _metrics
 
 pytestmark = pytest.mark.slow  # real Slurm / several processes: `pytest -m "not slow"` skips it
@@ -32,11 +32,27 @@ def _env(**extra):
 
 
 LONG = {"train.max_steps": 40, "train.eval_every": 8, "train.checkpoint_every": 4, "train.log_every": 4}
+# Same global batch, no dropout or augmentation: one process and two ranks see the same data.
+SAME = {"train.max_steps": 8, "train.eval_every": 4, "model.dropout": 0.0, "data.augment_prob": 0.0,
+        "train.batch_size": 8}
 
 
-def test_killed_run_resumes_to_the_same_result(demo_assets, tmp_path):
-    ref = _write_cfg(demo_assets, tmp_path, "ref", **LONG)
-    subprocess.run([sys.executable, TRAIN, str(ref)], env=_env(), check=True, capture_output=True, timeout=900)
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, demo_assets):
+    """reference(name, overrides) -> the folder of an uninterrupted one-process run, trained
+    once per test session (and xdist run) for all the tests that compare against it."""
+    def run(name: str, over: dict):
+        with shared_folder(tmp_path_factory, "reference_runs") as root:
+            if not (root / name / "final.json").exists():
+                cfg = _write_cfg(demo_assets, root, name, **over)
+                subprocess.run([sys.executable, TRAIN, str(cfg)], env=_env(), check=True, capture_output=True,
+                               timeout=900)
+            return root / name
+    return run
+
+
+def test_killed_run_resumes_to_the_same_result(demo_assets, tmp_path, reference):
+    ref = reference("long", LONG)
     cfg = _write_cfg(demo_assets, tmp_path, "killed", **LONG)
     proc = subprocess.Popen([sys.executable, TRAIN, str(cfg)], env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -54,12 +70,11 @@ def test_killed_run_resumes_to_the_same_result(demo_assets, tmp_path):
     assert 12 <= killed_at < 40
     subprocess.run([sys.executable, TRAIN, str(cfg)], env=_env(), check=True, capture_output=True, timeout=900)
     assert _final(tmp_path / "killed")["resumed_from"] == [killed_at]
-    assert_same_run(tmp_path / "ref", tmp_path / "killed")
+    assert_same_run(ref, tmp_path / "killed")
 
 
-def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(demo_assets, tmp_path):
-    ref = _write_cfg(demo_assets, tmp_path, "ref", **LONG)
-    subprocess.run([sys.executable, TRAIN, str(ref)], env=_env(), check=True, capture_output=True, timeout=900)
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(demo_assets, tmp_path, reference):
+    ref = reference("long", LONG)
     cfg = _write_cfg(demo_assets, tmp_path, "torn", **LONG)
     res = subprocess.run([sys.executable, TRAIN, str(cfg)], env=_env(SER_HPC_FAULT_KILL_IN_CHECKPOINT="16"),
                          capture_output=True, timeout=900)
@@ -70,23 +85,17 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(demo_assets, tmp
     subprocess.run([sys.executable, TRAIN, str(cfg)], env=_env(), check=True, capture_output=True, timeout=900)
     assert _final(tmp_path / "torn")["resumed_from"] == [12]
     assert not list(ckpt.glob(".tmp-*"))
-    assert_same_run(tmp_path / "ref", tmp_path / "torn")
+    assert_same_run(ref, tmp_path / "torn")
 
 
-# Same global batch, no dropout or augmentation: one process and two ranks see the same data.
-SAME = {"train.max_steps": 8, "train.eval_every": 4, "model.dropout": 0.0, "data.augment_prob": 0.0,
-        "train.batch_size": 8}
-
-
-def test_ddp_two_ranks_under_torchrun_match_one_process(demo_assets, tmp_path):
-    single = _write_cfg(demo_assets, tmp_path, "single", **SAME)
+def test_ddp_two_ranks_under_torchrun_match_one_process(demo_assets, tmp_path, reference):
+    single = reference("same", SAME)
     ddp = _write_cfg(demo_assets, tmp_path, "ddp", **SAME, **{"train.strategy": "ddp"})
-    subprocess.run([sys.executable, TRAIN, str(single)], env=_env(), check=True, capture_output=True, timeout=900)
     res = subprocess.run([TORCHRUN, "--nproc_per_node=2", "--master_port=29631", TRAIN, str(ddp)], env=_env(),
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _final(tmp_path / "ddp")["world_size"] == 2
-    assert_same_run(tmp_path / "single", tmp_path / "ddp")  # tolerance 1e-5 on losses
+    assert_same_run(single, tmp_path / "ddp")  # tolerance 1e-5 on losses
 
 
 def test_cached_features_under_ddp_match_one_process(demo_assets, tmp_path):
@@ -127,53 +136,50 @@ def test_a_pack_under_ddp_matches_each_run_alone(demo_assets, tmp_path):
     assert _metrics(tmp_path / "pack-a") != _metrics(tmp_path / "pack-b")  # two different heads
 
 
-def test_ddp_two_ranks_under_srun(slurm_cluster, demo_assets, tmp_path):
-    single = _write_cfg(demo_assets, tmp_path, "single", **SAME)
+def test_ddp_two_ranks_under_srun(slurm_cluster, demo_assets, tmp_path, reference):
+    single = reference("same", SAME)
     ddp = _write_cfg(demo_assets, tmp_path, "srun", **SAME, **{"train.strategy": "ddp"})
-    subprocess.run([sys.executable, TRAIN, str(single)], env=_env(), check=True, capture_output=True, timeout=900)
     job = slurm_cluster.sbatch("--ntasks=2", "--cpus-per-task=1", "--mem-per-cpu=1500", "--time=15",
                                f"--output={tmp_path}/srun.log",
                                "--wrap", f"OMP_NUM_THREADS=1 srun {sys.executable} {TRAIN} {ddp}", cwd=REPO)
     state = slurm_cluster.wait(job, timeout=900)
     assert state == "COMPLETED", (tmp_path / "srun.log").read_text()[-3000:]
     assert _final(tmp_path / "srun")["world_size"] == 2
-    assert_same_run(tmp_path / "single", tmp_path / "srun")
+    assert_same_run(single, tmp_path / "srun")
 
 
 @pytest.mark.parametrize("unfreeze", [0, 1])
-def test_deepspeed_zero2_on_cpu(demo_assets, tmp_path, unfreeze):
+def test_deepspeed_zero2_on_cpu(demo_assets, tmp_path, unfreeze, reference):
     over = {**SAME, "model.speech.finetune_top_layers": unfreeze, "model.text.finetune_top_layers": unfreeze}
-    single = _write_cfg(demo_assets, tmp_path, "single", **over)
+    single = reference("unfrozen", over) if unfreeze else reference("same", SAME)
     ds = _write_cfg(demo_assets, tmp_path, "ds", **over, **{"train.strategy": "deepspeed",
                                                            "train.deepspeed_config": str(REPO / "configs/deepspeed/zero2.json")})
-    subprocess.run([sys.executable, TRAIN, str(single)], env=_env(), check=True, capture_output=True, timeout=900)
     res = subprocess.run([TORCHRUN, "--nproc_per_node=2", "--master_port=29632", TRAIN, str(ds)], env=_env(),
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     final = _final(tmp_path / "ds")
     assert final["strategy"] == "deepspeed" and final["world_size"] == 2
-    assert_same_run(tmp_path / "single", tmp_path / "ds", atol=1e-4)
+    assert_same_run(single, tmp_path / "ds", atol=1e-4)
     ckpt = tmp_path / "ds" / "checkpoint" / "step_000008"
     assert (ckpt / "deepspeed").is_dir()  # the engine's own (ZeRO-partitioned) optimizer state
     assert (tmp_path / "ds" / "best_backbone.safetensors").exists() == bool(unfreeze)
 
 
-def test_deepspeed_resume_after_kill_matches_uninterrupted(demo_assets, tmp_path):
+def test_deepspeed_resume_after_kill_matches_uninterrupted(demo_assets, tmp_path, reference):
     over = {**SAME, "train.checkpoint_every": 2, "train.strategy": "deepspeed",
             "train.deepspeed_config": str(REPO / "configs/deepspeed/zero2.json")}
-    single = _write_cfg(demo_assets, tmp_path, "single", **SAME)
+    single = reference("same", SAME)
     ds = _write_cfg(demo_assets, tmp_path, "ds", **over)
-    subprocess.run([sys.executable, TRAIN, str(single)], env=_env(), check=True, capture_output=True, timeout=900)
     killed = subprocess.run([sys.executable, TRAIN, str(ds)], env=_env(SER_HPC_FAULT_KILL_IN_CHECKPOINT="6"),
                             capture_output=True, timeout=900)
     assert killed.returncode == -signal.SIGKILL
     res = subprocess.run([sys.executable, TRAIN, str(ds)], env=_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _final(tmp_path / "ds")["resumed_from"] == [4]
-    assert_same_run(tmp_path / "single", tmp_path / "ds", atol=1e-4)
+    assert_same_run(single, tmp_path / "ds", atol=1e-4)
 
 
-def test_ddp_as_a_submitit_task_with_two_tasks_per_node(slurm_cluster, demo_assets, tmp_path):
+def test_ddp_as_a_submitit_task_with_two_tasks_per_node(slurm_cluster, demo_assets, tmp_path, reference):
     """launch_grid on Slurm with tasks_per_node=2: submitit starts 2 ranks of the same pack."""
     from tests.test_grid import write_grid
     profile = tmp_path / "two_tasks.yaml"
@@ -191,6 +197,4 @@ def test_ddp_as_a_submitit_task_with_two_tasks_per_node(slurm_cluster, demo_asse
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     run_dir = next((tmp_path / "results" / "twotasks" / "runs").iterdir())
     assert _final(run_dir)["world_size"] == 2
-    single = _write_cfg(demo_assets, tmp_path, "single", **SAME)
-    subprocess.run([sys.executable, TRAIN, str(single)], env=_env(), check=True, capture_output=True, timeout=900)
-    assert_same_run(tmp_path / "single", run_dir)
+    assert_same_run(reference("same", SAME), run_dir)

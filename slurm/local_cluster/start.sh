@@ -176,7 +176,8 @@ DBD_PORT=$DBD_PORT
 CTLD_PORT=$CTLD_PORT
 SLURMD_PORT=$SLURMD_PORT
 EOF
-    NCPU=$(nproc)
+    # nproc honours OMP_NUM_THREADS: a caller that limits its own threads must not shrink the node.
+    NCPU=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     MEM_MB=$(awk '/^MemTotal:/ { print int($2 / 1024) }' /proc/meminfo)
     # Leave room for the OS and the daemons; at least 512 MB.
     REAL_MB=$(( MEM_MB > 2048 ? MEM_MB - 1024 : MEM_MB * 3 / 4 ))
