@@ -30,7 +30,8 @@ import torch  # noqa: E402
 from ser_hpc.data.augment import Augmenter  # noqa: E402
 from ser_hpc.data.corpus import read_corpus  # noqa: E402
 from ser_hpc.data.dataset import TrainCrops, decode_source  # noqa: E402
-from ser_hpc.data.prepared import PreparedAudio, prepare_audio  # noqa: E402
+from ser_hpc.data.prepare import prepare_audio  # noqa: E402
+from ser_hpc.data.prepared import PreparedAudio  # noqa: E402
 
 SAMPLE_RATE = 16000
 CROP_SECONDS = 5.5

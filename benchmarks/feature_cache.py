@@ -33,7 +33,7 @@ from ser_hpc.atomic_io import write_json  # noqa: E402
 from ser_hpc.config import load_config  # noqa: E402
 from ser_hpc.features.extract import extract  # noqa: E402
 from ser_hpc.logs import setup_logging  # noqa: E402
-from ser_hpc.train.trainer import train_pack  # noqa: E402
+from ser_hpc.train.loop import train_pack  # noqa: E402
 
 DEMO_GRID = ROOT / "configs" / "grid" / "demo.yaml"
 PAPER_EPOCHS = 100

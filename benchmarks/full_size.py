@@ -16,9 +16,9 @@ Workload, per step: a batch of ``--batch`` 5.5 s crops at 16 kHz (no padding: tr
 crops are repeat-padded to the crop length) and as many transcriptions of about
 ``--text-tokens`` tokens.
 
-* online: one backbone forward under no_grad, then each of the K heads (``HeadRun``: the
-  ``build_head`` model with the ModelConfig defaults, AdamW) does forward, weighted-CE
-  backward and an optimizer step on the shared output, as ``PackTrainer.fit`` does;
+* online: one backbone forward under no_grad, then each of the K heads (``heads.new_head``:
+  the ``build_head`` model with the ModelConfig defaults, AdamW) does forward, weighted-CE
+  backward and an optimizer step on the shared output, as the loop in ``train/loop.py`` does;
 * extract: the backbone forward alone (the one-off cost of cached features).
 
 bf16 autocast is on by default on CUDA devices with bf16, off on CPU (``--bf16`` turns it on).
@@ -115,7 +115,7 @@ def build_models(out_dir: Path, shape_name: str, seed: int = 1234) -> None:
     from transformers import RobertaModel, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     from ser_hpc.demo.backbones import EXTRA_SPANISH, _bpe_tokenizer
-    from ser_hpc.demo.corpus import demo_sentences
+    from ser_hpc.demo.sentences import demo_sentences
 
     manifest = {"version": MODELS_VERSION, "shape": shape_name, "config": SHAPES[shape_name], "seed": seed}
     done = out_dir / "manifest.json"
@@ -145,7 +145,7 @@ def build_models(out_dir: Path, shape_name: str, seed: int = 1234) -> None:
 
 def make_texts(tokenizer, n: int, target: int, seed: int) -> list[str]:
     """``n`` Spanish transcriptions of at most ``target`` tokens each (specials included), as close as words allow."""
-    from ser_hpc.demo.corpus import demo_sentences
+    from ser_hpc.demo.sentences import demo_sentences
     words = " ".join(demo_sentences(40 * n + 40, seed + 1)).split()
     texts, i = [], 0
     for _ in range(n):
@@ -249,7 +249,7 @@ def run(args) -> dict:
     from ser_hpc.models.encoders import FrozenBackbones
     from ser_hpc.models.head import build_head
     from ser_hpc.train import distributed as D
-    from ser_hpc.train.head_run import HeadRun
+    from ser_hpc.train.heads import new_head
     from ser_hpc.train.run_folder import RunFolder
     from transformers.utils import logging as hf_logging
 
@@ -299,8 +299,8 @@ def run(args) -> dict:
             cfg = Config()
             cfg.run.name, cfg.run.dir = f"head{k}", str(scratch / f"head{k}")
             cfg.train.bf16, cfg.train.device = bf16, str(device)
-            cfg.data.labels = list(EMOSPEECH_LABELS)  # what PackTrainer resolves from the corpus
-            heads.append(HeadRun(cfg, RunFolder(cfg.run.dir), backbones, train_labels, D.DistEnv(), device))
+            cfg.data.labels = list(EMOSPEECH_LABELS)  # what the loop resolves from the corpus
+            heads.append(new_head(cfg, RunFolder(cfg.run.dir), backbones, train_labels, D.DistEnv(), device, True))
         for h in heads:
             h.model.train()
 
@@ -309,17 +309,17 @@ def run(args) -> dict:
                 return backbones(waves, lengths, texts, device)
 
         def online_step():
-            """PackTrainer.fit's inner loop for one batch (no gradient accumulation)."""
+            """The loop's step (train/loop.py) for one batch (no gradient accumulation)."""
             feats = features()
-            for h in heads:
-                h.begin_step([labels])
+            target = labels.to(device)
             for h in heads:
                 with h.rng:
                     with torch.autocast(**autocast):
                         logits = h.engine.forward(None, None, None, feats=feats).float()
-                h.accumulate(logits, labels)
+                loss = h.weighted_ce_sum(logits, target)
+                h.engine.backward(loss / h.loss_weights[target].sum())
             for h in heads:
-                h.finish_step()
+                h.engine.step(h.cfg.train.max_grad_norm)
 
         # FLOPs: one counted forward of the benchmark batch (not timed), and one head's forward + backward.
         with flop_counter() as counter:

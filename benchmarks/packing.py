@@ -129,31 +129,32 @@ def bench_packing(work: Path, corpus: Path, backbones, heads: int, steps: int) -
 
 
 def bench_eval(pack_plan: dict, repeats: int = 2) -> dict:
+    import torch
     from ser_hpc.data.sources import load_splits
     from ser_hpc.train import distributed as D
-    from ser_hpc.train.run_folder import RunFolder
-    from ser_hpc.train.trainer import PackTrainer
+    from ser_hpc.train.heads import predict
+    from ser_hpc.train.loop import setup
     cfgs = [config_from_dict(r["config"]) for r in pack_plan["runs"]]
     for c in cfgs:
         c.run.dir = str(Path(c.run.dir).parent / ("eval-" + Path(c.run.dir).name))
-    trainer = PackTrainer(cfgs, load_splits(cfgs[0].data), [RunFolder(c.run.dir) for c in cfgs], D.DistEnv())
-    dev = trainer.splits.dev
+    inputs, heads = setup(cfgs, load_splits(cfgs[0].data), D.DistEnv(), torch.device("cpu"))
+    dev = inputs.splits.dev
     print(f"benchmark 2: dev evaluation of {len(cfgs)} heads on {len(dev)} clips ...", flush=True)
     t0 = time.perf_counter()
-    trainer.predict(trainer.heads, dev, cache=True)  # builds the cache: one backbone pass
+    predict(inputs, heads, dev, cache=True)  # builds the cache: one backbone pass
     build = time.perf_counter() - t0
 
     def timed(cache: bool) -> float:
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            trainer.predict(trainer.heads, dev, cache=cache)
+            predict(inputs, heads, dev, cache=cache)
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
     cached, recompute = timed(True), timed(False)
     return {"heads": len(cfgs), "dev_clips": len(dev), "cache_build_s": build, "cached_s": cached,
-            "recompute_s": recompute, "ratio": recompute / cached, "cache_mb": trainer._dev_cache.nbytes / 1e6}
+            "recompute_s": recompute, "ratio": recompute / cached, "cache_mb": inputs._dev_cache.nbytes / 1e6}
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ import _bootstrap  # noqa: F401  (repo root on sys.path)
 from ser_hpc.config import ConfigError, load_config
 from ser_hpc.data.audio import AudioError
 from ser_hpc.data.corpus import CorpusError
-from ser_hpc.data.prepared import MAX_WORKERS, prepare_corpus, prepare_for_data_config
+from ser_hpc.data.prepare import MAX_WORKERS, prepare_corpus, prepare_for_data_config
 from ser_hpc.logs import setup_logging
 
 

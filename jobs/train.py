@@ -26,7 +26,8 @@ from ser_hpc.grid.tasks import run_pack
 from ser_hpc.locks import LockHeld, hold_run_folders
 from ser_hpc.logs import setup_logging
 from ser_hpc.models.encoders import BackboneError
-from ser_hpc.train.trainer import train_run
+from ser_hpc.run_status import RunStatus
+from ser_hpc.train.loop import train_pack
 
 
 def _is_main() -> bool:
@@ -80,14 +81,14 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(files, overrides)
         with hold_run_folders([cfg.run.dir] if cfg.run.dir else [], wait=args.wait, enabled=_is_main()):
-            final = train_run(cfg)  # takes the same lock again (re-entrant)
+            final = train_pack([cfg])[0]  # takes the same lock again (re-entrant)
     except LockHeld as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     except (ConfigError, CorpusError, AudioError, BackboneError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if final["status"] != "done":
+    if final["status"] != RunStatus.DONE:
         print(f"run failed: {final['reason']}", file=sys.stderr)
         return 1
     if _is_main():

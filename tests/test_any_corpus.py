@@ -136,7 +136,7 @@ def test_emobox_folds_classes_and_leakage(emobox):
 def test_a_five_class_audio_only_run_carries_its_classes_everywhere(demo_assets, manifest, tmp_path):
     """A real run (tiny wav2vec2) on a 5-class manifest fold: the head has 5 outputs and the
     classes are in config.yaml, the probability CSV headers and final.json."""
-    from ser_hpc.train.trainer import train_run
+    from ser_hpc.train.loop import train_pack
     root, path = manifest
     run = tmp_path / "run"
     cfg = config_from_dict({
@@ -146,7 +146,7 @@ def test_a_five_class_audio_only_run_carries_its_classes_everywhere(demo_assets,
                   "head_width": 32},
         "train": {"lr": 2e-3, "batch_size": 8, "max_steps": 4, "eval_every": 2, "log_every": 2},
         "run": {"dir": str(run), "name": "five"}})
-    final = train_run(cfg)
+    final = train_pack([cfg])[0]
     labels = sorted(CLASSES)
     assert final["status"] == "done" and final["labels"] == labels
     assert list(final["per_class_f1"]) == labels and len(final["confusion_matrix"]) == 5
@@ -156,5 +156,5 @@ def test_a_five_class_audio_only_run_carries_its_classes_everywhere(demo_assets,
             rows = list(csv.reader(fh))
         assert rows[0] == ["id", "label", *labels] and all(r[1] in labels for r in rows[1:])
     # the same config again (classes left to the corpus) is the same run: skipped, not refused
-    assert train_run(config_from_dict(yaml.safe_load(cfg.to_yaml()) | {"data": {**cfg.to_dict()["data"],
-                                                                                "labels": None}}))["status"] == "done"
+    assert train_pack([config_from_dict(yaml.safe_load(cfg.to_yaml()) | {"data": {**cfg.to_dict()["data"],
+                                                                                "labels": None}})])[0]["status"] == "done"

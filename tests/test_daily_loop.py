@@ -358,14 +358,14 @@ def test_a_failed_attempt_without_checkpoint_is_moved_aside_not_deleted(tiny, tm
 
 def test_missing_backbone_then_corrected_config_in_the_same_folder(tiny, tmp_path, capsys):
     from ser_hpc.models.encoders import BackboneError
-    from ser_hpc.train.trainer import train_run
+    from ser_hpc.train.loop import train_pack
     run = tmp_path / "run"
     with pytest.raises(BackboneError, match=r"the folder .*models/roberta/v2 does not exist, and it is not a "
                                             r"Hugging Face hub id either"):
-        train_run(_cfg(tiny, run, **{"model.text.name": "models/roberta/v2"}))
+        train_pack([_cfg(tiny, run, **{"model.text.name": "models/roberta/v2"})])[0]
     assert json.loads((run / "final.json").read_text())["status"] == "failed"
     assert not (run / "config.yaml").exists()
-    final = train_run(_cfg(tiny, run, **{"train.max_steps": 1}))
+    final = train_pack([_cfg(tiny, run, **{"train.max_steps": 1})])[0]
     assert final["status"] == "done" and len(list((run / "attempts").iterdir())) == 1
 
 
@@ -589,14 +589,14 @@ def test_tensorboard_resume_rewrites_replayed_steps(tmp_path):
 
 def test_tensorboard_failure_never_fails_training(tiny, tmp_path, monkeypatch, caplog):
     import torch.utils.tensorboard as tb
-    from ser_hpc.train.trainer import train_run
+    from ser_hpc.train.loop import train_pack
 
     class Broken:
         def __init__(self, *a, **k):
             raise OSError("disk quota exceeded")
 
     monkeypatch.setattr(tb, "SummaryWriter", Broken)
-    final = train_run(_cfg(tiny, tmp_path / "run", **{"train.max_steps": 2}))
+    final = train_pack([_cfg(tiny, tmp_path / "run", **{"train.max_steps": 2})])[0]
     assert final["status"] == "done" and metric_steps(tmp_path / "run") == [1, 2]
     assert caplog.text.count("TensorBoard: cannot write events") == 1  # once, not per evaluation
 

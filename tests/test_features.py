@@ -12,7 +12,7 @@ from ser_hpc.features.dataset import CachedCrops, crop_frames
 from ser_hpc.features.extract import extract, read_all_clips, store_spec
 from ser_hpc.features.store import FeatureStore, FeatureStoreError
 from ser_hpc.train.schedule import lr_factor
-from ser_hpc.train.trainer import train_pack, train_run
+from ser_hpc.train.loop import train_pack
 from tests.conftest import run_config_tree
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -62,9 +62,9 @@ def test_cached_run_equals_online_run_on_whole_clips(demo_assets, small_corpus, 
     outputs as an online one, up to float16 storage: same dev predictions, within tolerance."""
     over = {"data.crop_seconds": 0.0, "model.speech.layers": "weighted", "train.max_steps": 12,
             "train.eval_every": 6}
-    online = train_run(_cfg(demo_assets, small_corpus, tmp_path / "online", tmp_path / "feat", **over))
-    cached = train_run(_cfg(demo_assets, small_corpus, tmp_path / "cached", tmp_path / "feat",
-                            **over, **{"train.features": "cached"}))
+    online = train_pack([_cfg(demo_assets, small_corpus, tmp_path / "online", tmp_path / "feat", **over)])[0]
+    cached = train_pack([_cfg(demo_assets, small_corpus, tmp_path / "cached", tmp_path / "feat",
+                            **over, **{"train.features": "cached"})])[0]
     assert online["status"] == cached["status"] == "done"
     assert cached["dev_macro_f1"] == pytest.approx(online["dev_macro_f1"], abs=0.03)
 
@@ -149,14 +149,14 @@ def test_cached_pack_resumes_exactly(demo_assets, small_corpus, tmp_path):
     # plateau + warmup: the lr of the first 4 steps does not depend on the run's length
     over = {"train.features": "cached", "model.fusion": "late", "train.lr_schedule": "plateau",
             "train.warmup_steps": 3, "train.lr_patience": 1, "train.lr_decay": 0.5}
-    whole = train_run(_cfg(demo_assets, small_corpus, tmp_path / "whole", tmp_path / "feat", **over))
+    whole = train_pack([_cfg(demo_assets, small_corpus, tmp_path / "whole", tmp_path / "feat", **over)])[0]
     cut = _cfg(demo_assets, small_corpus, tmp_path / "cut", tmp_path / "feat", **over, **{"train.max_steps": 4})
-    train_run(cut)
+    train_pack([cut])[0]
     # Relaunch the same run with the full schedule from its step-4 checkpoint.
     tree = _tree(demo_assets, small_corpus, tmp_path / "cut", tmp_path / "feat", **over)
     (tmp_path / "cut" / "final.json").unlink()
     (tmp_path / "cut" / "config.yaml").write_text(config_from_dict(tree).to_yaml())
-    resumed = train_run(config_from_dict(tree))
+    resumed = train_pack([config_from_dict(tree)])[0]
     assert resumed["resumed_from"] == [4]
     assert resumed["dev_macro_f1"] == whole["dev_macro_f1"]
     assert (tmp_path / "cut" / "dev_probs.csv").read_text() == (tmp_path / "whole" / "dev_probs.csv").read_text()
@@ -216,7 +216,7 @@ def test_one_modality_heads_share_the_fused_pack_and_store(demo_assets, small_co
     packed = train_pack([cfg("pack", "feat", m, clear.get(m)) for m in kinds])
     assert len([p for p in (tmp_path / "feat").iterdir() if (p / "meta.json").is_file()]) == 1
     for kind, final in zip(kinds, packed):
-        alone = train_run(cfg("alone", f"feat-{kind}", kind, clear.get(kind)))
+        alone = train_pack([cfg("alone", f"feat-{kind}", kind, clear.get(kind))])[0]
         assert final["status"] == alone["status"] == "done"
         assert final["dev_macro_f1"] == alone["dev_macro_f1"], kind
         for name in ("dev_probs.csv", "test_probs.csv"):
@@ -231,9 +231,9 @@ def test_online_evaluation_reads_a_memory_mapped_store(demo_assets, small_corpus
     """Online training with data.features_dir keeps dev/test backbone outputs in a float16
     store of just those clips (memory-mapped), not in RAM: same dev predictions within
     float16 precision as the in-memory float32 cache."""
-    ram = train_run(_cfg(demo_assets, small_corpus, tmp_path / "ram", tmp_path / "unused",
-                         **{"data.features_dir": None}))
-    disk = train_run(_cfg(demo_assets, small_corpus, tmp_path / "disk", tmp_path / "feat"))
+    ram = train_pack([_cfg(demo_assets, small_corpus, tmp_path / "ram", tmp_path / "unused",
+                         **{"data.features_dir": None})])[0]
+    disk = train_pack([_cfg(demo_assets, small_corpus, tmp_path / "disk", tmp_path / "feat")])[0]
     assert ram["status"] == disk["status"] == "done"
     # (the online run's evaluation store of dev + test clips sits beside it: take the full one)
     store = max((FeatureStore(p) for p in (tmp_path / "feat").iterdir() if (p / "meta.json").is_file()),

@@ -17,8 +17,8 @@ from ser_hpc.config import ConfigError, config_from_dict
 from ser_hpc.data.sources import load_splits
 from ser_hpc.train import distributed as D
 from ser_hpc.train.preemption import Preempted, PreemptionFlag
-from ser_hpc.train.run_folder import RunFolder
-from ser_hpc.train.trainer import PackTrainer, train_pack, train_run
+from ser_hpc.train.heads import predict
+from ser_hpc.train.loop import setup, train_pack
 from tests.conftest import run_config_tree
 from tests.run_compare import assert_same_run, read_metrics
 
@@ -65,7 +65,7 @@ def _assert_same_run(a, b, fa, fb):
 def alone(demo_assets, tmp_path_factory):
     """Each head trained alone, as its own process would."""
     root = tmp_path_factory.mktemp("alone")
-    return {name: (root / name, train_run(_cfg(demo_assets, root / name, name))) for name in HEADS}
+    return {name: (root / name, train_pack([_cfg(demo_assets, root / name, name)])[0]) for name in HEADS}
 
 
 @pytest.mark.slow
@@ -137,23 +137,19 @@ def test_only_head_settings_may_differ_within_a_pack(demo_assets, tmp_path):
     assert not (tmp_path / "a").exists()  # refused before anything was written
 
 
-def _trainer(assets, tmp_path, names, **over):
-    cfgs = [_cfg(assets, tmp_path / n, n, **over) for n in names]
-    return PackTrainer(cfgs, load_splits(cfgs[0].data), [RunFolder(c.run.dir) for c in cfgs], D.DistEnv())
-
-
 @pytest.mark.slow
 def test_dev_backbone_outputs_are_computed_once_and_give_the_fresh_predictions(demo_assets, tmp_path):
-    trainer = _trainer(demo_assets, tmp_path, ["base", "deep"])
+    cfgs = [_cfg(demo_assets, tmp_path / n, n) for n in ("base", "deep")]
+    trainer, heads = setup(cfgs, load_splits(cfgs[0].data), D.DistEnv(), torch.device("cpu"))
     calls = []
     trainer.backbones.register_forward_hook(lambda *a: calls.append(1))
     dev = trainer.splits.dev
-    first = trainer.predict(trainer.heads, dev, cache=True)
+    first = predict(trainer, heads, dev, cache=True)
     n_batches = len(calls)
     assert n_batches == -(-len(dev) // 16)  # one forward per length-sorted batch, for both heads
-    again = trainer.predict(trainer.heads, dev, cache=True)
+    again = predict(trainer, heads, dev, cache=True)
     assert len(calls) == n_batches  # cached: no backbone forward at all
-    fresh = trainer.predict(trainer.heads, dev, cache=False)
+    fresh = predict(trainer, heads, dev, cache=False)
     for k in (0, 1):
         assert first[k].ids == again[k].ids == fresh[k].ids == sorted(e.id for e in dev)
         np.testing.assert_array_equal(first[k].probs, again[k].probs)
@@ -161,14 +157,14 @@ def test_dev_backbone_outputs_are_computed_once_and_give_the_fresh_predictions(d
     # Padding does not change a prediction: one clip per batch gives the same probabilities.
     trainer.cfg.data.eval_batch_size = 1
     trainer._dev_cache = None
-    single = trainer.predict(trainer.heads, dev, cache=True)
+    single = predict(trainer, heads, dev, cache=True)
     for k in (0, 1):
         np.testing.assert_allclose(single[k].probs, first[k].probs, atol=1e-5)
     # float16 storage halves the memory at a small, bounded cost.
     full = trainer._dev_cache.nbytes
     trainer.cfg.train.eval_cache_dtype = "float16"
     trainer._dev_cache = None
-    half = trainer.predict(trainer.heads, dev, cache=True)
+    half = predict(trainer, heads, dev, cache=True)
     assert trainer._dev_cache.nbytes < 0.6 * full
     for k in (0, 1):
         np.testing.assert_allclose(half[k].probs, single[k].probs, atol=2e-2)
@@ -177,8 +173,8 @@ def test_dev_backbone_outputs_are_computed_once_and_give_the_fresh_predictions(d
 
 def test_the_rng_streams_keep_heads_apart(demo_assets, tmp_path):
     """The same two heads, one shared global RNG: dropout masks would differ from alone."""
-    trainer = _trainer(demo_assets, tmp_path, ["base", "base2"])
-    a, b = trainer.heads
+    cfgs = [_cfg(demo_assets, tmp_path / n, n) for n in ("base", "base2")]
+    _, (a, b) = setup(cfgs, load_splits(cfgs[0].data), D.DistEnv(), torch.device("cpu"))
     feats = torch.randn(4, 8)
     drop = torch.nn.Dropout(0.5)
     with a.rng:

@@ -23,13 +23,14 @@ import torchaudio
 from torch.utils.data import DataLoader
 
 from ser_hpc.config import ConfigError, DataConfig
-from ser_hpc.data import prepared
+from ser_hpc.data import prepare, prepared_format
 from ser_hpc.data.audio import AudioError, load_audio
 from ser_hpc.data.augment import Augmenter, reverberate, synthetic_rir
 from ser_hpc.data.corpus import CorpusError, read_corpus
 from ser_hpc.data.dataset import TrainCrops, WholeClips, collate, decode_source
-from ser_hpc.data.prepared import (PreparedAudio, PreparedAudioError, audio_loader_for, dequantise,
-                                   prepare_audio, prepare_corpus, prepare_for_data_config, quantise)
+from ser_hpc.data.prepare import prepare_audio, prepare_corpus, prepare_for_data_config
+from ser_hpc.data.prepared import PreparedAudio, audio_loader_for
+from ser_hpc.data.prepared_format import PreparedAudioError, dequantise, quantise
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -38,7 +39,7 @@ SR = 16000
 def _tolerance(reference: np.ndarray) -> float:
     """int16 quantisation with a per-clip peak scale: at most peak/65534 per sample, plus float32 rounding."""
     peak = float(np.max(np.abs(reference)))
-    return peak / (2 * prepared.FULL_SCALE) + peak * 2.0 ** -22
+    return peak / (2 * prepared_format.FULL_SCALE) + peak * 2.0 ** -22
 
 
 def _snr_db(reference: np.ndarray, other: np.ndarray) -> float:
@@ -105,7 +106,7 @@ def test_quantisation_keeps_16_bits_relative_to_each_clips_peak():
         wave = (level * np.sin(2 * np.pi * 441 * t)).astype(np.float32)
         codes, scale = quantise(wave)
         back = dequantise(codes, scale)
-        assert codes.dtype == np.int16 and np.abs(codes).max() == prepared.FULL_SCALE
+        assert codes.dtype == np.int16 and np.abs(codes).max() == prepared_format.FULL_SCALE
         assert np.max(np.abs(back - wave)) <= _tolerance(wave)
         assert _snr_db(wave, back) == pytest.approx(98, abs=2)  # 6.02 * 16 + 1.76 dB for a full-scale sine
     codes, scale = quantise(np.zeros(10, np.float32))  # silence: no division by zero
@@ -117,7 +118,7 @@ def test_quantisation_keeps_16_bits_relative_to_each_clips_peak():
 def test_second_run_decodes_nothing_and_rewrites_nothing(corpus, store, monkeypatch):
     out, _ = store
     before = _files(out)
-    monkeypatch.setattr(prepared, "load_audio", lambda *a, **k: pytest.fail("decoded on an idempotent run"))
+    monkeypatch.setattr(prepare, "load_audio", lambda *a, **k: pytest.fail("decoded on an idempotent run"))
     summary = prepare_corpus([(corpus / "train.csv", corpus / "audio"), (corpus / "test.csv", corpus / "audio")],
                              out, SR, workers=1, progress=False)
     assert (summary.decoded, summary.reused, summary.shard) == (0, 16, None)
@@ -127,7 +128,7 @@ def test_second_run_decodes_nothing_and_rewrites_nothing(corpus, store, monkeypa
 def test_another_grid_on_a_copy_of_the_corpus_shares_the_store(corpus, store, tmp_path, monkeypatch):
     out, _ = store
     copy = _copy(corpus, tmp_path / "copy")  # same bytes at another path
-    monkeypatch.setattr(prepared, "load_audio", lambda *a, **k: pytest.fail("a shared clip was decoded again"))
+    monkeypatch.setattr(prepare, "load_audio", lambda *a, **k: pytest.fail("a shared clip was decoded again"))
     summary = prepare_corpus([(copy / "train.csv", copy / "audio")], out, SR, workers=1, progress=False)
     assert (summary.decoded, summary.reused) == (0, 12)
     monkeypatch.undo()
@@ -163,17 +164,17 @@ def test_a_changed_source_file_is_prepared_again(corpus, tmp_path):
 _RACER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from ser_hpc.data import prepared
+    from ser_hpc.data import prepare
     corpus, out, ready, go = (Path(a) for a in sys.argv[1:5])
-    decode = prepared._decode
+    decode = prepare._decode
     def slow_decode(job):  # widen the race window: both jobs decode while the other does
         time.sleep(0.03)
         return decode(job)
-    prepared._decode = slow_decode
+    prepare._decode = slow_decode
     ready.touch()
     while not go.exists():
         time.sleep(0.01)
-    s = prepared.prepare_corpus([(corpus / "train.csv", corpus / "audio"), (corpus / "test.csv", corpus / "audio")],
+    s = prepare.prepare_corpus([(corpus / "train.csv", corpus / "audio"), (corpus / "test.csv", corpus / "audio")],
                                 out, 16000, workers=1, progress=False)
     print(s.decoded, s.reused)
 """)

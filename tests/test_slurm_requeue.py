@@ -6,7 +6,7 @@ import sys
 import time
 
 from ser_hpc.config import config_from_dict
-from ser_hpc.train.trainer import train_run
+from ser_hpc.train.loop import train_pack
 from tests.conftest import REPO
 from tests.run_compare import assert_same_run
 from tests.test_grid import write_grid
@@ -56,5 +56,5 @@ def test_usr2_checkpoints_requeues_and_resumes(slurm_cluster, demo_assets, tmp_p
     # The same config trained without interruption ends with the same metrics.
     ref = dict(run["config"])
     ref["run"] = {**ref["run"], "dir": str(tmp_path / "uninterrupted")}
-    train_run(config_from_dict(ref))
+    train_pack([config_from_dict(ref)])[0]
     assert_same_run(tmp_path / "uninterrupted", run_dir)

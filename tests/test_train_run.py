@@ -11,7 +11,7 @@ from sklearn.metrics import f1_score
 from ser_hpc.config import ConfigError, config_from_dict
 from ser_hpc.data.corpus import CorpusError
 from ser_hpc.models.encoders import BackboneError
-from ser_hpc.train.trainer import train_run
+from ser_hpc.train.loop import train_pack
 from tests.conftest import TEST_CORPUS, run_config_tree
 
 
@@ -26,7 +26,7 @@ def test_end_to_end_run_beats_chance_and_writes_its_folder(demo_assets, tmp_path
     cfg = _cfg(demo_assets, run, **{"train.max_steps": 300, "train.eval_every": 50, "train.log_every": 50,
                                     "model.text.layers": "last", "model.speech.layers": "weighted",
                                     "model.head_width": 128, "model.hidden_layers": 1, "data.crop_seconds": 4.0})
-    final = train_run(cfg)
+    final = train_pack([cfg])[0]
     assert final["status"] == "done" and final["reason"] is None
     # Beating chance, measured: the predictions on dev + test (134 clips) against 2000
     # shuffles of the same predictions (same predicted class mix, links to the truth broken).
@@ -60,14 +60,14 @@ def test_end_to_end_run_beats_chance_and_writes_its_folder(demo_assets, tmp_path
     assert len(rows) == TEST_CORPUS[1] and all(abs(sum(float(r[c]) for c in final["labels"]) - 1) < 1e-3 for r in rows)
     # A rerun never redoes a finished run.
     mtime = (run / "final.json").stat().st_mtime_ns
-    assert train_run(cfg)["dev_macro_f1"] == final["dev_macro_f1"]
+    assert train_pack([cfg])[0]["dev_macro_f1"] == final["dev_macro_f1"]
     assert (run / "final.json").stat().st_mtime_ns == mtime
 
 
 @pytest.mark.slow
 def test_same_seed_same_result(demo_assets, tmp_path):
-    a = train_run(_cfg(demo_assets, tmp_path / "a"))
-    b = train_run(_cfg(demo_assets, tmp_path / "b"))
+    a = train_pack([_cfg(demo_assets, tmp_path / "a")])[0]
+    b = train_pack([_cfg(demo_assets, tmp_path / "b")])[0]
     assert a["dev_macro_f1"] == b["dev_macro_f1"]
     assert (tmp_path / "a" / "dev_probs.csv").read_text() == (tmp_path / "b" / "dev_probs.csv").read_text()
 
@@ -75,18 +75,18 @@ def test_same_seed_same_result(demo_assets, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("modalities", ["audio", "text"])
 def test_single_modality_runs(demo_assets, tmp_path, modalities):
-    final = train_run(_cfg(demo_assets, tmp_path / modalities, **{"model.modalities": modalities}))
+    final = train_pack([_cfg(demo_assets, tmp_path / modalities, **{"model.modalities": modalities})])[0]
     assert final["status"] == "done"
 
 
 @pytest.mark.slow
 def test_bf16_and_grad_accumulation(demo_assets, tmp_path):
-    final = train_run(_cfg(demo_assets, tmp_path / "bf16", **{"train.bf16": True, "train.grad_accum_steps": 2}))
+    final = train_pack([_cfg(demo_assets, tmp_path / "bf16", **{"train.bf16": True, "train.grad_accum_steps": 2})])[0]
     assert final["status"] == "done" and final["steps"] == 6
 
 
 def test_nan_loss_fails_the_run_with_reason(demo_assets, tmp_path):
-    final = train_run(_cfg(demo_assets, tmp_path / "nan", **{"train.lr": 1e30}))
+    final = train_pack([_cfg(demo_assets, tmp_path / "nan", **{"train.lr": 1e30})])[0]
     assert final["status"] == "failed"
     assert "diverged" in final["reason"] and "loss is" in final["reason"]
     on_disk = json.loads((tmp_path / "nan" / "final.json").read_text())
@@ -111,7 +111,7 @@ def test_missing_audio_fails_before_training(demo_assets, tmp_path):
     cfg = _cfg(demo_assets, tmp_path / "run", **{"data.train_csv": str(corpus / "train.csv"),
                                                  "data.audio_dir": str(corpus / "audio")})
     with pytest.raises(CorpusError, match=rf"train\.csv, row 2: audio file not found: .*{ident}"):
-        train_run(cfg)
+        train_pack([cfg])[0]
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     assert final["status"] == "failed" and ident in final["reason"]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained
@@ -124,7 +124,7 @@ def test_zero_length_audio_fails_before_training(demo_assets, tmp_path):
     cfg = _cfg(demo_assets, tmp_path / "run", **{"data.train_csv": str(corpus / "train.csv"),
                                                  "data.audio_dir": str(corpus / "audio")})
     with pytest.raises(CorpusError, match=rf"row 2: .*{ident}"):
-        train_run(cfg)
+        train_pack([cfg])[0]
 
 
 def test_bad_label_fails_before_training(demo_assets, tmp_path):
@@ -136,21 +136,21 @@ def test_bad_label_fails_before_training(demo_assets, tmp_path):
     cfg = _cfg(demo_assets, tmp_path / "run", **{"data.train_csv": str(corpus / "train.csv"),
                                                  "data.audio_dir": str(corpus / "audio")})
     with pytest.raises(CorpusError, match=r"row 4: label 'surprise'"):
-        train_run(cfg)
+        train_pack([cfg])[0]
 
 
 def test_missing_model_path_fails_before_training(demo_assets, tmp_path):
     cfg = _cfg(demo_assets, tmp_path / "run", **{"model.text.name": str(tmp_path / "no-such-model")})
     with pytest.raises(BackboneError, match="no-such-model"):
-        train_run(cfg)
+        train_pack([cfg])[0]
     assert json.loads((tmp_path / "run" / "final.json").read_text())["status"] == "failed"
 
 
 @pytest.mark.slow
 def test_folder_of_another_config_is_not_overwritten(demo_assets, tmp_path):
     run = tmp_path / "run"
-    train_run(_cfg(demo_assets, run))
+    train_pack([_cfg(demo_assets, run)])[0]
     before = (run / "final.json").read_text()
     with pytest.raises(ConfigError, match="different config"):
-        train_run(_cfg(demo_assets, run, **{"train.lr": 1e-4}))
+        train_pack([_cfg(demo_assets, run, **{"train.lr": 1e-4})])[0]
     assert (run / "final.json").read_text() == before

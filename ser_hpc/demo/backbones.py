@@ -24,7 +24,7 @@ from transformers import (BertConfig, BertModel, PreTrainedTokenizerFast, Robert
                           Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model, WavLMConfig, WavLMModel)
 
 from ser_hpc.atomic_io import write_json
-from ser_hpc.demo.corpus import demo_sentences
+from ser_hpc.demo.sentences import demo_sentences
 
 BACKBONES_VERSION = 2
 MANIFEST = "manifest.json"

@@ -35,6 +35,7 @@ from ser_hpc.ensemble.plots import plot_confusion, plot_reliability
 from ser_hpc.ensemble.report import RELIABILITY_PNG, write_report
 from ser_hpc.ensemble.selection import SELECTIONS
 from ser_hpc.metrics import score
+from ser_hpc.run_status import RunStatus
 
 __all__ = ["aggregate", "AggregateError"]
 log = logging.getLogger("ser_hpc.ensemble")
@@ -134,8 +135,8 @@ def _build(grid_name: str, out: Path, ranked: list[RunRecord], k: int, method: s
     for e, m in zip(entries, members):  # every figure in ensemble.json sits beside its interval
         ci = figures["run_ci"][m.run_id]
         e.update(dev_macro_f1_ci95=ci["dev"], test_macro_f1=m.test_macro_f1, test_macro_f1_ci95=ci["test"])
-    failed = [r for r in records if r.status == "failed"]
-    missing = [r for r in records if r.status == "missing"]
+    failed = [r for r in records if r.status == RunStatus.FAILED]
+    missing = [r for r in records if r.status == RunStatus.MISSING]
     result = {
         "grid_name": grid_name,
         "members": entries,
@@ -166,7 +167,7 @@ def _build(grid_name: str, out: Path, ranked: list[RunRecord], k: int, method: s
         "chance_macro_f1": figures["chance"],
         "bootstrap": bootstrap_settings(),
         "n_dev": len(ref.ids),
-        "n_done": sum(r.status == "done" for r in records),
+        "n_done": sum(r.status == RunStatus.DONE for r in records),
         "n_failed": len(failed),
         "n_missing": len(missing),
         "failed": [{"run_id": r.run_id, "reason": r.reason} for r in failed],
@@ -184,8 +185,8 @@ def _build(grid_name: str, out: Path, ranked: list[RunRecord], k: int, method: s
 
 def _summary(results_dir: Path, ranked: list[RunRecord], records: list[RunRecord],
              result: dict | None, notes: list[str], rows: int = 5) -> str:
-    failed = [r for r in records if r.status == "failed"]
-    missing = [r for r in records if r.status == "missing"]
+    failed = [r for r in records if r.status == RunStatus.FAILED]
+    missing = [r for r in records if r.status == RunStatus.MISSING]
     lines = [f"[aggregate] {results_dir}: {len(ranked)} done, {len(failed)} failed, {len(missing)} missing"]
     for rank, r in enumerate(ranked[:rows], 1):
         test = "" if r.test_macro_f1 is None else f"  test {100 * r.test_macro_f1:6.2f}"
@@ -240,7 +241,7 @@ def aggregate(results_dir: str | Path, top_k: int | None = None, method: str | N
         return aggregate_folds(results_dir, plan, grid_name, records, folds, k, method, selection)
     ranked = rank_runs(records)
     configs = group_configurations(ranked)
-    others = [r for r in records if r.status != "done"]
+    others = [r for r in records if r.status != RunStatus.DONE]
     notes: list[str] = []
     # Everything is built in a fresh folder; results_dir/ensemble switches to it in one
     # rename at the end, so a kill at any point leaves the previous ensemble loadable.

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ser_hpc.run_status import RunStatus
 
 
 class AggregateError(RuntimeError):
@@ -26,7 +27,7 @@ class AggregateError(RuntimeError):
 class RunRecord:
     run_id: str
     name: str
-    status: str  # "done" | "failed" | "missing"
+    status: RunStatus  # done, failed or missing
     reason: str | None = None
     dev_macro_f1: float | None = None
     test_macro_f1: float | None = None
@@ -65,7 +66,7 @@ def _finite(x: Any) -> float | None:
 
 
 def _read_run(run_id: str, name: str | None, overrides: dict, run_dir: Path) -> RunRecord:
-    rec = RunRecord(run_id=run_id, name=name or run_id, status="missing",
+    rec = RunRecord(run_id=run_id, name=name or run_id, status=RunStatus.MISSING,
                     overrides=dict(overrides), run_dir=run_dir)
     final_path = run_dir / "final.json"
     if not final_path.exists():
@@ -73,23 +74,23 @@ def _read_run(run_id: str, name: str | None, overrides: dict, run_dir: Path) -> 
     try:
         final = json.loads(final_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        rec.status, rec.reason = "failed", f"unreadable final.json: {exc}"
+        rec.status, rec.reason = RunStatus.FAILED, f"unreadable final.json: {exc}"
         return rec
     rec.name = name or final.get("name") or run_id
     rec.dev_macro_f1 = _finite(final.get("dev_macro_f1"))
     rec.test_macro_f1 = _finite(final.get("test_macro_f1"))
     rec.best_step = final.get("best_step")
     status = final.get("status")
-    if status != "done":
-        rec.status = "failed"
-        rec.reason = final.get("reason") or (f"status {status!r}" if status != "failed" else "no reason given")
+    if status != RunStatus.DONE:
+        rec.status = RunStatus.FAILED
+        rec.reason = final.get("reason") or (f"status {status!r}" if status != RunStatus.FAILED else "no reason given")
     # A "done" run the ensemble cannot use is reported as failed rather than silently skipped.
     elif rec.dev_macro_f1 is None:
-        rec.status, rec.reason = "failed", "status done but dev_macro_f1 is missing or not finite"
+        rec.status, rec.reason = RunStatus.FAILED, "status done but dev_macro_f1 is missing or not finite"
     elif not (run_dir / "dev_probs.csv").exists():
-        rec.status, rec.reason = "failed", "status done but dev_probs.csv is missing"
+        rec.status, rec.reason = RunStatus.FAILED, "status done but dev_probs.csv is missing"
     else:
-        rec.status = "done"
+        rec.status = RunStatus.DONE
     return rec
 
 

@@ -41,6 +41,7 @@ from ser_hpc.ensemble.configurations import SEED_KEY, group_configurations
 from ser_hpc.ensemble.folder import discard, new_stage, publish
 from ser_hpc.ensemble.leaderboard import rank_runs, render_csv, render_md
 from ser_hpc.ensemble.stats import mean_std
+from ser_hpc.run_status import RunStatus
 
 log = logging.getLogger("ser_hpc.ensemble")
 
@@ -191,7 +192,7 @@ def aggregate_folds(results_dir: Path, plan: dict[str, Any], grid_name: str, rec
     the top-level ensemble.json content. Raises AggregateError when no fold ensemble was built."""
     from ser_hpc.ensemble.report import write_fold_report
     ranked_all = rank_runs(records)
-    others = [r for r in records if r.status != "done"]
+    others = [r for r in records if r.status != RunStatus.DONE]
     configs = rank_fold_configurations(folds)
     notes: list[str] = []
     if selection != "topk":
@@ -257,7 +258,7 @@ def aggregate_folds(results_dir: Path, plan: dict[str, Any], grid_name: str, rec
                                      f"{labels}: the fold ensembles cannot be averaged")
             labels = list(result["labels"])
             fold_fig = {r.run_id for r in bag}
-            fold_others = [r for r in fold_records if r.status != "done"]
+            fold_others = [r for r in fold_records if r.status != RunStatus.DONE]
             write_text(out / "leaderboard.md", render_md(ranked, fold_others, sorted(fold_fig),
                                                          f"Leaderboard — {grid_name}, fold {fold}",
                                                          cis=figures["run_ci"], configs=group_configurations(ranked)))
@@ -293,10 +294,10 @@ def aggregate_folds(results_dir: Path, plan: dict[str, Any], grid_name: str, rec
             "configurations": [c.to_json() for c in configs],
             "top_configurations": [c.name for c in top],
             "n_done": len(ranked_all),
-            "n_failed": sum(r.status == "failed" for r in records),
-            "n_missing": sum(r.status == "missing" for r in records),
-            "failed": [{"run_id": r.run_id, "reason": r.reason} for r in records if r.status == "failed"],
-            "missing": [r.run_id for r in records if r.status == "missing"],
+            "n_failed": sum(r.status == RunStatus.FAILED for r in records),
+            "n_missing": sum(r.status == RunStatus.MISSING for r in records),
+            "failed": [{"run_id": r.run_id, "reason": r.reason} for r in records if r.status == RunStatus.FAILED],
+            "missing": [r.run_id for r in records if r.status == RunStatus.MISSING],
             "notes": notes,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -311,7 +312,7 @@ def aggregate_folds(results_dir: Path, plan: dict[str, Any], grid_name: str, rec
 
 
 def _summary(results_dir: Path, records: Sequence[RunRecord], result: dict | None, notes: list[str]) -> str:
-    done = sum(r.status == "done" for r in records)
+    done = sum(r.status == RunStatus.DONE for r in records)
     lines = [f"[aggregate] {results_dir}: {done} done, {sum(r.status == 'failed' for r in records)} failed, "
              f"{sum(r.status == 'missing' for r in records)} missing (grid with folds)"]
     if result:

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from ser_hpc.ensemble.collect import RunRecord
 from ser_hpc.ensemble.configurations import Configuration, has_seeds
+from ser_hpc.run_status import RunStatus
 
 # run_id -> {"dev": (low, high) or None, "test": ...}
 Intervals = Mapping[str, Mapping[str, Sequence[float] | None]]
@@ -21,7 +22,7 @@ Intervals = Mapping[str, Mapping[str, Sequence[float] | None]]
 
 def rank_runs(records: Sequence[RunRecord]) -> list[RunRecord]:
     """Done runs, best dev macro-F1 first; ties by name then run_id so the order is stable."""
-    done = [r for r in records if r.status == "done"]
+    done = [r for r in records if r.status == RunStatus.DONE]
     return sorted(done, key=lambda r: (-r.dev_macro_f1, r.name, r.run_id))
 
 
@@ -140,6 +141,6 @@ def render_md(ranked: Sequence[RunRecord], others: Sequence[RunRecord], members:
     else:
         lines += ["| run_id | name | status | reason |", "|---|---|---|---|"]
         for r in others:
-            reason = r.reason or ("no final.json (crashed, cancelled or never ran)" if r.status == "missing" else "")
+            reason = r.reason or ("no final.json (crashed, cancelled or never ran)" if r.status == RunStatus.MISSING else "")
             lines.append("| " + " | ".join(_md_escape(c) for c in [r.run_id, r.name, r.status, reason]) + " |")
     return "\n".join(lines) + "\n"

@@ -25,6 +25,8 @@ from ser_hpc.ensemble.configurations import Configuration
 from ser_hpc.ensemble.leaderboard import pct_ci
 from ser_hpc.ensemble.members import resolve_backbone
 from ser_hpc.ensemble.report_plots import pair_bars, per_class_bars, training_curves
+from ser_hpc.run_status import RunStatus
+from ser_hpc.train.run_folder import RunFolder
 
 REPORT_MD = "report.md"
 PAIRS_PNG = "report_pairs.png"
@@ -171,27 +173,10 @@ def _head_grid_section(ranked: Sequence[RunRecord], infos: dict[str, RunInfo], r
                       "dev 95% CI", "test 95% CI"], rows))
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl lines; a torn or foreign line is skipped rather than failing the report."""
-    out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
-            out.append(rec)
-    return out
-
-
 def _curves_section(out: Path, ranked: Sequence[RunRecord], written: set[str]) -> list[str]:
     series = []
     for r in ranked[:CURVE_RUNS]:
-        recs = read_metrics(r.run_dir / "metrics.jsonl") if r.run_dir else []
+        recs = RunFolder(r.run_dir).read_metrics() if r.run_dir else []
         if recs:
             series.append({"label": r.name, "step": [x["step"] for x in recs],
                            **{k: [x.get(k) for x in recs] for k in ("dev_macro_f1", "train_loss", "dev_loss")}})
@@ -251,8 +236,8 @@ def write_report(out: Path, result: dict, ranked: Sequence[RunRecord], records: 
     entries = {r.get("run_id"): r for r in plan.get("runs", [])}
     infos = {r.run_id: run_info(r, entries.get(r.run_id, {})) for r in ranked}
     written: set[str] = set()
-    n_failed = sum(r.status == "failed" for r in records)
-    n_missing = sum(r.status == "missing" for r in records)
+    n_failed = sum(r.status == RunStatus.FAILED for r in records)
+    n_missing = sum(r.status == RunStatus.MISSING for r in records)
     members = [m["run_id"] for m in result["members"]]
     lines = [f"# Report — {result['grid_name']}", "",
              f"{len(records)} runs: {len(ranked)} done, {n_failed} failed, {n_missing} missing "

@@ -22,7 +22,8 @@ from ..data.augment import Augmenter
 from ..data.corpus import Example, check_audio
 from ..data.sources import all_clips
 from ..data.dataset import WholeClips, collate, length_sorted_batches
-from ..data.prepared import audio_loader_for, hash_file
+from ..data.prepared import audio_loader_for
+from ..data.prepared_format import hash_file
 from ..models.head import layers_used
 from .store import META, FeatureStore, ShardWriter, check_free_space, content_key, \
     model_fingerprint, shard_bytes

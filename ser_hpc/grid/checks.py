@@ -27,6 +27,14 @@ class CheckError(ValueError):
     """A pre-submission check failed; nothing was submitted."""
 
 
+def backbones_used(runs: list[PlannedRun]) -> list[tuple[str, str]]:
+    """(kind, name) of every backbone the runs load: speech models, then text models, sorted.
+    The launcher checks these and ``prefetch_models.py`` downloads them."""
+    return [(kind, name) for kind, modality in (("speech", "audio"), ("text", "text"))
+            for name in sorted({r.config["model"][kind]["name"] for r in runs
+                                if modality in r.config["model"]["modalities"].split("+")})]
+
+
 def check_data(runs: list[PlannedRun], quick: bool = False, problems: list[str] | None = None) -> int:
     """Read every distinct data config once. ``quick`` checks files exist but does not open them.
     With ``problems``, each failure is appended there instead of raised."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, read_yaml
+from ..models.encoders import OFFLINE_HUB_ENV
 
 EXECUTORS = ("slurm", "local", "debug")
 OPTION_RE = re.compile(r"^--([a-z][a-z0-9-]*)(?:=(.*))?$")
@@ -148,8 +149,7 @@ def max_array_size(profile: ClusterProfile) -> tuple[int, str]:
 
 def job_env_lines(profile: ClusterProfile) -> list[str]:
     """Shell lines each job starts with: offline hub, the profile's env and setup."""
-    lines = ["export HF_HUB_OFFLINE=1", "export TRANSFORMERS_OFFLINE=1"]
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in profile.env.items()]
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in {**OFFLINE_HUB_ENV, **profile.env}.items()]
     return lines + list(profile.setup)
 
 

@@ -17,8 +17,9 @@ from .. import atomic_io
 from ..config import ConfigError, parse_override
 from ..locks import launch_lock
 from ..models.encoders import BackboneError, missing_model
+from ..run_status import RunStatus
 from ..train.packing import needs_own_forward
-from .checks import CheckError, check_backbone, check_data
+from .checks import CheckError, backbones_used, check_backbone, check_data
 from .arrays import DEFAULT_MAX_ARRAY_SIZE, ArrayChunk, array_spec, compress, split_by_index
 from .cluster import ClusterProfile, job_env_lines, load_profile, max_array_size, sbatch_args
 from .expand import PlannedRun, expand, make_packs
@@ -38,7 +39,7 @@ class LaunchPlan:
     profile: ClusterProfile
     runs: list[PlannedRun]
     packs: list[list[PlannedRun]]
-    states: dict[str, str]       # run_id -> done / failed / missing, before this launch
+    states: dict[str, RunStatus]  # run_id -> done / failed / missing, before this launch
     to_run: list[int]            # pack indices to (re)submit
     prepare: bool = False        # some clips still need decoding into data.prepared_dir
     features: int = 0            # feature-store groups to extract before training (train.features=cached)
@@ -48,7 +49,7 @@ class LaunchPlan:
 
     @property
     def skipped(self) -> list[PlannedRun]:
-        return [r for r in self.runs if self.states.get(r.run_id) == "done"]
+        return [r for r in self.runs if self.states.get(r.run_id) == RunStatus.DONE]
 
     def train_arrays(self) -> list[ArrayChunk]:
         """The training array jobs of the sbatch path (task i = pack offset + i)."""
@@ -79,11 +80,8 @@ def prepare(grid_path: str, overrides: list[str], cluster: str | None = None, pr
     # dry run shows the whole plan and then everything that needs fixing, not the first error.
     problems: list[str] = []
     n_data = check_data(runs, quick=quick_check, problems=problems)
-    names = {}
-    for kind, modality in (("speech", "audio"), ("text", "text")):
-        for name in sorted({r.config["model"][kind]["name"] for r in runs
-                            if modality in r.config["model"]["modalities"].split("+")}):
-            names[(kind, name)] = missing_model(kind, name)  # a missing folder, named as such
+    names = {(kind, name): missing_model(kind, name)  # a missing folder, named as such
+             for kind, name in backbones_used(runs)}
     not_cached = 0
     for (kind, name), error in names.items():
         try:
@@ -99,7 +97,7 @@ def prepare(grid_path: str, overrides: list[str], cluster: str | None = None, pr
     log.info("checked %d data config(s) and %d backbone(s)", n_data, len(names))
     plan = build_plan(spec, runs, packs)
     states = run_states(plan)
-    to_run = [i for i, pack in enumerate(packs) if any(states[r.run_id] != "done" for r in pack)]
+    to_run = [i for i, pack in enumerate(packs) if any(states[r.run_id] != RunStatus.DONE for r in pack)]
     lp = LaunchPlan(spec, profile, runs, packs, states, to_run, problems=problems, max_array_size=limit,
                     max_array_source=limit_source)
     if to_run and not problems:  # both read the corpus, which the checks above found usable
@@ -126,7 +124,8 @@ def needs_features(plan: dict, groups: list[list[dict]] | None = None) -> bool:
 
 def needs_preparation(plan: dict) -> bool:
     """True when a data config reads prepared audio that is not all there yet."""
-    from ..data.prepared import PreparedAudio, PreparedAudioError
+    from ..data.prepared import PreparedAudio
+    from ..data.prepared_format import PreparedAudioError
     from ..data.sources import load_splits
     from .tasks import prepared_data_configs
     for data in prepared_data_configs(plan):
@@ -167,14 +166,14 @@ def describe(lp: LaunchPlan, verbose: bool = False) -> str:
         entry = per_pair.setdefault(r.pair, [0, set(), 0])
         entry[0] += 1
         entry[1].add(r.pack)
-        entry[2] += lp.states[r.run_id] == "done"
+        entry[2] += lp.states[r.run_id] == RunStatus.DONE
     if len(per_pair) > 1 or len(lp.runs) > LIST_ALL_UP_TO:
         lines += ["", "backbone pairs:"]
         width = max(len(p) for p in per_pair)
         for pair, (n, packs, done) in per_pair.items():
             lines.append(f"  {pair:<{width}}  {n} run(s) in {len(packs)} pack(s), {done} finished, "
                          f"{len(packs & to_run)} pack(s) to submit")
-    counts = {s: sum(v == s for v in lp.states.values()) for s in ("done", "failed", "missing")}
+    counts = {s: sum(v == s for v in lp.states.values()) for s in (RunStatus.DONE, RunStatus.FAILED, RunStatus.MISSING)}
     show = lp.runs
     if not verbose and len(lp.runs) > LIST_ALL_UP_TO:
         show = lp.runs[:LIST_ENDS] + [None] + lp.runs[-LIST_ENDS:]
@@ -298,7 +297,7 @@ def record_launch(lp: LaunchPlan, sub: Submission, overrides: list[str]) -> None
 def _refresh_states(lp: LaunchPlan) -> None:
     """Under the launch lock: what finished since prepare() looked (e.g. a launch that just ended)."""
     lp.states = run_states(build_plan(lp.spec, lp.runs, lp.packs))
-    lp.to_run = [i for i, pack in enumerate(lp.packs) if any(lp.states[r.run_id] != "done" for r in pack)]
+    lp.to_run = [i for i, pack in enumerate(lp.packs) if any(lp.states[r.run_id] != RunStatus.DONE for r in pack)]
     lp.prepare = lp.prepare and bool(lp.to_run)
     lp.features = lp.features if lp.to_run else 0
 
@@ -380,7 +379,7 @@ def _emit_sbatch(lp: LaunchPlan, overrides: list[str]) -> Path:
 def summary(out_dir: Path) -> str:
     plan = read_plan(out_dir)
     states = run_states(plan)
-    counts = {s: sum(v == s for v in states.values()) for s in ("done", "failed", "missing")}
+    counts = {s: sum(v == s for v in states.values()) for s in (RunStatus.DONE, RunStatus.FAILED, RunStatus.MISSING)}
     text = f"{len(states)} runs: {counts['done']} done, {counts['failed']} failed, {counts['missing']} not finished"
     ens = out_dir / "ensemble" / "ensemble.json"
     if ens.exists():

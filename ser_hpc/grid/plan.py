@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic_io
+from ..run_status import RunStatus
 from ..train.run_folder import RunFolder
 from .expand import PlannedRun
 from .spec import GridSpec
@@ -61,10 +62,10 @@ def run_folder(plan: dict[str, Any], run: dict[str, Any]) -> RunFolder:
     return RunFolder(path if path.is_absolute() else Path(plan["launch_dir"]) / path)
 
 
-def run_states(plan: dict[str, Any]) -> dict[str, str]:
-    """run_id -> "done", "failed" or "missing", from the runs' final.json files."""
+def run_states(plan: dict[str, Any]) -> dict[str, RunStatus]:
+    """run_id -> done, failed or missing, from the runs' final.json files."""
     states = {}
     for run in plan["runs"]:
         final = run_folder(plan, run).read_final()
-        states[run["run_id"]] = "missing" if final is None else ("done" if final.get("status") == "done" else "failed")
+        states[run["run_id"]] = RunStatus.of_final(final)
     return states

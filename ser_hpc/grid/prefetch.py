@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .checks import CheckError, check_backbone
+from .checks import CheckError, backbones_used, check_backbone
 from .expand import expand
 from .spec import load_grid
 
@@ -20,15 +20,7 @@ PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "merges.txt"
 
 
 def grid_backbones(grid_path: str) -> list[tuple[str, str]]:
-    wanted: dict[tuple[str, str], None] = {}
-    for run in expand(load_grid(grid_path)):
-        model = run.config["model"]
-        modalities = model["modalities"].split("+")
-        if "audio" in modalities:
-            wanted[("speech", model["speech"]["name"])] = None
-        if "text" in modalities:
-            wanted[("text", model["text"]["name"])] = None
-    return list(wanted)
+    return backbones_used(expand(load_grid(grid_path)))
 
 
 def prefetch(grid_path: str) -> list[tuple[str, str, str]]:

@@ -18,9 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..run_status import RunStatus
+from ..train.run_folder import RunFolder
 from .slurm_query import TaskState, query
 
-STATES = ("pending", "running", "requeued", "done", "failed")
+# The states a row can show (a run without final.json is pending, running or requeued here).
+STATES = tuple(s.value for s in (RunStatus.PENDING, RunStatus.RUNNING, RunStatus.REQUEUED, RunStatus.DONE,
+                                 RunStatus.FAILED))
 RUNNING = frozenset({"RUNNING", "COMPLETING", "CONFIGURING"})
 
 
@@ -32,11 +36,11 @@ class PackTask:
 
 
 @dataclass
-class RunStatus:
+class RunRow:
     run_id: str
     name: str
     pack: int | None
-    state: str = "pending"
+    state: RunStatus = RunStatus.PENDING
     dev_macro_f1: float | None = None
     steps: int | None = None
     max_steps: int | None = None
@@ -51,7 +55,7 @@ class RunStatus:
 class GridStatus:
     results_dir: str
     grid_name: str
-    runs: list[RunStatus]
+    runs: list[RunRow]
     slurm: str                   # where scheduler states came from, in words
     jobs: dict[str, str] = field(default_factory=dict)  # "prepare"/"aggregate" -> "<id> <STATE> (reason)"
     notes: list[str] = field(default_factory=list)
@@ -124,15 +128,7 @@ def pack_tasks(results_dir: Path, manifest: dict) -> tuple[dict[int, PackTask], 
 def read_progress(run_dir: Path) -> tuple[float | None, int | None, float | None]:
     """(best dev macro-F1 so far, last step, elapsed seconds) from metrics.jsonl."""
     best = step = elapsed = None
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for rec in RunFolder(run_dir).read_metrics():
         f1 = rec.get("dev_macro_f1")
         if isinstance(f1, (int, float)) and (best is None or f1 > best):
             best = f1
@@ -150,7 +146,7 @@ def _reason(task: TaskState) -> str:
     return f" ({task.reason})" if task.reason not in ("", "None") else ""
 
 
-def _resolve(row: RunStatus, run_dir: Path, task: TaskState | None, pack_task: PackTask | None,
+def _resolve(row: RunRow, run_dir: Path, task: TaskState | None, pack_task: PackTask | None,
              turn: list[bool], now: float) -> None:
     """Set row.state and its details. ``turn[0]``: no earlier run of this pack is in progress."""
     final_path = run_dir / "final.json"
@@ -160,45 +156,45 @@ def _resolve(row: RunStatus, run_dir: Path, task: TaskState | None, pack_task: P
         row.slurm = f"{task.job_id} {task.state}" + _reason(task)
         if task.requeues:
             row.slurm += f", requeued {task.requeues}x"
-    if isinstance(final, dict) and final.get("status") == "done":
-        row.state = "done"
+    if isinstance(final, dict) and final.get("status") == RunStatus.DONE:
+        row.state = RunStatus.DONE
     elif task is not None and task.active:
         # A failed final.json older than this attempt is from an earlier launch: being retried.
         fresh = isinstance(final, dict) and task.start is not None and final_t is not None and final_t >= task.start
         if fresh:
-            row.state = "failed"
+            row.state = RunStatus.FAILED
         elif task.state in RUNNING and turn[0]:
-            row.state, turn[0] = "running", False
+            row.state, turn[0] = RunStatus.RUNNING, False
             final = None
         else:
-            row.state = "requeued" if task.requeues and task.state not in RUNNING else "pending"
+            row.state = RunStatus.REQUEUED if task.requeues and task.state not in RUNNING else RunStatus.PENDING
             final = None
     elif isinstance(final, dict) or final_path.exists():
         # No live task: a metrics.jsonl newer than the failed final.json is a retry under way.
         if task is None and metrics_t and final_t and metrics_t > final_t:
-            row.state, final = "running", None
+            row.state, final = RunStatus.RUNNING, None
             row.info = f"no scheduler info; last write {_age(now - metrics_t)} ago"
         else:
-            row.state = "failed"
+            row.state = RunStatus.FAILED
             if not isinstance(final, dict):
                 row.reason, final = "unreadable final.json", None
     elif task is not None:  # the task ended (or is gone) and the run never wrote final.json
-        row.state = "failed"
+        row.state = RunStatus.FAILED
         row.reason = f"no final.json: Slurm task {task.job_id} ended {task.state}"
     elif metrics_t or (run_dir / "config.yaml").exists():
-        row.state = "running"
+        row.state = RunStatus.RUNNING
         last = max(t for t in (metrics_t, _mtime(run_dir / "config.yaml")) if t)
         row.info = f"no scheduler info; last write {_age(now - last)} ago"
     if isinstance(final, dict):
         row.dev_macro_f1, row.steps = final.get("dev_macro_f1"), final.get("steps")
         row.elapsed_s = final.get("elapsed_s")
-        if row.state == "failed":
+        if row.state == RunStatus.FAILED:
             row.reason = row.reason or str(final.get("reason") or "no reason given").splitlines()[0]
         if final.get("resumed_from"):  # preempted or requeued on a time limit, then resumed
             row.info = "resumed at step " + ", ".join(map(str, final["resumed_from"]))
-    elif row.state in ("running", "failed"):
+    elif row.state in (RunStatus.RUNNING, RunStatus.FAILED):
         row.dev_macro_f1, row.steps, row.elapsed_s = read_progress(run_dir)
-    if row.state == "failed" and pack_task is not None:
+    if row.state == RunStatus.FAILED and pack_task is not None:
         row.log = pack_task.log
 
 
@@ -222,7 +218,7 @@ def grid_status(results_dir: str | Path, use_slurm: bool = True) -> GridStatus:
     for entry in planned:
         pack = entry.get("pack")
         train = (entry.get("config") or {}).get("train") or {}
-        row = RunStatus(entry["run_id"], entry.get("name") or entry["run_id"], pack,
+        row = RunRow(entry["run_id"], entry.get("name") or entry["run_id"], pack,
                         max_steps=train.get("max_steps") or None)
         pack_task = tasks.get(pack)
         task = states.get(pack_task.task_id) if states and pack_task and pack_task.task_id else None

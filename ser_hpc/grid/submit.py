@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..models.encoders import OFFLINE_HUB_ENV
 from .arrays import DEFAULT_MAX_ARRAY_SIZE, dependency, split_by_count
 from .cluster import ClusterProfile, submitit_parameters
 from .tasks import run_aggregation, run_features, run_pack, run_prepare
@@ -112,7 +113,7 @@ def run_local(plan_path: Path, out_dir: Path, packs: list[int], profile: Cluster
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     parallel = max(1, profile.array_parallelism)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **profile.env}
+    env = {**os.environ, **OFFLINE_HUB_ENV, **profile.env}
     # Share the cores between concurrent packs instead of oversubscribing them.
     env.setdefault("SER_HPC_THREADS", str(max(1, (os.cpu_count() or 1) // min(parallel, max(1, len(packs))))))
     queue, running = list(packs), {}

@@ -16,17 +16,18 @@ import torch
 
 from ..config import config_from_dict
 from ..logs import setup_logging
+from ..models.encoders import OFFLINE_HUB_ENV
+from ..run_status import RunStatus
 from ..train.preemption import Preempted, PreemptionFlag
-from ..train.trainer import train_pack
+from ..train.loop import train_pack
 from .plan import read_plan, run_folder
 
 log = logging.getLogger("ser_hpc.grid")
 
 
 def _job_environment() -> None:
-    # Compute nodes are offline: never let transformers try the hub (it would hang, then fail).
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    for key, value in OFFLINE_HUB_ENV.items():  # unless the job's environment says otherwise
+        os.environ.setdefault(key, value)
     cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SER_HPC_THREADS")
     if cpus:
         torch.set_num_threads(int(cpus))
@@ -60,7 +61,7 @@ def run_pack(plan_path: str, pack_index: int) -> dict[str, str]:
             log.error("pack %d failed: %s", pack_index, exc)
             raise
     statuses = {run["run_id"]: final["status"] for run, final in zip(runs, finals)}
-    failed = [r for r, s in statuses.items() if s != "done"]
+    failed = [r for r, s in statuses.items() if s != RunStatus.DONE]
     if failed:
         raise RuntimeError(f"pack {pack_index}: {len(failed)} of {len(statuses)} run(s) failed: {', '.join(failed)}")
     return statuses
@@ -113,7 +114,7 @@ def run_features(plan_path: str, group: int | None = None) -> list[str]:
 
 def run_prepare(plan_path: str) -> list[dict]:
     """The grid's first job: decode every clip once into data.prepared_dir (idempotent)."""
-    from ..data.prepared import prepare_for_data_config
+    from ..data.prepare import prepare_for_data_config
     setup_logging()
     plan = read_plan(plan_path)
     os.chdir(plan["launch_dir"])
@@ -159,8 +160,7 @@ def handle_preemption(exc: Preempted, cfg, plan: dict, runs: list[dict]) -> None
             continue  # finished, or diverged in this attempt: its record stands
         if exc.unfinished is None and folder.is_done():
             continue
-        folder.write_final({"run_id": run["run_id"], "name": run["name"], "status": "failed",
-                            "reason": reason, "dev_macro_f1": None, "checkpoint_step": exc.step})
+        folder.write_failure(run["name"], reason, checkpoint_step=exc.step)
         log.error("run %s: %s", run["run_id"], reason)
 
 

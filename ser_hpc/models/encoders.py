@@ -12,6 +12,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoTokenizer
 
+# Compute nodes are offline: every job runs with these, so transformers never tries the hub
+# (it would hang, then fail) and reads the shared cache (jobs/prefetch_models.py fills it).
+OFFLINE_HUB_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
 
 class BackboneError(ValueError):
     """A backbone cannot be loaded; the message names it."""

@@ -40,13 +40,16 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def param_groups(model: SERModel, cfg: Config) -> list[dict]:
+def build_optimizer(model: SERModel, cfg: Config) -> torch.optim.AdamW:
+    """AdamW over the head (``train.lr``) and any unfrozen backbone layers (``train.backbone_lr``);
+    each group's lr is its base lr x the schedule's factor (``Engine.set_lr_factor``)."""
     head = [p for p in model.head.parameters() if p.requires_grad]
     tuned = [p for p in model.backbones.parameters() if p.requires_grad]
     groups = [{"params": head, "lr": cfg.train.lr, "name": "head"}]
     if tuned:
         groups.append({"params": tuned, "lr": cfg.train.backbone_lr, "name": "backbone"})
-    return groups
+    # foreach: one fused call per step instead of a Python loop over tensors (CPU defaults to the loop)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=True)
 
 
 class Engine:
@@ -56,10 +59,8 @@ class Engine:
 
     def __init__(self, cfg: Config, model: SERModel, env: D.DistEnv, device: torch.device):
         self.model, self.env = model, env
-        groups = param_groups(model, cfg)
-        self.base_lrs = [g["lr"] for g in groups]
-        # foreach: one fused call per step instead of a Python loop over tensors (CPU defaults to the loop)
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=True)
+        self.optimizer = build_optimizer(model, cfg)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.wrapped: nn.Module = model
         if env.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -148,9 +149,8 @@ class DeepSpeedEngine(Engine):
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         self.model, self.env = model, env
-        groups = param_groups(model, cfg)
-        self.base_lrs = [g["lr"] for g in groups]
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        optimizer = build_optimizer(model, cfg)
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config,
             model_parameters=[p for p in model.parameters() if p.requires_grad])

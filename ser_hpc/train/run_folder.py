@@ -25,15 +25,17 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 import yaml
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from .. import atomic_io
 from ..config import Config, ConfigError
+from ..run_status import RunStatus
+
+if TYPE_CHECKING:  # torch only where weights are read or written: the status command reads folders too
+    import numpy as np
+    import torch
 
 log = logging.getLogger("ser_hpc.train")
 
@@ -82,6 +84,14 @@ def same_run(old: dict, new: dict) -> bool:
     return strip(old) == strip(new)
 
 
+def failure_record(run_id: str, name: str, reason: str, *, elapsed_s: float | None = None,
+                   checkpoint_step: int | None = None, traceback: str | None = None) -> dict:
+    """The one schema of a failed run's final.json, whoever writes it: the trainer (bad input,
+    a crash, a diverged head) or a grid task (preempted more often than allowed)."""
+    return {"run_id": run_id, "name": name, "status": RunStatus.FAILED, "reason": reason, "dev_macro_f1": None,
+            "elapsed_s": elapsed_s, "checkpoint_step": checkpoint_step, "traceback": traceback}
+
+
 class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -99,9 +109,26 @@ class RunFolder:
         except FileNotFoundError:
             return None
 
+    def read_metrics(self) -> list[dict]:
+        """The evaluations in metrics.jsonl, in order; a torn or foreign line is skipped (a reader
+        may look while the run appends)."""
+        try:
+            lines = self.metrics.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return []
+        records = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
+                records.append(rec)
+        return records
+
     def is_done(self) -> bool:
         final = self.read_final()
-        return bool(final) and final.get("status") == "done"
+        return RunStatus.of_final(final or None) == RunStatus.DONE
 
     tb_dir = property(lambda self: self.path / "tb")
     attempts = property(lambda self: self.path / "attempts")
@@ -215,11 +242,19 @@ class RunFolder:
     def write_final(self, record: dict) -> None:
         atomic_io.write_json(self.final, record)
 
+    def write_failure(self, name: str, reason: str, **details) -> dict:
+        """Write the failure record (``failure_record``) as final.json; returns it."""
+        record = failure_record(self.path.name, name, reason, **details)
+        self.write_final(record)
+        return record
+
     best_backbone = property(lambda self: self.path / "best_backbone.safetensors")
 
     def save_best(self, weights: dict[str, torch.Tensor]) -> None:
         """The best trainable weights: the head in best_head.safetensors (its own key names),
         unfrozen backbone layers, if any, in best_backbone.safetensors."""
+        from safetensors.torch import save as st_save
+
         def pack(prefix):
             return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in weights.items() if k.startswith(prefix)}
         tuned = pack("backbones.")
@@ -229,6 +264,7 @@ class RunFolder:
 
     def load_best(self) -> dict[str, torch.Tensor]:
         """The best weights with model key names (``head.*``, ``backbones.*``)."""
+        from safetensors.torch import load as st_load
         weights = {f"head.{k}": v for k, v in st_load(self.best_head.read_bytes()).items()}
         if self.best_backbone.exists():
             weights.update({f"backbones.{k}": v for k, v in st_load(self.best_backbone.read_bytes()).items()})
