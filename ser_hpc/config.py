@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -24,9 +24,26 @@ class ConfigError(ValueError):
     """A config file, key or value is wrong; the message names it."""
 
 
+# The keys with a fixed set of values: a Literal field type is checked when the key is set.
+CorpusFormat = Literal["emospeech", "manifest", "emobox"]
+Modalities = Literal["audio+text", "audio", "text"]
+LayerMix = Literal["weighted", "weighted_all", "last"]
+Fusion = Literal["early", "late"]
+Pooling = Literal["attention", "mean", "attentive_stats"]
+LrSchedule = Literal["plateau", "cosine", "linear"]
+ClassWeights = Literal["inverse", "sqrt_inverse", "none"]
+Strategy = Literal["single", "ddp", "deepspeed"]
+CacheDtype = Literal["float32", "float16", "bfloat16"]
+FeatureMode = Literal["online", "cached"]
+# Values that were valid once: the error says what replaced them.
+RETIRED = {("train.class_weights", "inverse_normalized"):
+           "train.class_weights 'inverse_normalized' was removed: the loss is a weighted mean, so rescaling the "
+           "weights changed nothing (it was identical to 'inverse'); use 'inverse', 'sqrt_inverse' or 'none'"}
+
+
 @dataclass
 class DataConfig:
-    format: str = "emospeech"            # "emospeech" (train_csv/dev_csv/test_csv), "manifest" (data.manifest), "emobox" (data.root)
+    format: CorpusFormat = "emospeech"            # "emospeech" (train_csv/dev_csv/test_csv), "manifest" (data.manifest), "emobox" (data.root)
     labels: list[str] | None = None      # ordered class names; null = derive (emospeech: its six; emobox: label_map.json; manifest: sorted train labels)
     label_map: dict[str, str | None] | None = None  # raw label -> class name; several may map to one; null drops the clip
     manifest: str = ""                   # format=manifest: a .csv, .tsv or .jsonl file, one clip per row
@@ -60,17 +77,17 @@ class DataConfig:
 @dataclass
 class EncoderConfig:
     name: str = ""          # hub id or local folder, loaded with AutoModel.from_pretrained
-    layers: str = "last"    # "weighted": softmax weights over the transformer layers (the authors'); "weighted_all" adds hidden_states[0]; "last"
+    layers: LayerMix = "last"  # "weighted": softmax weights over the transformer layers (the authors'); "weighted_all" adds hidden_states[0]; "last"
     finetune_top_layers: int = 0  # >0 unfreezes the top N transformer layers (trained at train.backbone_lr)
 
 
 @dataclass
 class ModelConfig:
-    modalities: str = "audio+text"   # "audio+text", "audio" or "text"
+    modalities: Modalities = "audio+text"  # "audio+text", "audio" or "text"
     speech: EncoderConfig = field(default_factory=lambda: EncoderConfig(layers="weighted"))
     text: EncoderConfig = field(default_factory=lambda: EncoderConfig(layers="last"))
-    fusion: str = "early"            # "early": one pooling over audio frames + text tokens (the paper); "late": pool each, concatenate
-    pooling: str = "attention"       # "attention" (the paper), "mean", "attentive_stats" (attention-weighted mean + std)
+    fusion: Fusion = "early"         # "early": one pooling over audio frames + text tokens (the paper); "late": pool each, concatenate
+    pooling: Pooling = "attention"   # "attention" (the paper), "mean", "attentive_stats" (attention-weighted mean + std)
     fusion_dim: int | None = None    # common width; default: the wider encoder's
     fusion_attention_heads: int = 0  # >0 adds one multi-head self-attention layer before pooling
     head_width: int = 512
@@ -87,25 +104,25 @@ class TrainConfig:
     epochs: int = 20
     max_steps: int = 0               # >0 overrides epochs
     eval_every: int = 100            # optimizer steps between dev evaluations
-    lr_schedule: str = "plateau"     # "plateau" (the paper: decay on no improvement), "cosine" or "linear" decay to 0
+    lr_schedule: LrSchedule = "plateau"  # "plateau" (the paper: decay on no improvement), "cosine" or "linear" decay to 0
     warmup_steps: int = 0            # linear warmup from 0 over this many steps (every schedule)
     lr_decay: float = 0.9            # plateau: lr *= lr_decay after lr_patience evaluations without improvement
     lr_patience: int = 10
     early_stop_patience: int = 0     # stop after this many evaluations without improvement; 0 = never
-    class_weights: str = "inverse"   # "inverse" (the paper: N / n_c), "sqrt_inverse" (sqrt(N / n_c): milder on rare classes), "none"
+    class_weights: ClassWeights = "inverse"  # "inverse" (the paper: N / n_c), "sqrt_inverse" (sqrt(N / n_c): milder on rare classes), "none"
     max_grad_norm: float = 0.0       # 0 = no clipping
     seed: int = 1234
     bf16: bool = False               # bf16 autocast for backbones and heads
     device: str = "auto"             # "auto", "cpu", "cuda", "cuda:1", ...
     log_every: int = 20
-    strategy: str = "single"         # "single", "ddp" (torchrun / srun ranks) or "deepspeed"
+    strategy: Strategy = "single"    # "single", "ddp" (torchrun / srun ranks) or "deepspeed"
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     backbone_lr: float = 1e-5        # learning rate of unfrozen backbone layers
     checkpoint_every: int = 0        # optimizer steps between resumable checkpoints; 0 = at each evaluation
     max_requeues: int = 3            # Slurm requeues after time-limit warnings before the run fails
     eval_cache: bool = True          # keep dev backbone outputs in memory (frozen backbones; computed once per task)
-    eval_cache_dtype: str = "float32"  # "float32" (exact), or "float16"/"bfloat16" to halve the memory
-    features: str = "online"         # "online": backbones run every step (the paper); "cached": heads train on data.features_dir
+    eval_cache_dtype: CacheDtype = "float32"  # "float32" (exact), or "float16"/"bfloat16" to halve the memory
+    features: FeatureMode = "online"  # "online": backbones run every step (the paper); "cached": heads train on data.features_dir
 
 
 @dataclass
@@ -126,21 +143,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
-
-
-_CHOICES = {
-    "data.format": ("emospeech", "manifest", "emobox"),
-    "model.modalities": ("audio+text", "audio", "text"),
-    "model.speech.layers": ("weighted", "weighted_all", "last"),
-    "model.text.layers": ("weighted", "weighted_all", "last"),
-    "model.fusion": ("early", "late"),
-    "model.pooling": ("attention", "mean", "attentive_stats"),
-    "train.lr_schedule": ("plateau", "cosine", "linear"),
-    "train.class_weights": ("inverse", "sqrt_inverse", "none"),
-    "train.features": ("online", "cached"),
-    "train.strategy": ("single", "ddp", "deepspeed"),
-    "train.eval_cache_dtype": ("float32", "float16", "bfloat16"),
-}
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,6 +179,13 @@ def _unknown_key(key: str, where: str) -> ConfigError:
 def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     """Check ``value`` against a field's type; ints are accepted for floats."""
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        if isinstance(value, str) and (key, value) in RETIRED:
+            raise ConfigError(RETIRED[(key, value)])
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' ({where}) must be one of {', '.join(choices)}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
@@ -347,13 +356,6 @@ def validate(cfg: Config) -> None:
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
-    if cfg.train.class_weights == "inverse_normalized":
-        raise ConfigError("train.class_weights 'inverse_normalized' was removed: the loss is a weighted mean, so "
-                          "rescaling the weights changed nothing (it was identical to 'inverse'); use 'inverse', "
-                          "'sqrt_inverse' or 'none'")
-    for key, choices in _CHOICES.items():
-        if flat[key] not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {flat[key]!r}")
     positive = ["data.sample_rate", "data.max_text_tokens", "data.eval_batch_size",
                 "model.head_width", "train.lr", "train.batch_size", "train.grad_accum_steps",
                 "train.eval_every", "train.log_every"]

@@ -43,8 +43,10 @@ def test_wrong_type_and_bad_choice(tmp_path):
         load_config([_base(tmp_path)], ["train.batch_size=big"])
     with pytest.raises(ConfigError, match=r"train\.bf16.*must be bool"):
         load_config([_base(tmp_path)], ["train.bf16=3"])
-    with pytest.raises(ConfigError, match=r"model\.modalities.*one of"):
+    with pytest.raises(ConfigError, match=r"model\.modalities.*one of audio\+text, audio, text, got 'video'"):
         load_config([_base(tmp_path)], ["model.modalities=video"])
+    with pytest.raises(ConfigError, match=r"'inverse_normalized' was removed.*use 'inverse'"):
+        load_config([_base(tmp_path)], ["train.class_weights=inverse_normalized"])
     with pytest.raises(ConfigError, match=r"data\.augment_prob"):
         load_config([_base(tmp_path)], ["data.augment_prob=1.5"])
 
