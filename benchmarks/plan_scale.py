@@ -9,7 +9,7 @@ checkpoints) x 10 head settings x as many seeds as make that many runs (packs of
 packs for 1,000 runs, 3,000 for 10,000), on a small generated WAV
 corpus (so the data check reads real files). Then, in a fresh Python process each time:
 
-- ``prepare()``: load the grid, expand every run (resolved, validated config), group the
+- ``plan_launch()``: load the grid, expand every run (resolved, validated config), group the
   packs, check the data and backbones (the missing folders are reported as problems, as
   ``--dry-run`` does; nothing is loaded), and read which runs are finished;
 - ``write_grid_files()``: grid.yaml and plan.json;
@@ -101,8 +101,8 @@ if prof:
     import cProfile
     profiler = cProfile.Profile(); profiler.enable()
 t = time.perf_counter()
-lp = L.prepare(sys.argv[2], [], None, None, False)
-t_prepare = time.perf_counter() - t
+lp = L.plan_launch(sys.argv[2], [], None, None, False)
+t_plan = time.perf_counter() - t
 t = time.perf_counter()
 L.write_grid_files(lp)
 t_write = time.perf_counter() - t
@@ -112,7 +112,7 @@ t_describe = time.perf_counter() - t
 if prof:
     profiler.disable(); profiler.dump_stats(prof)
 print(json.dumps({"runs": len(lp.runs), "packs": len(lp.packs), "problems": len(lp.problems),
-                  "import_s": t_import, "prepare_s": t_prepare, "write_s": t_write, "describe_s": t_describe,
+                  "import_s": t_import, "plan_s": t_plan, "write_s": t_write, "describe_s": t_describe,
                   "describe_lines": text.count("\n") + 1, "import_rss_mb": rss_import,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -139,12 +139,12 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
-        print(f"{'runs':>6} {'packs':>6} {'prepare':>8} {'plan.json':>9} {'describe':>8} {'total':>7} "
+        print(f"{'runs':>6} {'packs':>6} {'plan':>8} {'plan.json':>9} {'describe':>8} {'total':>7} "
               f"{'peak RSS':>9} {'(imports)':>9} {'plan size':>9} {'summary lines':>13}")
         for n in args.runs:
             r = measure(n, work, args.profile if n == max(args.runs) else None)
-            total = r["prepare_s"] + r["write_s"] + r["describe_s"]
-            print(f"{r['runs']:>6} {r['packs']:>6} {r['prepare_s']:>7.2f}s {r['write_s']:>8.2f}s "
+            total = r["plan_s"] + r["write_s"] + r["describe_s"]
+            print(f"{r['runs']:>6} {r['packs']:>6} {r['plan_s']:>7.2f}s {r['write_s']:>8.2f}s "
                   f"{r['describe_s']:>7.2f}s {total:>6.2f}s {r['peak_rss_mb']:>7.0f}MB {r['import_rss_mb']:>7.0f}MB {r['plan_mb']:>7.1f}MB "
                   f"{r['describe_lines']:>13}", flush=True)
     return 0

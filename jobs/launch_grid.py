@@ -20,7 +20,7 @@ from ser_hpc.config import ConfigError
 from ser_hpc.data.audio import AudioError
 from ser_hpc.data.corpus import CorpusError
 from ser_hpc.grid.checks import CheckError
-from ser_hpc.grid.launch import describe, describe_problems, emit_sbatch, launch, prepare, summary
+from ser_hpc.grid.launch import describe, describe_problems, emit_sbatch, launch, plan_launch, summary
 from ser_hpc.locks import LockHeld
 from ser_hpc.logs import setup_logging
 from ser_hpc.models.encoders import BackboneError
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)  # key=value anywhere, e.g. after --cluster local
     setup_logging()
     try:
-        lp = prepare(args.grid, args.overrides, args.cluster, args.profile, args.quick_check)
+        lp = plan_launch(args.grid, args.overrides, args.cluster, args.profile, args.quick_check)
     except (ConfigError, CorpusError, AudioError, BackboneError, CheckError, FileNotFoundError) as exc:
         print(f"error: {exc}\nnothing was submitted", file=sys.stderr)
         return 2

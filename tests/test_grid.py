@@ -372,7 +372,7 @@ def test_sbatch_path_splits_arrays_passes_offsets_and_skips_finished_packs(tmp_p
     scontrol unreachable), 6 packs of which 2 finished -> 2 arrays with gaps, offsets passed to
     the task, aggregation after both; the task script turns index + offset into the pack."""
     import os
-    from ser_hpc.grid.launch import describe, emit_sbatch, prepare
+    from ser_hpc.grid.launch import describe, emit_sbatch, plan_launch
     from ser_hpc.grid.plan import run_folder
     _no_scontrol(tmp_path, monkeypatch)
     prof = tmp_path / "slurm.yaml"
@@ -380,14 +380,14 @@ def test_sbatch_path_splits_arrays_passes_offsets_and_skips_finished_packs(tmp_p
     path = _fake_grid(tmp_path, axes={"model.hidden_layers": [1, 2], "train.seed": [1, 2, 3]}, pack_size=2,
                       pairs=[{"name": "a", "speech": str(tmp_path / "s1"), "text": str(tmp_path / "t1")},
                              {"name": "b", "speech": str(tmp_path / "s2"), "text": str(tmp_path / "t2")}])
-    lp = prepare(str(path), [], None, str(prof))
+    lp = plan_launch(str(path), [], None, str(prof))
     assert len(lp.packs) == 6 and lp.max_array_size == 3 and lp.max_array_source == "profile slurm"
     for pack in (1, 4):  # finished in an earlier launch
         for run in lp.packs[pack]:
             folder = run_folder({"launch_dir": os.getcwd()}, {"config": run.config})
             folder.path.mkdir(parents=True)
             (folder.path / "final.json").write_text(json.dumps({"status": "done"}))
-    lp = prepare(str(path), [], None, str(prof))
+    lp = plan_launch(str(path), [], None, str(prof))
     assert lp.to_run == [0, 2, 3, 5]
     text = describe(lp)
     assert "2 training arrays" in text and "MaxArraySize 3 (profile slurm)" in text
@@ -492,11 +492,11 @@ def test_fast_expansion_equals_building_every_run_from_scratch(tmp_path):
 
 
 def test_dry_run_of_a_big_grid_prints_a_summary_and_every_run_with_verbose(tmp_path, monkeypatch):
-    from ser_hpc.grid.launch import describe, prepare
+    from ser_hpc.grid.launch import describe, plan_launch
     _no_scontrol(tmp_path, monkeypatch)
     path = _fake_grid(tmp_path, axes={"model.hidden_layers": [1, 2], "train.seed": list(range(60))}, pack_size=2,
                       pairs=[{"name": "a", "speech": "s1", "text": "t1"}, {"name": "b", "speech": "s2", "text": "t2"}])
-    lp = prepare(str(path), [], None, str(REPO / "configs" / "cluster" / "localhost_slurm.yaml"))
+    lp = plan_launch(str(path), [], None, str(REPO / "configs" / "cluster" / "localhost_slurm.yaml"))
     assert len(lp.runs) == 240 and len(lp.packs) == 120 and lp.problems  # missing data and models are reported
     text = describe(lp)
     assert text.startswith("grid big: 240 runs in 120 packs")
@@ -513,11 +513,11 @@ def test_dry_run_of_a_big_grid_prints_a_summary_and_every_run_with_verbose(tmp_p
 def test_planning_a_big_grid_writes_every_run(tmp_path, monkeypatch):
     """2,000 runs expanded, validated, checked and planned (benchmarks/plan_scale.py prints how
     long 1,000 and 10,000 take: speed is measured there, not asserted here)."""
-    from ser_hpc.grid.launch import describe, prepare, write_grid_files
+    from ser_hpc.grid.launch import describe, plan_launch, write_grid_files
     path = _fake_grid(tmp_path, axes={"model.hidden_layers": [1, 2], "model.dropout": [0.0, 0.1, 0.2, 0.3, 0.4],
                                       "train.seed": list(range(50))}, pack_size=4,
                       pairs=[{"name": f"p{i}", "speech": f"s{i}", "text": f"t{i}"} for i in range(4)])
-    lp = prepare(str(path), [], "local")
+    lp = plan_launch(str(path), [], "local")
     write_grid_files(lp)
     describe(lp)
     assert len(lp.runs) == 2000 and len(lp.packs) == 600

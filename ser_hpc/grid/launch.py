@@ -59,7 +59,7 @@ class LaunchPlan:
         return split_by_index(list(range(self.features)), self.max_array_size)
 
 
-def prepare(grid_path: str, overrides: list[str], cluster: str | None = None, profile_path: str | None = None,
+def plan_launch(grid_path: str, overrides: list[str], cluster: str | None = None, profile_path: str | None = None,
             quick_check: bool = False) -> LaunchPlan:
     """Expand and check everything; nothing is written or submitted here."""
     cli = dict(parse_override(o) for o in overrides)
@@ -295,7 +295,7 @@ def record_launch(lp: LaunchPlan, sub: Submission, overrides: list[str]) -> None
 
 
 def _refresh_states(lp: LaunchPlan) -> None:
-    """Under the launch lock: what finished since prepare() looked (e.g. a launch that just ended)."""
+    """Under the launch lock: what finished since plan_launch() looked (e.g. a launch that just ended)."""
     lp.states = run_states(build_plan(lp.spec, lp.runs, lp.packs))
     lp.to_run = [i for i, pack in enumerate(lp.packs) if any(lp.states[r.run_id] != RunStatus.DONE for r in pack)]
     lp.prepare = lp.prepare and bool(lp.to_run)
