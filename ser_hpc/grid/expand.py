@@ -167,8 +167,9 @@ def expand(spec: GridSpec) -> list[PlannedRun]:
 
 def make_packs(runs: list[PlannedRun], pack_size: int) -> list[list[PlannedRun]]:
     """Group runs sharing backbones and data; split groups larger than ``pack_size``."""
-    alone = [r for r in runs if needs_own_forward(r.config)]  # fine-tuned layers or DeepSpeed: a pack of one
-    shared = [r for r in runs if not needs_own_forward(r.config)]
+    own = [needs_own_forward(r.config) is not None for r in runs]  # fine-tuned layers or DeepSpeed
+    alone = [r for r, o in zip(runs, own) if o]                     # a pack of one each
+    shared = [r for r, o in zip(runs, own) if not o]
     groups = [[shared[i] for i in g] for g in group_runs([r.config for r in shared])] + [[r] for r in alone]
     order = {id(r): i for i, r in enumerate(runs)}
     groups.sort(key=lambda g: order[id(g[0])])  # plan order, as before

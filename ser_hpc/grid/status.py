@@ -23,8 +23,7 @@ from ..train.run_folder import RunFolder
 from .slurm_query import TaskState, query
 
 # The states a row can show (a run without final.json is pending, running or requeued here).
-STATES = tuple(s.value for s in (RunStatus.PENDING, RunStatus.RUNNING, RunStatus.REQUEUED, RunStatus.DONE,
-                                 RunStatus.FAILED))
+STATES = tuple(s.value for s in RunStatus if s is not RunStatus.MISSING)
 RUNNING = frozenset({"RUNNING", "COMPLETING", "CONFIGURING"})
 
 

@@ -194,8 +194,7 @@ def _train(heads: list[Head], inputs: PackInputs, env: D.DistEnv, flag: Preempti
                 h.status = RunStatus.DONE
         for h in (h for h in training if h.status == RunStatus.FAILED):  # a diverged head stops alone
             h.final = failure_record(h.folder.path.name, h.name, h.failure, elapsed_s=round(h.elapsed(), 2))
-            if env.is_main:
-                h.folder.write_final(h.final)
+            write_final(h, h.final, env)
         training = [h for h in training if h.status == RunStatus.RUNNING]
         if preempted and training:
             raise Preempted(step, flag.signum or 0, [h.folder.path.name for h in heads if h.status != RunStatus.FAILED])
