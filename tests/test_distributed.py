@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,13 @@ def _write_cfg(assets, tmp_path, name, **over):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
+
+
+def _free_port() -> int:
+    """A port no one listens on now: torchrun tests may run at once on two xdist workers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _env(**extra):
@@ -91,7 +99,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(demo_assets, tmp
 def test_ddp_two_ranks_under_torchrun_match_one_process(demo_assets, tmp_path, reference):
     single = reference("same", SAME)
     ddp = _write_cfg(demo_assets, tmp_path, "ddp", **SAME, **{"train.strategy": "ddp"})
-    res = subprocess.run([TORCHRUN, "--nproc_per_node=2", "--master_port=29631", TRAIN, str(ddp)], env=_env(),
+    res = subprocess.run([TORCHRUN, "--nproc_per_node=2", f"--master_port={_free_port()}", TRAIN, str(ddp)], env=_env(),
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _final(tmp_path / "ddp")["world_size"] == 2
@@ -105,7 +113,7 @@ def test_cached_features_under_ddp_match_one_process(demo_assets, tmp_path):
     single = _write_cfg(demo_assets, tmp_path, "single", **cached)
     ddp = _write_cfg(demo_assets, tmp_path, "ddp", **cached, **{"train.strategy": "ddp"})
     subprocess.run([sys.executable, TRAIN, str(single)], env=_env(), check=True, capture_output=True, timeout=900)
-    res = subprocess.run([TORCHRUN, "--nproc_per_node=2", "--master_port=29637", TRAIN, str(ddp)], env=_env(),
+    res = subprocess.run([TORCHRUN, "--nproc_per_node=2", f"--master_port={_free_port()}", TRAIN, str(ddp)], env=_env(),
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _final(tmp_path / "ddp")["world_size"] == 2
@@ -127,7 +135,7 @@ def test_a_pack_under_ddp_matches_each_run_alone(demo_assets, tmp_path):
         runs.append({"run_id": f"pack-{name}", "name": name, "config": tree})
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"launch_dir": str(tmp_path), "packs": [[r["run_id"] for r in runs]], "runs": runs}))
-    res = subprocess.run([TORCHRUN, "--nproc_per_node=2", "--master_port=29633", TRAIN, "--plan", str(plan),
+    res = subprocess.run([TORCHRUN, "--nproc_per_node=2", f"--master_port={_free_port()}", TRAIN, "--plan", str(plan),
                           "--pack", "0"], env=_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     for name in heads:
@@ -154,7 +162,7 @@ def test_deepspeed_zero2_on_cpu(demo_assets, tmp_path, unfreeze, reference):
     single = reference("unfrozen", over) if unfreeze else reference("same", SAME)
     ds = _write_cfg(demo_assets, tmp_path, "ds", **over, **{"train.strategy": "deepspeed",
                                                            "train.deepspeed_config": str(REPO / "configs/deepspeed/zero2.json")})
-    res = subprocess.run([TORCHRUN, "--nproc_per_node=2", "--master_port=29632", TRAIN, str(ds)], env=_env(),
+    res = subprocess.run([TORCHRUN, "--nproc_per_node=2", f"--master_port={_free_port()}", TRAIN, str(ds)], env=_env(),
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     final = _final(tmp_path / "ds")
