@@ -39,9 +39,7 @@ import yaml  # noqa: E402
 from ser_hpc.config import config_from_dict  # noqa: E402
 from ser_hpc.demo.backbones import build_base_sized_backbones  # noqa: E402
 from ser_hpc.demo.corpus import generate_corpus  # noqa: E402
-from ser_hpc.grid.expand import expand, make_packs  # noqa: E402
-from ser_hpc.grid.plan import build_plan, write_plan  # noqa: E402
-from ser_hpc.grid.spec import load_grid  # noqa: E402
+from ser_hpc.grid.plan import build_plan, expand, load_grid, make_packs, write_plan  # noqa: E402
 from ser_hpc.grid.tasks import run_prepare  # noqa: E402
 from ser_hpc.logs import setup_logging  # noqa: E402
 

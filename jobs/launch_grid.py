@@ -38,7 +38,8 @@ def main(argv=None) -> int:
                              "per backbone pair and its first and last runs)")
     parser.add_argument("--wait", action="store_true", help="with slurm: wait for the aggregation job")
     parser.add_argument("--emit-sbatch", action="store_true",
-                        help="write the plan and sbatch arguments for slurm/submit_grid.sh; print that file's path")
+                        help="write the plan and the job chain as a script of sbatch calls (run by "
+                             "slurm/submit_grid.sh); print the script's path")
     parser.add_argument("--quick-check", action="store_true",
                         help="check audio files exist without opening them (huge corpora on slow file systems)")
     args = parser.parse_intermixed_args(argv)  # key=value anywhere, e.g. after --cluster local
@@ -67,9 +68,9 @@ def main(argv=None) -> int:
     out = lp.spec.out_dir.resolve()
     if sub.executor == "slurm":
         arrays = (f"train arrays {', '.join(a['job_id'] for a in sub.train_arrays)}" if len(sub.train_arrays) > 1
-                  else f"train array {sub.train_job or '(nothing to train)'}")
+                  else f"train array {sub.job_ids.get('train') or '(nothing to train)'}")
         print(f"submitted: {arrays} ({len(sub.packs)} task(s)), "
-              f"aggregation {sub.aggregate_job} (afterany)\nresults: {out}")
+              f"aggregation {sub.job_ids['aggregate']} (afterany)\nresults: {out}")
         if not args.wait:
             return 0
         try:

@@ -11,7 +11,7 @@ import _bootstrap  # noqa: F401
 
 from ser_hpc.config import ConfigError
 from ser_hpc.grid.checks import CheckError
-from ser_hpc.grid.prefetch import prefetch
+from ser_hpc.grid.checks import prefetch
 from ser_hpc.logs import setup_logging
 
 

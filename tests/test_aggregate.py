@@ -650,7 +650,7 @@ def test_a_real_ensemble_folder_from_before_is_replaced_by_the_link(tree):
 
 def test_selection_from_the_grid_file_and_plan(tmp_path, tree):
     from ser_hpc.config import ConfigError
-    from ser_hpc.grid.spec import load_grid
+    from ser_hpc.grid.plan import load_grid
 
     (tmp_path / "base.yaml").write_text("train:\n  lr: 0.001\n")
     grid = ("name: g\nrun_config: base.yaml\nbackbone_pairs:\n  - {name: p, speech: a/b, text: c/d}\n"

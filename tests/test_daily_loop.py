@@ -436,7 +436,7 @@ def test_corrupt_head_in_predict_names_the_file_and_member(grid_story, tiny, tmp
 # ---------------------------------------------------------------------------- 5. overrides on grids
 
 def test_override_of_an_axis_or_pair_key_or_run_dir_is_refused(tiny, tmp_path, capsys):
-    from ser_hpc.grid.spec import load_grid
+    from ser_hpc.grid.plan import load_grid
     grid = write_grid(tmp_path, tiny, axes={"train.lr": [1e-3, 2e-3]})
     with pytest.raises(ConfigError, match=r"override train\.lr=5 would be ignored: the grid's axis 'train\.lr'"):
         load_grid(grid, {"train.lr": 5})

@@ -8,9 +8,8 @@ import pytest
 import yaml
 
 from ser_hpc.config import ConfigError
-from ser_hpc.grid.cluster import load_profile, sbatch_args
-from ser_hpc.grid.expand import expand, make_packs
-from ser_hpc.grid.spec import load_grid
+from ser_hpc.grid.cluster import load_profile, sbatch_flags, slurm_options
+from ser_hpc.grid.plan import expand, load_grid, make_packs
 from tests.conftest import REPO, run_config_tree
 
 PY = sys.executable
@@ -90,7 +89,8 @@ def test_cluster_profile_rejects_injection(tmp_path):
     good.write_text(yaml.safe_dump({"executor": "slurm", "train": {"partition": "gpu", "time_min": 90,
                                                                    "extra_sbatch": ["--exclusive", "--comment=a b"]}}))
     prof = load_profile(good)
-    assert "--exclusive" in sbatch_args(prof.train, "j") and "--partition=gpu" in sbatch_args(prof.train, "j")
+    flags = sbatch_flags(slurm_options(prof.train, "j"))
+    assert "--exclusive" in flags and "--partition=gpu" in flags and "--comment=a b" in flags
     for bad in ({"train": {"extra_sbatch": ["--comment=x\n#SBATCH --wrap=rm"]}},
                 {"train": {"extra_sbatch": ["; rm -rf /"]}},
                 {"train": {"partition": "gpu; rm"}},
@@ -255,7 +255,7 @@ def _no_scontrol(tmp_path, monkeypatch, output: str | None = None) -> None:
 
 
 def test_array_specs_are_compressed_ranges():
-    from ser_hpc.grid.arrays import array_spec, compress
+    from ser_hpc.grid.submit import array_spec, compress
     assert array_spec(list(range(320)), 2) == "0-319%2"
     assert array_spec([0, 1, 2, 3, 7, 9, 10, 11, 12], 2) == "0-3,7,9-12%2"  # a relaunch: 4-6 and 8 finished
     assert compress([5, 3, 4, 4, 10]) == "3-5,10" and compress([7]) == "7" and compress([1, 3]) == "1,3"
@@ -263,7 +263,7 @@ def test_array_specs_are_compressed_ranges():
 
 
 def test_split_at_max_array_size_keeps_indices_below_it():
-    from ser_hpc.grid.arrays import dependency, split_by_count, split_by_index
+    from ser_hpc.grid.submit import dependency, split_by_count, split_by_index
     chunks = split_by_index(list(range(2500)), 1001)
     assert [c.offset for c in chunks] == [0, 1001, 2002]
     assert [len(c.items) for c in chunks] == [1001, 1001, 498]
@@ -347,7 +347,7 @@ def test_submitit_path_splits_2500_packs_into_3_arrays_and_aggregation_waits_for
     assert all(c["params"]["slurm_additional_parameters"]["dependency"] == f"afterok:{feat['id']}" for c in train)
     assert feat["params"]["slurm_additional_parameters"]["dependency"] == f"afterok:{prep['id']}"
     assert agg["params"]["slurm_additional_parameters"]["dependency"] == "afterany:" + ":".join(c["id"] for c in train)
-    assert sub.train_job == train[0]["id"] and [a["job_id"] for a in sub.train_arrays] == [c["id"] for c in train]
+    assert sub.job_ids["train"] == train[0]["id"] and [a["job_id"] for a in sub.train_arrays] == [c["id"] for c in train]
     assert [a["packs"][0] for a in sub.train_arrays] == [0, 1001, 2002]
     # The features job split too: training waits for every one of its arrays.
     fake.calls.clear()
@@ -370,7 +370,8 @@ def _fake_bin(folder: Path, name: str, body: str) -> Path:
 def test_sbatch_path_splits_arrays_passes_offsets_and_skips_finished_packs(tmp_path, monkeypatch):
     """--emit-sbatch + slurm/submit_grid.sh against a fake sbatch: MaxArraySize 3 (profile key,
     scontrol unreachable), 6 packs of which 2 finished -> 2 arrays with gaps, offsets passed to
-    the task, aggregation after both; the task script turns index + offset into the pack."""
+    the task, aggregation after both; the task script turns index + offset into the pack. The
+    rendered chain is what the dry run shows."""
     import os
     from ser_hpc.grid.launch import describe, emit_sbatch, plan_launch
     from ser_hpc.grid.plan import run_folder
@@ -391,13 +392,18 @@ def test_sbatch_path_splits_arrays_passes_offsets_and_skips_finished_packs(tmp_p
     assert lp.to_run == [0, 2, 3, 5]
     text = describe(lp)
     assert "2 training arrays" in text and "MaxArraySize 3 (profile slurm)" in text
-    assert "sbatch --array=0,2%2 " in text and "(task i trains pack 3 + i)" in text
-    assert "--dependency=afterany:<array 1>:<array 2>" in text
+    assert "train_1: sbatch --array=0,2%2 " in text and "(task i = pack 3 + i)" in text
+    assert "--dependency=afterany:$train_1:$train_2" in text
     lp.features = 4  # as if 4 feature stores were missing: 2 arrays too
     env_file = emit_sbatch(lp, [])
-    env = env_file.read_text()
-    assert "TRAIN_ARRAYS=(0,2%2 0,2%2)" in env and "TRAIN_OFFSETS=(0 3)" in env
-    assert "FEATURE_ARRAYS=(0-2 0)" in env and "FEATURE_OFFSETS=(0 3)" in env and "ARRAY=0,2-3,5%2" in env
+    script = env_file.read_text()
+    # The dry run shows the very calls the rendered script makes.
+    assert [line.split(": sbatch ", 1)[1].split(" (task i")[0] for line in describe(lp).splitlines()
+            if ": sbatch " in line] == [line.split("=$(submit ", 1)[1][:-1]
+                                         for line in script.splitlines() if "=$(submit " in line]
+    assert script.count("--array=0,2%2 ") == 2 and "--array=0-2 " in script and "--array=0 " in script
+    train_2 = next(line for line in script.splitlines() if line.startswith("train_2=$(submit --array=0,2%2 "))
+    assert " --dependency=afterok:$features_1:$features_2 " in train_2 and train_2.endswith(" 3)")
     manifest = json.loads((lp.spec.out_dir / "manifest.json").read_text())
     assert [(a["offset"], a["packs"]) for a in manifest["launches"][-1]["train_arrays"]] == [(0, [0, 2]), (3, [3, 5])]
 
@@ -419,7 +425,8 @@ def test_sbatch_path_splits_arrays_passes_offsets_and_skips_finished_packs(tmp_p
         assert "--array=0,2%2" in line and "--dependency=afterok:201:202" in line
     assert t1.endswith(" 0") and "--output=" in t1 and "%A_%a.out" in t1
     assert t2.endswith(" 3") and "%A_%a+3.out" in t2
-    assert "--dependency=afterany:203:204" in agg and "slurm/aggregate.sbatch" in agg
+    assert "--dependency=afterany:203:204" in agg and "slurm/aggregate.sbatch" in agg and "--requeue" not in agg
+    assert "--requeue" in t1 and "--kill-on-invalid-dep=yes" in t1 and "--job-name=ser-big-train" in t1
     assert "train array: 203\n" in res.stdout and "train array: 204 (task i = pack 3 + i)" in res.stdout
 
     # The task scripts: array index + offset = the pack (or feature group).
@@ -529,7 +536,7 @@ def test_planning_a_big_grid_writes_every_run(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_an_entry_with_one_encoder_trains_that_modality_alone(tmp_path):
-    from ser_hpc.grid.prefetch import grid_backbones
+    from ser_hpc.grid.checks import backbones_used
     path = _fake_grid(tmp_path, base_model={"text": {"name": "base-text"}, "speech": {"name": "base-speech"}},
                       pairs=[{"name": "both", "speech": "s0", "text": "t0"}, {"name": "w2v", "speech": "s1"},
                              {"name": "beto", "text": "t1"}])
@@ -541,7 +548,7 @@ def test_an_entry_with_one_encoder_trains_that_modality_alone(tmp_path):
     assert {(m["modalities"], m["speech"]["name"], m["text"]["name"]) for m in by_pair["w2v"]} == {("audio", "s1", "")}
     assert {(m["modalities"], m["speech"]["name"], m["text"]["name"]) for m in by_pair["beto"]} == {("text", "", "t1")}
     # Prefetch and the launcher's checks see only the encoders the entries name.
-    assert sorted(grid_backbones(str(path))) == [("speech", "s0"), ("speech", "s1"), ("text", "t0"), ("text", "t1")]
+    assert sorted(backbones_used(expand(load_grid(path)))) == [("speech", "s0"), ("speech", "s1"), ("text", "t0"), ("text", "t1")]
     res = _launch(path, "--dry-run", "--cluster", "local", cwd=tmp_path)
     assert res.returncode == 2
     for name in ("s0", "s1", "t0", "t1"):

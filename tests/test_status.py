@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ser_hpc.grid.slurm_query import expand_ids, query
+from ser_hpc.grid.status import expand_ids, query
 from ser_hpc.grid.status import grid_status, render
 from tests.conftest import REPO
 

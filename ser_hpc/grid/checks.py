@@ -1,8 +1,10 @@
-"""Everything the launcher checks before it submits anything.
+"""Everything the launcher checks before it submits anything, and the prefetch of backbones.
 
 A grid of hundreds of GPU jobs must not fail one by one an hour later on a typo: the data
 of every distinct data config is read and checked, and every backbone must resolve
 offline (config, weights, tokenizer / feature extractor) as it will on a compute node.
+Compute nodes usually have no internet: ``prefetch`` downloads a grid's backbones on the
+login node into the shared Hugging Face cache (HF_HOME in the cluster profile and here).
 """
 from __future__ import annotations
 
@@ -10,13 +12,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 from ..config import ConfigError, DataConfig, config_from_dict
 from ..data.audio import AudioError
 from ..data.corpus import CorpusError
 from ..data.sources import load_splits
-from .expand import PlannedRun
+from .plan import PlannedRun, expand, load_grid
 
 log = logging.getLogger("ser_hpc.grid")
 
@@ -96,16 +97,31 @@ def check_backbone(name: str, kind: str) -> None:
                              "were probably not found")
 
 
-def check_backbones(runs: list[PlannedRun]) -> list[tuple[str, str]]:
-    """Check each distinct backbone once; returns the (kind, name) pairs checked."""
-    wanted: dict[tuple[str, str], None] = {}
-    for run in runs:
-        model: dict[str, Any] = run.config["model"]
-        modalities = model["modalities"].split("+")
-        if "audio" in modalities:
-            wanted[("speech", model["speech"]["name"])] = None
-        if "text" in modalities:
-            wanted[("text", model["text"]["name"])] = None
-    for kind, name in wanted:
-        check_backbone(name, kind)
-    return list(wanted)
+# What a frozen encoder needs; skips other frameworks' weights (tf, flax, onnx) to save space.
+PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "merges.txt", "vocab.*", "*.py"]
+
+
+def prefetch(grid_path: str) -> list[tuple[str, str, str]]:
+    """Download every backbone of a grid, then prove each loads offline. Returns (kind, name,
+    outcome) per backbone; raises CheckError naming every one that cannot be had."""
+    results, errors = [], []
+    for kind, name in backbones_used(expand(load_grid(grid_path))):
+        if Path(name).expanduser().exists():
+            outcome = "local folder"
+        else:
+            from huggingface_hub import snapshot_download
+            try:
+                outcome = f"downloaded to {snapshot_download(name, allow_patterns=PATTERNS)}"
+            except Exception as exc:  # offline, unknown repo, gated model, ...
+                errors.append(f"{kind} model {name!r}: download failed: {exc}")
+                continue
+        try:
+            check_backbone(name, kind)
+        except CheckError as exc:
+            errors.append(str(exc))
+            continue
+        log.info("%s model %s: %s, loads offline", kind, name, outcome)
+        results.append((kind, name, outcome))
+    if errors:
+        raise CheckError("\n".join(errors))
+    return results

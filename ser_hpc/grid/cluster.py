@@ -17,6 +17,7 @@ from ..config import ConfigError, read_yaml
 from ..models.encoders import OFFLINE_HUB_ENV
 
 EXECUTORS = ("slurm", "local", "debug")
+DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default MaxArraySize
 OPTION_RE = re.compile(r"^--([a-z][a-z0-9-]*)(?:=(.*))?$")
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -138,7 +139,6 @@ def max_array_size(profile: ClusterProfile) -> tuple[int, str]:
     """The largest array job Slurm accepts here (indices 0..N-1), and where the number came
     from: ``scontrol show config`` when it answers, else the profile's max_array_size, else
     Slurm's default 1001."""
-    from .arrays import DEFAULT_MAX_ARRAY_SIZE
     found = scontrol_max_array_size()
     if found is not None:
         return found, "scontrol show config"
@@ -153,41 +153,26 @@ def job_env_lines(profile: ClusterProfile) -> list[str]:
     return lines + list(profile.setup)
 
 
-def submitit_parameters(res: JobResources, profile: ClusterProfile, job_name: str) -> dict[str, Any]:
-    """AutoExecutor.update_parameters(**this) for one kind of job."""
-    extra: dict[str, Any] = {}
-    for line in res.extra_sbatch:
-        key, value = OPTION_RE.match(line).groups()
-        extra[key.replace("-", "_")] = True if value is None else value
-    if res.account:
-        extra["account"] = res.account
-    if res.qos:
-        extra["qos"] = res.qos
-    params: dict[str, Any] = {
-        "name": job_name, "timeout_min": res.time_min, "nodes": res.nodes,
-        "tasks_per_node": res.tasks_per_node, "cpus_per_task": res.cpus_per_task,
-        "slurm_signal_delay_s": res.signal_delay_s, "slurm_setup": job_env_lines(profile),
-        "slurm_additional_parameters": extra,
-    }
-    if res.partition:
-        params["slurm_partition"] = res.partition
-    if res.gpus_per_task:
-        params["gpus_per_node"] = res.gpus_per_task * res.tasks_per_node
-    if res.mem_gb:
-        params["mem_gb"] = res.mem_gb
-    return params
-
-
-def sbatch_args(res: JobResources, job_name: str) -> list[str]:
-    """The same resources as sbatch command-line options (for slurm/submit_grid.sh)."""
-    args = [f"--job-name={job_name}", f"--time={res.time_min}", f"--nodes={res.nodes}",
-            f"--ntasks-per-node={res.tasks_per_node}", f"--cpus-per-task={res.cpus_per_task}",
-            f"--signal=USR2@{res.signal_delay_s}"]
+def slurm_options(res: JobResources, job_name: str) -> dict[str, Any]:
+    """The sbatch options of one kind of job, ``{"cpus_per_task": 8, "exclusive": True, ...}``:
+    submitit writes them as ``#SBATCH --cpus-per-task=8`` (its ``slurm_additional_parameters``
+    override its own defaults) and the rendered sbatch chain as ``--cpus-per-task=8``."""
+    opts: dict[str, Any] = {"job_name": job_name, "time": res.time_min, "nodes": res.nodes,
+                            "ntasks_per_node": res.tasks_per_node, "cpus_per_task": res.cpus_per_task,
+                            "signal": f"USR2@{res.signal_delay_s}"}
     for key in ("partition", "account", "qos"):
         if getattr(res, key):
-            args.append(f"--{key}={getattr(res, key)}")
-    if res.gpus_per_task:
-        args.append(f"--gpus-per-task={res.gpus_per_task}")
+            opts[key] = getattr(res, key)
+    if res.gpus_per_task:  # every task of a node sees its GPUs and takes LOCAL_RANK's (train.distributed)
+        opts["gpus_per_node"] = res.gpus_per_task * res.tasks_per_node
     if res.mem_gb:
-        args.append(f"--mem={int(res.mem_gb * 1024)}M")
-    return args + list(res.extra_sbatch)
+        opts["mem"] = f"{int(res.mem_gb * 1024)}M"
+    for line in res.extra_sbatch:
+        key, value = OPTION_RE.match(line).groups()
+        opts[key.replace("-", "_")] = True if value is None else value
+    return opts
+
+
+def sbatch_flags(options: dict[str, Any]) -> list[str]:
+    """``slurm_options`` as command-line flags, as submitit writes them into its scripts."""
+    return [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in options.items()]

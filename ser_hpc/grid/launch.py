@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import shlex
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -14,19 +13,17 @@ from typing import Any
 import yaml
 
 from .. import atomic_io
-from ..config import ConfigError, parse_override
+from ..config import parse_override
 from ..locks import launch_lock
 from ..models.encoders import BackboneError, missing_model
 from ..run_status import RunStatus
 from ..train.packing import needs_own_forward
 from .checks import CheckError, backbones_used, check_backbone, check_data
-from .arrays import DEFAULT_MAX_ARRAY_SIZE, ArrayChunk, array_spec, compress, split_by_index
-from .cluster import ClusterProfile, job_env_lines, load_profile, max_array_size, sbatch_args
-from .expand import PlannedRun, expand, make_packs
-from .plan import build_plan, read_plan, run_states, write_plan
-from .spec import GridSpec, load_grid
-from .submit import Submission, job_name, run_debug, run_local, submit_slurm
-from .tasks import feature_groups, run_features, run_prepare
+from .cluster import DEFAULT_MAX_ARRAY_SIZE, ClusterProfile, job_env_lines, load_profile, max_array_size
+from .plan import GridSpec, PlannedRun, build_plan, expand, load_grid, make_packs, read_plan, run_states, write_plan
+from .submit import (Submission, compress, render_sbatch, run_here, sbatch_commands, shell_words, split_by_index,
+                     submit_slurm)
+from .tasks import feature_groups
 
 log = logging.getLogger("ser_hpc.grid")
 REPO = Path(__file__).resolve().parents[2]
@@ -51,12 +48,11 @@ class LaunchPlan:
     def skipped(self) -> list[PlannedRun]:
         return [r for r in self.runs if self.states.get(r.run_id) == RunStatus.DONE]
 
-    def train_arrays(self) -> list[ArrayChunk]:
-        """The training array jobs of the sbatch path (task i = pack offset + i)."""
-        return split_by_index(self.to_run, self.max_array_size)
-
-    def feature_arrays(self) -> list[ArrayChunk]:
-        return split_by_index(list(range(self.features)), self.max_array_size)
+    def sbatch_commands(self, plan_path: Path | None = None) -> list[tuple[str, list[str], str]]:
+        """The job chain as sbatch calls (``submit.sbatch_commands``)."""
+        out = self.spec.out_dir.resolve()
+        return sbatch_commands(plan_path or out / "plan.json", out, self.to_run, self.profile, self.spec.name,
+                               self.prepare, self.features, self.max_array_size)
 
 
 def plan_launch(grid_path: str, overrides: list[str], cluster: str | None = None, profile_path: str | None = None,
@@ -211,22 +207,18 @@ def describe(lp: LaunchPlan, verbose: bool = False) -> str:
         lines.append(f"{len(shared)} pack(s) train several heads in one process on one backbone forward per batch "
                      f"(up to pack_size={lp.spec.pack_size})")
     if lp.profile.executor == "slurm":
-        arrays = lp.train_arrays()
+        arrays = split_by_index(lp.to_run, lp.max_array_size)
         limit = f"MaxArraySize {lp.max_array_size} ({lp.max_array_source})"
         if len(arrays) > 1:
             lines.append(f"{len(lp.to_run)} packs to submit exceed {limit}: {len(arrays)} training arrays, each "
                          f"throttled to %{lp.profile.array_parallelism}; aggregation waits for all of them")
         else:
             lines.append(f"one training array ({limit})")
-        if lp.features and len(lp.feature_arrays()) > 1:
-            lines.append(f"the features job is {len(lp.feature_arrays())} arrays ({limit}); training waits for all")
-        train_args = " ".join(shlex.quote(a) for a in sbatch_args(lp.profile.train, job_name(lp.spec.name, "train")))
-        for chunk in arrays:
-            lines.append(f"train array:  sbatch --array={chunk.spec(lp.profile.array_parallelism)} {train_args}"
-                         + (f"  (task i trains pack {chunk.offset} + i)" if chunk.offset else ""))
-        after = ":".join(f"<array {k}>" for k in range(1, len(arrays) + 1)) if len(arrays) > 1 else "<array>"
-        lines.append(f"aggregation:  sbatch --dependency=afterany:{after} " +
-                     " ".join(shlex.quote(a) for a in sbatch_args(lp.profile.aggregate, job_name(lp.spec.name, "aggregate"))))
+        if len(split_by_index(list(range(lp.features)), lp.max_array_size)) > 1:
+            lines.append(f"the features job is split too ({limit}); training waits for all of its arrays")
+        lines.append("the jobs (as slurm/submit_grid.sh submits them; submitit gets the same options):")
+        lines += [f"  {var}: sbatch {shell_words(args)}{note}"
+                  for var, args, note in lp.sbatch_commands()]
     return "\n".join(lines)
 
 
@@ -286,8 +278,9 @@ def record_launch(lp: LaunchPlan, sub: Submission, overrides: list[str]) -> None
     manifest["launches"].append({
         "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
         **_git_commit(), "versions": _versions(), "executor": sub.executor, "profile": lp.profile.name,
-        "overrides": overrides, "job_ids": {"prepare": sub.prepare_job, "features": sub.features_job, "train_array": sub.train_job,
-                                            "aggregate": sub.aggregate_job},
+        "overrides": overrides, "job_ids": {"prepare": sub.job_ids.get("prepare"), "features": sub.job_ids.get("features"),
+                                            "train_array": sub.job_ids.get("train"),
+                                            "aggregate": sub.job_ids.get("aggregate")},
         "packs": sub.packs, "skipped_runs": [r.run_id for r in lp.skipped],
         "train_arrays": sub.train_arrays, "features_arrays": sub.features_arrays,
     })
@@ -316,64 +309,33 @@ def launch(lp: LaunchPlan, overrides: list[str]) -> Submission:
 
 
 def _launch(lp: LaunchPlan, overrides: list[str]) -> Submission:
-    plan_path = write_grid_files(lp)
-    out = lp.spec.out_dir
+    plan_path = write_grid_files(lp).resolve()
     if lp.skipped:
         log.info("skipping %d finished run(s): %s", len(lp.skipped), ", ".join(r.run_id for r in lp.skipped))
-    executor = lp.profile.executor
-    if executor == "slurm":
-        sub = submit_slurm(plan_path.resolve(), out, lp.to_run, lp.profile, lp.spec.name, lp.prepare, lp.features,
+    if lp.profile.executor == "slurm":
+        sub = submit_slurm(plan_path, lp.spec.out_dir, lp.to_run, lp.profile, lp.spec.name, lp.prepare, lp.features,
                            lp.max_array_size)
-    elif executor in ("local", "debug"):
-        if lp.prepare:
-            run_prepare(str(plan_path.resolve()))
-        if lp.features:
-            run_features(str(plan_path.resolve()))
-        sub = (run_local(plan_path.resolve(), out, lp.to_run, lp.profile) if executor == "local"
-               else run_debug(plan_path.resolve(), out, lp.to_run))
     else:
-        raise ConfigError(f"unknown executor {executor!r}")
+        sub = run_here(plan_path, lp.spec.out_dir, lp.to_run, lp.profile, lp.prepare, lp.features)
     record_launch(lp, sub, overrides)
     return sub
 
 
 def emit_sbatch(lp: LaunchPlan, overrides: list[str]) -> Path:
-    """Write the plan and a file of shell-quoted sbatch arguments for slurm/submit_grid.sh
-    (under the grid's launch lock, like ``launch``)."""
+    """Write the plan and the job chain as a script of sbatch calls (results/<grid>/submit.sh,
+    run by slurm/submit_grid.sh), under the grid's launch lock like ``launch``."""
     with launch_lock(lp.spec.out_dir):
         _refresh_states(lp)
-        return _emit_sbatch(lp, overrides)
-
-
-def _emit_sbatch(lp: LaunchPlan, overrides: list[str]) -> Path:
-    plan_path = write_grid_files(lp).resolve()
-    out = lp.spec.out_dir.resolve()
-    setup = out / "job_setup.sh"
-    atomic_io.write_text(setup, "# sourced by slurm/*.sbatch: the cluster profile's env and setup\n"
-                         + "\n".join(job_env_lines(lp.profile)) + "\n")
-    q = shlex.quote
-    parallel = lp.profile.array_parallelism
-    train, feats = lp.train_arrays(), lp.feature_arrays()
-    lines = [f"RESULTS={q(str(out))}", f"PLAN={q(str(plan_path))}",
-             f"ARRAY={q(array_spec(lp.to_run, parallel))}",  # every pack to train; empty: nothing to train
-             f"SER_HPC_JOB_SETUP={q(str(setup))}", f"PREPARE={'1' if lp.prepare else ''}",
-             f"FEATURES={q(f'0-{lp.features - 1}' if lp.features else '')}",
-             f"MAX_ARRAY_SIZE={lp.max_array_size}",
-             # Split at MaxArraySize: array k runs tasks TRAIN_ARRAYS[k], task i = pack TRAIN_OFFSETS[k] + i.
-             "TRAIN_ARRAYS=(" + " ".join(q(c.spec(parallel)) for c in train) + ")",
-             "TRAIN_OFFSETS=(" + " ".join(str(c.offset) for c in train) + ")",
-             "FEATURE_ARRAYS=(" + " ".join(q(c.spec()) for c in feats) + ")",
-             "FEATURE_OFFSETS=(" + " ".join(str(c.offset) for c in feats) + ")",
-             "FEAT_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.features, job_name(lp.spec.name, "features"))) + ")",
-             "TRAIN_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.train, job_name(lp.spec.name, "train"))) + ")",
-             "PREP_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.prepare, job_name(lp.spec.name, "prepare"))) + ")",
-             "AGG_ARGS=(" + " ".join(q(a) for a in sbatch_args(lp.profile.aggregate, job_name(lp.spec.name, "aggregate"))) + ")"]
-    env_file = out / "sbatch_env.sh"
-    atomic_io.write_text(env_file, "\n".join(lines) + "\n")
-    record_launch(lp, Submission("sbatch", packs=lp.to_run,
-                                 train_arrays=[{"job_id": None, "offset": c.offset, "packs": c.items} for c in train]),
-                  overrides)
-    return env_file
+        plan_path = write_grid_files(lp).resolve()
+        out = lp.spec.out_dir.resolve()
+        atomic_io.write_text(out / "job_setup.sh", "# sourced by slurm/*.sbatch: the cluster profile's env and setup\n"
+                             + "\n".join(job_env_lines(lp.profile)) + "\n")
+        script = out / "submit.sh"
+        atomic_io.write_text(script, render_sbatch(lp.sbatch_commands(plan_path), out, lp.profile))
+        arrays = split_by_index(lp.to_run, lp.max_array_size)
+        record_launch(lp, Submission("sbatch", packs=lp.to_run, train_arrays=[
+            {"job_id": None, "offset": c.offset, "packs": c.items} for c in arrays]), overrides)
+        return script
 
 
 def summary(out_dir: Path) -> str:

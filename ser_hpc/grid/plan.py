@@ -1,56 +1,339 @@
-"""results/<grid>/plan.json: the expanded grid that array tasks and aggregation read.
+"""Grid YAML -> runs with stable ids -> packs -> results/<grid>/plan.json.
 
-It holds every run's full resolved config, so a task never re-reads the grid YAML (which
-the researcher may have edited since) and the sbatch templates need only a pack index.
+```yaml
+name: emospeech2024                 # results/<name>/
+run_config: ../run/emospeech2024.yaml   # base run config, relative to this file
+overrides: {train.epochs: 30}       # applied to every run (dotted or nested keys)
+backbone_pairs:                     # one axis whose values set several keys at once
+  - {name: roberta+xlsr, text: llange/xlm-roberta-large-spanish, speech: facebook/wav2vec2-xls-r-300m}
+  - {name: xlsr, speech: facebook/wav2vec2-xls-r-300m, model.modalities: audio, model.fusion: late}
+    # one encoder: its runs train that modality alone (model.modalities=audio is set for it
+    # when nothing sets modalities; here the base run config says audio+text, so the entry says audio).
+    # An entry's key beats an axis of the same key: the axis does not vary for its runs.
+axes:                               # any run-config key; the grid is the cartesian product
+  model.hidden_layers: [2, 3]
+  train.weight_decay: [0.01, 0.1]
+pack_size: 4                        # at most this many head-only variants train in one process
+ensemble: {top_k: 3, method: mean}
+cluster: configs/cluster/local.yaml # default cluster profile (relative to the working directory)
+results_dir: results
+```
+
+A run id is a readable slug plus a short hash of the resolved run config, so the same
+config always lands in the same folder (a relaunch finds its finished runs) and a changed
+config never overwrites another's results. A pack is the unit of one array task: runs that
+differ only in head settings, trained in one process on one shared backbone forward per
+batch (``ser_hpc.train.packing``). plan.json holds every run's full resolved config, so a
+task never re-reads the grid YAML (which the researcher may have edited since).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import itertools
 import json
 import os
+import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import atomic_io
+from ..config import (Config, ConfigError, apply_tree, config_tree, copy_config, flatten, read_yaml, set_key,
+                      valid_keys, validate)
 from ..run_status import RunStatus
+from ..train.packing import group_runs, needs_own_forward
 from ..train.run_folder import RunFolder
-from .expand import PlannedRun
-from .spec import GridSpec
 
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+GRID_KEYS = {"name", "run_config", "overrides", "backbone_pairs", "axes", "pack_size", "ensemble",
+             "cluster", "results_dir", "description"}
+PAIR_KEYS = {"name", "speech", "text"}
+ENSEMBLE_METHODS = ("mean", "vote")
+MAPPING_KEYS = ("data.label_map.", "data.columns.")  # data.label_map.exc=happy sets one entry
+NEEDS = {"speech": "audio", "text": "text"}          # encoder -> the modality it serves
+# Run-config keys that the grid sets for each run itself.
+GRID_OWNED = {"run.dir": "the grid gives every run its own folder, <results_dir>/<grid name>/runs/<run_id>; "
+                         "to put the results elsewhere set results_dir in the grid file",
+              "run.name": "the grid names each run after its backbone pair and axis values"}
+
+
+@dataclass
+class BackbonePair:
+    name: str
+    overrides: dict[str, Any]  # dotted run-config keys this pair sets
+    encoders: tuple[str, ...] = ("speech", "text")  # the encoders the entry names
+
+
+@dataclass
+class GridSpec:
+    """The grid file as read: base run config, overrides, pairs and axes (validated)."""
+    name: str
+    path: Path
+    base: dict[str, Any]                      # the base run config tree
+    overrides: dict[str, Any]                 # dotted keys applied to every run
+    pairs: list[BackbonePair]
+    axes: dict[str, list[Any]]
+    pack_size: int = 1
+    ensemble: dict[str, Any] = field(default_factory=lambda: {"top_k": 3, "method": "mean"})
+    cluster: str | None = None
+    results_dir: str = "results"
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.results_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved grid, saved as results/<name>/grid.yaml."""
+        return {"name": self.name, "source": str(self.path), "base_run_config": self.base,
+                "overrides": self.overrides, "backbone_pairs": [{"name": p.name, **p.overrides} for p in self.pairs],
+                "axes": self.axes, "pack_size": self.pack_size, "ensemble": self.ensemble,
+                "cluster": self.cluster, "results_dir": self.results_dir}
+
+
+@dataclass
+class PlannedRun:
+    """One run of the grid: exactly one entry of plan.json's "runs"."""
+    run_id: str
+    name: str
+    pair: str
+    pack: int
+    overrides: dict[str, Any]   # the grid's choices for this run (pair keys + axis values)
+    config: dict[str, Any]      # the full resolved run config
+
+
+# ------------------------------------------------------------------ the grid file
+
+def _check_keys(keys, where: str) -> None:
+    known = set(valid_keys())
+    for key in keys:
+        if key not in known and not key.startswith(MAPPING_KEYS):
+            raise ConfigError(f"{where}: unknown run-config key '{key}'. Valid keys: {', '.join(sorted(known))}")
+
+
+def _check_overrides(path: Path, yaml_over: dict, cli: dict, pairs: list[BackbonePair], axes: dict) -> None:
+    """Refuse settings that expand() would silently replace."""
+    for key, why in GRID_OWNED.items():
+        if key in cli:
+            raise ConfigError(f"{key}={cli[key]!r} cannot be given to a grid: {why}")
+        if key in yaml_over or key in axes or any(key in p.overrides for p in pairs):
+            raise ConfigError(f"{path}: {key} cannot be set in a grid: {why}")
+    for key, value in cli.items():
+        if key in axes:
+            raise ConfigError(
+                f"the override {key}={value!r} would be ignored: the grid's axis '{key}' ({path}) sets it for "
+                f"every run, to {axes[key]!r}. Change the axis in the grid file (a one-value axis fixes it).")
+        # A one-encoder entry clears the other encoder's name, which its runs never use.
+        setters = [p.name for p in pairs if key in p.overrides and not (
+            len(p.encoders) == 1 and key == f"model.{'text' if p.encoders[0] == 'speech' else 'speech'}.name")]
+        if setters:
+            raise ConfigError(
+                f"the override {key}={value!r} would be ignored: backbone pair(s) {', '.join(setters)} in {path} "
+                f"set {key}. Change it in the pair's entry in the grid file.")
+
+
+def _one_encoder(path: Path, index: int, pair: BackbonePair, tree: dict, base: dict, cli: dict, axes: dict) -> None:
+    """An entry naming one encoder (``{name: w2v, speech: PATH}``) trains that modality alone:
+    its runs get model.modalities=audio (or text) and the other encoder's name is cleared, so
+    nothing checks, fetches or hashes it. A modalities setting that needs the other encoder
+    is refused, naming where it was set (entry > axes > overrides > base run config)."""
+    (kind,) = pair.encoders
+    other = "text" if kind == "speech" else "speech"
+    key = "model.modalities"
+    yaml_over, flat_base = flatten(tree.get("overrides") or {}), flatten(base)
+    if key in pair.overrides:
+        sources = [(pair.overrides[key], "the entry itself")]
+    elif key in axes:
+        sources = [(v, f"the axis {key} in {path}") for v in axes[key]]
+    elif key in cli:
+        sources = [(cli[key], f"the command-line override {key}={cli[key]}")]
+    elif key in yaml_over:
+        sources = [(yaml_over[key], f"overrides in {path}")]
+    elif key in flat_base:
+        sources = [(flat_base[key], f"run_config {tree.get('run_config')}")]
+    else:
+        sources = []
+    for value, where in sources:
+        if NEEDS[other] in str(value).split("+"):
+            raise ConfigError(
+                f"{path}: backbone_pairs[{index}] '{pair.name}' names only a {kind} encoder, but {key} is "
+                f"{value!r} ({where}), which needs a {other} encoder too. Give the entry a {other} encoder, or set "
+                f"{key}: {NEEDS[kind]} in the entry.")
+    if not sources:
+        pair.overrides[key] = NEEDS[kind]
+    pair.overrides[f"model.{other}.name"] = ""
+
+
+def load_grid(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> GridSpec:
+    path, cli = Path(path), dict(cli_overrides or {})
+    tree = read_yaml(path)
+    unknown = set(tree) - GRID_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown grid key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(GRID_KEYS))}")
+    name = str(tree.get("name") or path.stem)
+    if not NAME_RE.match(name):
+        raise ConfigError(f"{path}: grid name {name!r} must be 1-64 letters, digits, '.', '_', '+' or '-' "
+                          "(it names a folder and the Slurm jobs)")
+    base = read_yaml((path.parent / tree["run_config"]).resolve()) if tree.get("run_config") else {}
+    overrides = {**flatten(tree.get("overrides") or {}), **cli}
+    _check_keys(overrides, f"{path}: overrides")
+    pairs = []
+    for i, raw in enumerate(tree.get("backbone_pairs") or []):
+        where = f"{path}: backbone_pairs[{i}]"
+        if not isinstance(raw, dict) or "name" not in raw:
+            raise ConfigError(f"{where}: each pair is a mapping with a 'name'")
+        pair_over = flatten({k: v for k, v in raw.items() if k not in PAIR_KEYS})
+        _check_keys(pair_over, where)
+        for kind in ("speech", "text"):
+            if raw.get(kind) is not None:
+                pair_over[f"model.{kind}.name"] = str(raw[kind])
+        encoders = tuple(k for k in ("speech", "text") if f"model.{k}.name" in pair_over)
+        pairs.append(BackbonePair(str(raw["name"]), pair_over, encoders or ("speech", "text")))
+    names = [p.name for p in pairs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"{path}: duplicate backbone pair name(s) {', '.join(sorted(dupes))}")
+    pairs = pairs or [BackbonePair("base", {})]
+    axes = tree.get("axes") or {}
+    if not isinstance(axes, dict):
+        raise ConfigError(f"{path}: 'axes' must map run-config keys to lists of values")
+    axes = flatten(axes) if any(isinstance(v, dict) for v in axes.values()) else dict(axes)
+    _check_keys(axes, f"{path}: axes")
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: axis '{key}' must be a non-empty list of values, got {values!r}")
+    for i, pair in enumerate(pairs):
+        if len(pair.encoders) == 1:
+            _one_encoder(path, i, pair, tree, base, cli, axes)
+    _check_overrides(path, flatten(tree.get("overrides") or {}), cli, pairs, axes)
+    pack_size = tree.get("pack_size", 1)
+    if not isinstance(pack_size, int) or pack_size < 1:
+        raise ConfigError(f"{path}: pack_size must be an integer >= 1, got {pack_size!r}")
+    ensemble = {"top_k": 3, "method": "mean", **(tree.get("ensemble") or {})}
+    if set(ensemble) - {"top_k", "method", "selection"}:
+        raise ConfigError(f"{path}: ensemble takes top_k, method and selection, got {', '.join(sorted(ensemble))}")
+    if ensemble.get("selection", "topk") not in ("topk", "greedy"):
+        raise ConfigError(f"{path}: ensemble.selection must be topk or greedy, got {ensemble['selection']!r}")
+    if not isinstance(ensemble["top_k"], int) or ensemble["top_k"] < 1:
+        raise ConfigError(f"{path}: ensemble.top_k must be an integer >= 1, got {ensemble['top_k']!r}")
+    if ensemble["method"] not in ENSEMBLE_METHODS:
+        raise ConfigError(f"{path}: ensemble.method must be one of {', '.join(ENSEMBLE_METHODS)}")
+    return GridSpec(name, path, base, overrides, pairs, axes, pack_size, ensemble, tree.get("cluster"),
+                    str(tree.get("results_dir") or "results"))
+
+
+# ------------------------------------------------------------------ runs and packs
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Hash of everything that defines the run's result (not its name or folder)."""
+    return hashlib.sha1(_canonical({k: v for k, v in config.items() if k != "run"}).encode()).hexdigest()[:8]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-.")[:80] or "run"
+
+
+def _fmt(value: Any) -> str:
+    return _canonical(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def expand(spec: GridSpec) -> list[PlannedRun]:
+    """Every run of the grid: its resolved, validated config and a stable id.
+
+    The base run config is applied once, the overrides and each pair once per pair; each run
+    copies only the config sections its axes set and sets its axis values (``set_key``'s
+    key and type checks) before the full ``validate``. About 0.3 ms a run, where rebuilding
+    every run from the YAML trees cost ~40 ms (benchmarks/plan_scale.py).
+    """
+    axis_keys = list(spec.axes)
+    short = [k.split(".")[-1] for k in axis_keys]
+    sections = [f.name for f in dataclasses.fields(Config)]
+    touched = {k.split(".")[0] for k in axis_keys} | {"run"}  # run.name is set for every run
+    runs, seen = [], {}
+    runs_dir = str(spec.out_dir / "runs")
+    base = apply_tree(Config(), spec.base, f"{spec.path}: run_config")
+    for pair in spec.pairs:
+        pair_cfg = None
+        # An entry that sets an axis key pins it: the axis does not vary for that entry's runs.
+        pair_axes = [[pair.overrides[k]] if k in pair.overrides else spec.axes[k] for k in axis_keys]
+        for values in itertools.product(*pair_axes):
+            labels = [_fmt(v) for v in values]
+            name = " ".join([pair.name] + [f"{k}={v}" for k, v in zip(short, labels)])
+            where = f"{spec.path}: run '{name}'"
+            if pair_cfg is None:  # errors name the pair's first run
+                pair_cfg = copy_config(base)
+                for key, value in {**spec.overrides, **pair.overrides}.items():
+                    set_key(pair_cfg, key, value, where)
+            cfg = object.__new__(Config)  # sections no axis sets are shared with the pair (read only)
+            for section in sections:
+                value = getattr(pair_cfg, section)
+                object.__setattr__(cfg, section, copy_config(value) if section in touched else value)
+            for key, value in zip(axis_keys, values):
+                set_key(cfg, key, value, where)
+            cfg.run.name = name
+            tree = config_tree(cfg)
+            try:
+                validate(cfg, tree)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            digest = config_hash(tree)
+            run_id = f"{_slug('.'.join([pair.name] + [f'{k}{v}' for k, v in zip(short, labels)]))}-{digest}"
+            if digest in seen:
+                raise ConfigError(f"{spec.path}: runs '{seen[digest]}' and '{name}' resolve to the same config")
+            seen[digest] = name
+            tree["run"]["dir"] = f"{runs_dir}{os.sep}{run_id}"  # = str(spec.out_dir / "runs" / run_id)
+            runs.append(PlannedRun(run_id, name, pair.name, -1, {**pair.overrides, **dict(zip(axis_keys, values))},
+                                   tree))
+    return runs
+
+
+def make_packs(runs: list[PlannedRun], pack_size: int) -> list[list[PlannedRun]]:
+    """Group runs sharing backbones and data; split groups larger than ``pack_size``. A run
+    that fine-tunes backbone layers or uses DeepSpeed is a pack of its own."""
+    own = [needs_own_forward(r.config) is not None for r in runs]
+    shared = [r for r, o in zip(runs, own) if not o]
+    groups = [[shared[i] for i in g] for g in group_runs([r.config for r in shared])]
+    groups += [[r] for r, o in zip(runs, own) if o]
+    order = {id(r): i for i, r in enumerate(runs)}
+    groups.sort(key=lambda g: order[id(g[0])])  # plan order
+    packs = [members[i:i + pack_size] for members in groups for i in range(0, len(members), pack_size)]
+    for index, pack in enumerate(packs):
+        for run in pack:
+            run.pack = index
+    return packs
+
+
+# ------------------------------------------------------------------ plan.json
 
 def build_plan(spec: GridSpec, runs: list[PlannedRun], packs: list[list[PlannedRun]]) -> dict[str, Any]:
-    return {
-        "grid_name": spec.name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "launch_dir": os.getcwd(),  # run configs hold paths relative to it
-        "results_dir": str(spec.out_dir),
-        "ensemble": spec.ensemble,
-        "packs": [[r.run_id for r in pack] for pack in packs],
-        "runs": [{"run_id": r.run_id, "name": r.name, "pair": r.pair, "pack": r.pack,
-                  "overrides": r.overrides, "config": r.config} for r in runs],
-    }
+    return {"grid_name": spec.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "launch_dir": os.getcwd(),  # run configs hold paths relative to it
+            "results_dir": str(spec.out_dir), "ensemble": spec.ensemble,
+            "packs": [[r.run_id for r in pack] for pack in packs],
+            "runs": [{"run_id": r.run_id, "name": r.name, "pair": r.pair, "pack": r.pack,
+                      "overrides": r.overrides, "config": r.config} for r in runs]}
 
 
-def plan_json(plan: dict[str, Any]) -> str:
-    """plan.json's text: one pack and one run per line. Indented JSON goes through the
-    pure-Python encoder (seconds for 10,000 runs); each line here is one C-encoded dump."""
+def write_plan(plan: dict[str, Any], out_dir: Path) -> Path:
+    """One pack and one run per line: indented JSON goes through the pure-Python encoder
+    (seconds for 10,000 runs); each line here is one C-encoded dump."""
     def value(key: str, obj: Any) -> str:
         if key in ("packs", "runs") and isinstance(obj, list) and obj:
             return "[\n" + ",\n".join("  " + json.dumps(v, ensure_ascii=False) for v in obj) + "\n]"
         return json.dumps(obj, ensure_ascii=False)
-    return "{\n" + ",\n".join(f"{json.dumps(k)}: {value(k, v)}" for k, v in plan.items()) + "\n}\n"
-
-
-def write_plan(plan: dict[str, Any], out_dir: Path) -> Path:
     path = Path(out_dir) / "plan.json"
-    atomic_io.write_text(path, plan_json(plan))
+    atomic_io.write_text(path, "{\n" + ",\n".join(f"{json.dumps(k)}: {value(k, v)}" for k, v in plan.items()) + "\n}\n")
     return path
 
 
 def read_plan(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if path.is_dir():
-        path = path / "plan.json"
+    path = path / "plan.json" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"no plan at {path}: launch the grid first (jobs/launch_grid.py)")
     return json.loads(path.read_text(encoding="utf-8"))
@@ -64,8 +347,4 @@ def run_folder(plan: dict[str, Any], run: dict[str, Any]) -> RunFolder:
 
 def run_states(plan: dict[str, Any]) -> dict[str, RunStatus]:
     """run_id -> done, failed or missing, from the runs' final.json files."""
-    states = {}
-    for run in plan["runs"]:
-        final = run_folder(plan, run).read_final()
-        states[run["run_id"]] = RunStatus.of_final(final)
-    return states
+    return {run["run_id"]: RunStatus.of_final(run_folder(plan, run).read_final()) for run in plan["runs"]}

@@ -4,7 +4,9 @@ steps, elapsed time, and for failures the reason and the log to read.
 States: pending, running, requeued, done, failed. The results tree says what finished
 (final.json) and what has started (config.yaml, metrics.jsonl); Slurm (squeue / sacct for
 the job ids in manifest.json) says what is queued, running, requeued or died without a
-word (timeout, cancel, node failure). Without Slurm the tree alone is used. Only small
+word (timeout, cancel, node failure): one squeue and one sacct call for all job ids
+(``query``; sacct -D keeps one record per attempt, so requeues show). Either may be missing
+(no Slurm here, no slurmdbd): then the tree alone is used. Only small
 files are read (plan.json, manifest.json, final.json, and metrics.jsonl of unfinished
 runs), so hundreds of runs take well under a second.
 """
@@ -13,14 +15,104 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..run_status import RunStatus
 from ..train.run_folder import RunFolder
-from .slurm_query import TaskState, query
+
+ACTIVE = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
+                    "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT"})
+TIMEOUT_S = 10  # squeue / sacct: a login node that cannot reach the controller must not hang
+
+
+@dataclass
+class TaskState:
+    job_id: str               # "<array>_<task>" or a plain job id
+    state: str                # Slurm's state, first word (CANCELLED by 0 -> CANCELLED)
+    reason: str = ""
+    requeues: int = 0         # earlier attempts of this task (sacct -D records before the last)
+    start: float | None = None  # epoch seconds, when started
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if res.returncode != 0:
+        # squeue exits 1 when every id is gone from the controller: that is an answer.
+        return "" if "Invalid job id" in res.stderr else None
+    return res.stdout
+
+
+def _epoch(stamp: str) -> float | None:
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except ValueError:  # "Unknown", "N/A", "None"
+        return None
+
+
+def expand_ids(job_id: str) -> list[str]:
+    """``12_[0-3%2]`` / ``12_[1,4-5]`` -> 12_0, 12_1, ...; anything else -> [job_id]."""
+    m = re.fullmatch(r"(\d+)_\[([\d,\-]+)(?:%\d+)?\]", job_id)
+    if not m:
+        return [job_id]
+    out = []
+    for part in m.group(2).split(","):
+        lo, _, hi = part.partition("-")
+        out += [f"{m.group(1)}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def query(job_ids: list[str]) -> dict[str, TaskState] | None:
+    """Task id -> state for the given (array) job ids; None when neither command answers."""
+    ids = sorted({str(j) for j in job_ids if j})
+    if not ids:
+        return None
+    joined = ",".join(ids)
+    acct = _run(["sacct", "-n", "-P", "-X", "-D", "-j", joined, "-o", "JobID,State,Start,Reason"])
+    # -O with RestartCnt: a requeue is visible at once, before sacct's records catch up.
+    live = _run(["squeue", "-h", "-r", "-j", joined, "-O", "JobArrayID:|,State:|,Reason:|,StartTime:|,RestartCnt:|"])
+    if acct is None and live is None:
+        return None
+    states: dict[str, TaskState] = {}
+    compact: dict[str, TaskState] = {}
+    for line in (acct or "").splitlines():
+        parts = line.split("|")
+        if len(parts) < 4:
+            continue
+        jid, state, start, reason = parts[:4]
+        word = (state.split() or [""])[0]
+        if "[" in jid:  # a not-yet-started range of array tasks: weakest evidence
+            for tid in expand_ids(jid):
+                compact[tid] = TaskState(tid, word, reason)
+            continue
+        prev = states.get(jid)
+        states[jid] = TaskState(jid, word, reason, prev.requeues + 1 if prev else 0, _epoch(start))
+    for tid, st in compact.items():
+        states.setdefault(tid, st)
+    for line in (live or "").splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) < 5:
+            continue
+        jid, state, reason, start, restarts = parts[:5]
+        prev = states.get(jid)
+        requeues = max(prev.requeues if prev else 0, int(restarts) if restarts.isdigit() else 0)
+        # squeue's start time of a pending job is only an estimate: keep real starts only.
+        started = _epoch(start) if state != "PENDING" else None
+        states[jid] = TaskState(jid, state, reason, requeues,
+                                started or (prev.start if prev and state != "PENDING" else None))
+    return states
+
 
 # The states a row can show (a run without final.json is pending, running or requeued here).
 STATES = tuple(s.value for s in RunStatus if s is not RunStatus.MISSING)
