@@ -17,6 +17,7 @@ from ..config import ConfigError, DataConfig, config_from_dict
 from ..data.audio import AudioError
 from ..data.corpus import CorpusError
 from ..data.sources import load_splits
+from ..models.encoders import BackboneError, missing_model
 from .plan import PlannedRun, expand, load_grid
 
 log = logging.getLogger("ser_hpc.grid")
@@ -65,6 +66,25 @@ def _check_one_data(data: DataConfig, quick: bool, needs_text: bool) -> None:
     for folder in (data.noise_dir, data.rir_dir):
         if folder and not Path(folder).is_dir():
             raise CheckError(f"augmentation folder not found: {folder}")
+
+
+def check_backbones(runs: list[PlannedRun], grid_path: str, problems: list[str]) -> int:
+    """Every backbone the runs load must load offline; each failure goes to ``problems``, with
+    the prefetch command when hub models are not cached. Returns how many were checked."""
+    names = {(kind, name): missing_model(kind, name) for kind, name in backbones_used(runs)}  # a missing folder
+    not_cached = 0
+    for (kind, name), error in names.items():
+        try:
+            if error is not None:
+                raise error
+            check_backbone(name, kind)
+        except (BackboneError, CheckError) as exc:
+            problems.append(str(exc))
+            not_cached += error is None and not Path(name).expanduser().exists()
+    if not_cached:
+        problems.append(f"to fetch the {not_cached} hub model(s) above on the login node: "
+                        f"HF_HOME=<the cluster's shared cache> python jobs/prefetch_models.py {grid_path}")
+    return len(names)
 
 
 def _resolve_offline(name: str, filename: str) -> str | None:

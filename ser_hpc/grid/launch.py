@@ -15,15 +15,14 @@ import yaml
 from .. import atomic_io
 from ..config import parse_override
 from ..locks import launch_lock
-from ..models.encoders import BackboneError, missing_model
 from ..run_status import RunStatus
 from ..train.packing import needs_own_forward
-from .checks import CheckError, backbones_used, check_backbone, check_data
+from .checks import check_backbones, check_data
 from .cluster import DEFAULT_MAX_ARRAY_SIZE, ClusterProfile, job_env_lines, load_profile, max_array_size
 from .plan import GridSpec, PlannedRun, build_plan, expand, load_grid, make_packs, read_plan, run_states, write_plan
 from .submit import (Submission, compress, render_sbatch, run_here, sbatch_commands, shell_words, split_by_index,
                      submit_slurm)
-from .tasks import feature_groups
+from .tasks import feature_groups, needs_features, needs_preparation
 
 log = logging.getLogger("ser_hpc.grid")
 REPO = Path(__file__).resolve().parents[2]
@@ -76,21 +75,8 @@ def plan_launch(grid_path: str, overrides: list[str], cluster: str | None = None
     # dry run shows the whole plan and then everything that needs fixing, not the first error.
     problems: list[str] = []
     n_data = check_data(runs, quick=quick_check, problems=problems)
-    names = {(kind, name): missing_model(kind, name)  # a missing folder, named as such
-             for kind, name in backbones_used(runs)}
-    not_cached = 0
-    for (kind, name), error in names.items():
-        try:
-            if error is not None:
-                raise error
-            check_backbone(name, kind)
-        except (BackboneError, CheckError) as exc:
-            problems.append(str(exc))
-            not_cached += error is None and not Path(name).expanduser().exists()
-    if not_cached:
-        problems.append(f"to fetch the {not_cached} hub model(s) above on the login node: "
-                        f"HF_HOME=<the cluster's shared cache> python jobs/prefetch_models.py {grid_path}")
-    log.info("checked %d data config(s) and %d backbone(s)", n_data, len(names))
+    n_models = check_backbones(runs, grid_path, problems)
+    log.info("checked %d data config(s) and %d backbone(s)", n_data, n_models)
     plan = build_plan(spec, runs, packs)
     states = run_states(plan)
     to_run = [i for i, pack in enumerate(packs) if any(states[r.run_id] != RunStatus.DONE for r in pack)]
@@ -101,36 +87,6 @@ def plan_launch(grid_path: str, overrides: list[str], cluster: str | None = None
         groups = feature_groups(plan)
         lp.features = len(groups) if needs_features(plan, groups) else 0
     return lp
-
-
-def needs_features(plan: dict, groups: list[list[dict]] | None = None) -> bool:
-    """True when some cached-feature run has no complete store for its heads yet."""
-    from ..config import config_from_dict
-    from ..features.extract import find_store, read_all_clips, store_spec
-    for group in feature_groups(plan) if groups is None else groups:
-        # The store depends on the group's shared settings and the layers each head reads:
-        # one Config per distinct layer choice, not one per run.
-        distinct = {(run["config"]["model"]["speech"]["layers"], run["config"]["model"]["text"]["layers"]): run
-                    for run in group}
-        cfgs = [config_from_dict(group[0]["config"])] + [config_from_dict(run["config"]) for run in distinct.values()]
-        if find_store(cfgs[0], store_spec(cfgs, read_all_clips(cfgs[0]))) is None:
-            return True
-    return False
-
-
-def needs_preparation(plan: dict) -> bool:
-    """True when a data config reads prepared audio that is not all there yet."""
-    from ..data.prepared import PreparedAudio
-    from ..data.prepared_format import PreparedAudioError
-    from ..data.sources import load_splits
-    from .tasks import prepared_data_configs
-    for data in prepared_data_configs(plan):
-        splits = load_splits(data)
-        try:
-            PreparedAudio(data.prepared_dir, data.sample_rate).check(splits.train + splits.dev + splits.test)
-        except PreparedAudioError:
-            return True
-    return False
 
 
 def where(path: str | Path) -> str:

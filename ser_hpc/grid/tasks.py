@@ -1,4 +1,5 @@
-"""What array tasks and the aggregation job run, on a compute node or locally.
+"""What each job of the chain runs, on a compute node or locally, and whether a plan needs
+its preparation and features jobs.
 
 The same functions back submitit jobs, the sbatch templates (via jobs/train.py --pack)
 and the local / debug executors.
@@ -92,6 +93,34 @@ def feature_groups(plan: dict) -> list[list[dict]]:
     # A one-modality run joins the fused group of its encoder: it reads the fused store
     # (find_store), so the features job extracts that encoder once.
     return [[cached[i] for i in g] for g in group_runs([run["config"] for run in cached], ignore)]
+
+
+def needs_features(plan: dict, groups: list[list[dict]] | None = None) -> bool:
+    """True when some cached-feature run has no complete store for its heads yet."""
+    from ..features.extract import find_store, read_all_clips, store_spec
+    for group in feature_groups(plan) if groups is None else groups:
+        # The store depends on the group's shared settings and the layers each head reads:
+        # one Config per distinct layer choice, not one per run.
+        distinct = {(run["config"]["model"]["speech"]["layers"], run["config"]["model"]["text"]["layers"]): run
+                    for run in group}
+        cfgs = [config_from_dict(group[0]["config"])] + [config_from_dict(run["config"]) for run in distinct.values()]
+        if find_store(cfgs[0], store_spec(cfgs, read_all_clips(cfgs[0]))) is None:
+            return True
+    return False
+
+
+def needs_preparation(plan: dict) -> bool:
+    """True when a data config reads prepared audio that is not all there yet."""
+    from ..data.prepared import PreparedAudio
+    from ..data.prepared_format import PreparedAudioError
+    from ..data.sources import load_splits
+    for data in prepared_data_configs(plan):
+        splits = load_splits(data)
+        try:
+            PreparedAudio(data.prepared_dir, data.sample_rate).check(splits.train + splits.dev + splits.test)
+        except PreparedAudioError:
+            return True
+    return False
 
 
 def run_features(plan_path: str, group: int | None = None) -> list[str]:
