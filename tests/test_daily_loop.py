@@ -614,7 +614,7 @@ def test_dry_run_of_the_paper_grid_without_data_or_models_prints_the_plan_then_e
     assert out.startswith("grid emospeech2024: 28 runs in 7 packs")
     assert "profile marenostrum5" in out  # the grid's cluster profile, found from another folder
     assert sum(line.startswith("  pack ") for line in out.splitlines()) == 28
-    assert "train array:  sbatch --array=" in out and "GPU-hours" in out
+    assert "  train_1: sbatch --array=" in out and "GPU-hours" in out
     err = res.stderr
     assert "CSV file not found: data/EmoSPeech2024/EmoSPeech_phase_2_train.csv" in err
     assert err.count("no config.json in the hub cache") == 8  # 4 speech + 4 text backbones
