@@ -71,9 +71,9 @@ def _ensemble_split(members: Sequence[RunRecord], split: str, method: str):
     return ref, scores, pred, metrics
 
 
-def _build(grid_name: str, out: Path, ranked: list[RunRecord], k: int, method: str, selection: str,
-           records: list[RunRecord], configs: list[Configuration], notes: list[str],
-           plan: dict[str, Any], bag: Sequence[RunRecord] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def build_ensemble(grid_name: str, out: Path, ranked: list[RunRecord], k: int, method: str, selection: str,
+                   records: list[RunRecord], configs: list[Configuration], notes: list[str], plan: dict[str, Any],
+                   bag: Sequence[RunRecord] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Write every ensemble output into ``out``; return (ensemble.json content, figures).
 
     ``bag``: the top-k members given by the caller instead of ``ranked[:k]`` (folds.py
@@ -271,7 +271,7 @@ def aggregate(results_dir: str | Path, top_k: int | None = None, method: str | N
         if others:
             notes.append(f"ensemble built from the {len(ranked)} done run(s) only; "
                          f"{len(others)} run(s) failed or missing")
-        result, figures = _build(grid_name, stage, ranked, k, method, selection, records, configs, notes, plan)
+        result, figures = build_ensemble(grid_name, stage, ranked, k, method, selection, records, configs, notes, plan)
     except AggregateError:
         finish(None, None)
         raise

@@ -10,7 +10,7 @@ item by item. The protocol (EmoBox's: score every fold, then average):
 - The ensemble takes the top-k *configurations* (k counts configurations here, not runs)
   and builds one ensemble per fold from those configurations' runs of that fold, every
   seed included (seed averaging, as the configuration ranking). Each fold ensemble is
-  built by aggregate._build, the same machinery as a grid without folds, into
+  built by aggregate.build_ensemble, the same machinery as a grid without folds, into
   ``ensemble/fold_K/``: self-contained (members/, its own ensemble.json that
   inference.ensemble.load_ensemble reads, leaderboard, report, probabilities).
 - The top-level ensemble.json holds ``labels``, ``folds`` (one record per built fold:
@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import yaml
 
 from ser_hpc.atomic_io import write_json, write_text
-from ser_hpc.ensemble.aggregate import _build
+from ser_hpc.ensemble.aggregate import build_ensemble
 from ser_hpc.ensemble.collect import AggregateError, RunRecord
 from ser_hpc.ensemble.configurations import SEED_KEY, group_configurations
 from ser_hpc.ensemble.folder import discard, new_stage, publish
@@ -247,8 +247,8 @@ def aggregate_folds(results_dir: Path, plan: dict[str, Any], grid_name: str, rec
             out = stage / FOLD_DIR.format(fold)
             out.mkdir()
             try:
-                result, figures = _build(f"{grid_name} fold {fold}", out, ranked, len(bag), method, "topk",
-                                         fold_records, group_configurations(ranked), fold_notes, plan, bag=bag)
+                result, figures = build_ensemble(f"{grid_name} fold {fold}", out, ranked, len(bag), method, "topk",
+                                                 fold_records, group_configurations(ranked), fold_notes, plan, bag=bag)
             except AggregateError as exc:
                 discard(out)
                 notes.append(f"fold {fold}: no ensemble ({exc})")
