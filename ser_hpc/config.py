@@ -157,35 +157,34 @@ def _fields_of(obj: Any) -> tuple[str, ...] | None:
     return names
 
 
-def config_tree(obj: Any) -> Any:
-    """``dataclasses.asdict`` for a config node without its per-value deepcopy (same dict,
-    several times faster: a 10,000-run grid converts every run's config)."""
+def _rebuild(obj: Any, as_dict: bool) -> Any:
+    """A config node rebuilt: containers and dataclasses new, scalars shared; dataclasses
+    become dicts (``as_dict``) or copies of themselves."""
     kind = type(obj)
     if kind is list:
-        return [v if type(v) in _SCALARS else config_tree(v) for v in obj]
+        return [v if type(v) in _SCALARS else _rebuild(v, as_dict) for v in obj]
     if kind is dict:
-        return {k: v if type(v) in _SCALARS else config_tree(v) for k, v in obj.items()}
+        return {k: v if type(v) in _SCALARS else _rebuild(v, as_dict) for k, v in obj.items()}
     names = None if kind in _SCALARS else _fields_of(obj)
     if names is None:
         return obj
-    return {n: v if type(v) in _SCALARS else config_tree(v) for n in names for v in (getattr(obj, n),)}
+    values = {n: v if type(v) in _SCALARS else _rebuild(v, as_dict) for n in names for v in (getattr(obj, n),)}
+    if as_dict:
+        return values
+    new = object.__new__(kind)
+    new.__dict__.update(values)  # the config dataclasses are plain (no slots, not frozen)
+    return new
+
+
+def config_tree(obj: Any) -> Any:
+    """``dataclasses.asdict`` for a config node without its per-value deepcopy (same dict,
+    several times faster: a 10,000-run grid converts every run's config)."""
+    return _rebuild(obj, True)
 
 
 def copy_config(obj: Any) -> Any:
     """A deep copy of a config node (dataclasses and containers copied, scalars shared)."""
-    kind = type(obj)
-    if kind is list:
-        return [v if type(v) in _SCALARS else copy_config(v) for v in obj]
-    if kind is dict:
-        return {k: v if type(v) in _SCALARS else copy_config(v) for k, v in obj.items()}
-    names = None if kind in _SCALARS else _fields_of(obj)
-    if names is None:
-        return obj
-    new = object.__new__(kind)
-    for name in names:
-        v = getattr(obj, name)
-        object.__setattr__(new, name, v if type(v) in _SCALARS else copy_config(v))
-    return new
+    return _rebuild(obj, False)
 
 
 @functools.lru_cache(maxsize=None)
