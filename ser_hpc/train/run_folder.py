@@ -126,6 +126,16 @@ class RunFolder:
                 records.append(rec)
         return records
 
+    def progress(self) -> tuple[float | None, int | None, float | None]:
+        """(best dev macro-F1 so far, last step, elapsed seconds) from metrics.jsonl."""
+        best = step = elapsed = None
+        for rec in self.read_metrics():
+            f1 = rec.get("dev_macro_f1")
+            if isinstance(f1, (int, float)) and (best is None or f1 > best):
+                best = f1
+            step, elapsed = rec.get("step", step), rec.get("elapsed_s", elapsed)
+        return best, step, elapsed
+
     def is_done(self) -> bool:
         final = self.read_final()
         return RunStatus.of_final(final or None) == RunStatus.DONE
