@@ -211,8 +211,8 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return list(_valid_keys(cls, prefix))
 
 
-def _unknown_key(key: str, where: str) -> ConfigError:
-    keys = valid_keys()
+def _unknown_key(key: str, where: str, cls: type = Config) -> ConfigError:
+    keys = valid_keys(cls)
     close = difflib.get_close_matches(key, keys, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return ConfigError(f"unknown config key '{key}' ({where}).{hint}\nValid keys: {', '.join(keys)}")
@@ -266,13 +266,14 @@ def _is_mapping(hint: Any) -> bool:
     return typing.get_origin(hint) is dict
 
 
-def set_key(cfg: Config, key: str, value: Any, where: str = "override") -> None:
-    """Set a dotted key on the config tree, validating key and type."""
+def set_key(cfg: Any, key: str, value: Any, where: str = "override") -> None:
+    """Set a dotted key on a config tree (a Config, or another typed dataclass such as a
+    cluster profile), validating key and type."""
     parts = key.split(".")
     node: Any = cfg
     for i, part in enumerate(parts[:-1]):
         if not dataclasses.is_dataclass(node) or part not in _hints(type(node)):
-            raise _unknown_key(key, where)
+            raise _unknown_key(key, where, type(cfg))
         hint = _hints(type(node))[part]
         if _is_mapping(hint):
             # data.label_map.exc=happy: the rest of the key (dots included) is one mapping key
@@ -282,11 +283,11 @@ def set_key(cfg: Config, key: str, value: Any, where: str = "override") -> None:
             return
         node = getattr(node, part)
     if not dataclasses.is_dataclass(node):
-        raise _unknown_key(key, where)
+        raise _unknown_key(key, where, type(cfg))
     hints = _hints(type(node))
     last = parts[-1]
     if last not in hints:
-        raise _unknown_key(key, where)
+        raise _unknown_key(key, where, type(cfg))
     if dataclasses.is_dataclass(hints[last]):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' ({where}) is a section; give a mapping or set its keys")

@@ -1,25 +1,32 @@
 """Cluster profiles (configs/cluster/*.yaml): where and with what resources jobs run.
 
-Every value that reaches an sbatch script is checked here: option names must look like
-sbatch options and no value may hold a newline, so a profile cannot inject lines into a
-job script. Values on command lines are passed as argv items or ``shlex.quote``d.
+Keys and types are checked like a run config's; every value that reaches an sbatch script is checked
+too (RULES), so a profile cannot inject lines into a job script. Values on command lines are passed as
+argv items or ``shlex.quote``d.
 """
 from __future__ import annotations
 
 import re
 import shlex
 import subprocess
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from ..config import ConfigError, read_yaml
+from ..config import ConfigError, copy_config, read_yaml, set_key
 from ..models.encoders import OFFLINE_HUB_ENV
 
-EXECUTORS = ("slurm", "local", "debug")
+Executor = Literal["slurm", "local", "debug"]
+EXECUTORS = get_args(Executor)
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default MaxArraySize
 OPTION_RE = re.compile(r"^--([a-z][a-z0-9-]*)(?:=(.*))?$")
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SLURM_NAME_RE = re.compile(r"^[A-Za-z0-9_.,-]+$")
+NEWLINE_RE = re.compile(r"[\n\r\0]")  # a newline (or NUL) would add a line to a job script
+MAX_ARRAY_RE = re.compile(r"^\s*MaxArraySize\s*=\s*(\d+)\s*$", re.MULTILINE)
+SECTIONS = ("train", "aggregate", "prepare", "features")
+PLACE = ("partition", "account", "qos")
+COUNTS = ("nodes", "tasks_per_node", "gpus_per_task", "cpus_per_task", "time_min", "signal_delay_s")
 
 
 @dataclass
@@ -40,7 +47,7 @@ class JobResources:
 @dataclass
 class ClusterProfile:
     name: str = "local"
-    executor: str = "local"
+    executor: Executor = "local"     # a profile file that does not say is "slurm"
     train: JobResources = field(default_factory=JobResources)
     aggregate: JobResources = field(default_factory=lambda: JobResources(time_min=30))
     prepare: JobResources = field(default_factory=lambda: JobResources(cpus_per_task=8, time_min=120))
@@ -51,77 +58,45 @@ class ClusterProfile:
     env: dict[str, str] = field(default_factory=dict)  # exported in each job (HF_HOME=...)
 
 
-def _no_newline(value: Any, where: str) -> None:
-    if isinstance(value, str) and ("\n" in value or "\r" in value or "\0" in value):
-        raise ConfigError(f"{where}: value {value!r} contains a newline or NUL")
-
-
-def _resources(tree: dict[str, Any], where: str, base: JobResources | None = None) -> JobResources:
-    res = JobResources(**vars(base)) if base else JobResources()
-    names = {f.name: f for f in fields(JobResources)}
-    for key, value in (tree or {}).items():
-        if key not in names:
-            raise ConfigError(f"{where}: unknown key '{key}'; valid: {', '.join(names)}")
-        _no_newline(value, f"{where}.{key}")
-        setattr(res, key, value)
-    for key in ("nodes", "tasks_per_node", "gpus_per_task", "cpus_per_task", "time_min", "signal_delay_s"):
-        if not isinstance(getattr(res, key), int) or getattr(res, key) < 0:
-            raise ConfigError(f"{where}.{key} must be a non-negative integer, got {getattr(res, key)!r}")
-    for key in ("partition", "account", "qos"):
-        value = getattr(res, key)
-        if value is not None and not re.match(r"^[A-Za-z0-9_.,-]+$", str(value)):
-            raise ConfigError(f"{where}.{key}: {value!r} is not a valid Slurm name")
-    if not isinstance(res.extra_sbatch, list):
-        raise ConfigError(f"{where}.extra_sbatch must be a list of --option[=value] strings")
-    for line in res.extra_sbatch:
-        _no_newline(line, f"{where}.extra_sbatch")
-        if not isinstance(line, str) or not OPTION_RE.match(line):
-            raise ConfigError(f"{where}.extra_sbatch: {line!r} is not an sbatch option like --name=value")
-    return res
+# What field types cannot say, by field name: (test, what the value must be).
+RULES = {
+    **dict.fromkeys(COUNTS, (lambda v: v >= 0, "a non-negative integer")),
+    **dict.fromkeys(PLACE, (lambda v: v is None or SLURM_NAME_RE.fullmatch(v), "a Slurm name ([A-Za-z0-9_.,-])")),
+    "extra_sbatch": (lambda v: all(OPTION_RE.fullmatch(o) and not NEWLINE_RE.search(o) for o in v),
+                     "a list of sbatch options like --name=value"),
+    "name": (lambda v: not NEWLINE_RE.search(v), "one line"),
+    "setup": (lambda v: not any(map(NEWLINE_RE.search, v)), "a list of one-line shell commands"),
+    "env": (lambda v: all(ENV_RE.fullmatch(k) and not NEWLINE_RE.search(x) for k, x in v.items()),
+            "a mapping of variable names to one-line values"),
+    "array_parallelism": (lambda v: v >= 1, "an integer >= 1"),
+    "max_array_size": (lambda v: v is None or v >= 1, "an integer >= 1 (the cluster's MaxArraySize)"),
+}
 
 
 def load_profile(path: str | Path) -> ClusterProfile:
-    path = Path(path)
-    tree = read_yaml(path)
-    allowed = {"name", "executor", "train", "aggregate", "prepare", "features", "array_parallelism", "max_array_size",
-               "setup", "env", "description"}
-    unknown = set(tree) - allowed
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(allowed))}")
-    executor = tree.get("executor", "slurm")
-    if executor not in EXECUTORS:
-        raise ConfigError(f"{path}: executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-    train = _resources(tree.get("train") or {}, f"{path}: train")
-    aggregate = _resources(tree.get("aggregate") or {}, f"{path}: aggregate",
-                           JobResources(partition=train.partition, account=train.account, qos=train.qos,
-                                        cpus_per_task=1, time_min=30))
-    prepare = _resources(tree.get("prepare") or {}, f"{path}: prepare",
-                         JobResources(partition=aggregate.partition, account=aggregate.account, qos=aggregate.qos,
-                                      cpus_per_task=min(8, max(1, aggregate.cpus_per_task)), time_min=120))
-    features = _resources(tree.get("features") or {}, f"{path}: features", train)
-    setup = tree.get("setup") or []
-    if not isinstance(setup, list):
-        raise ConfigError(f"{path}: setup must be a list of shell lines")
-    for line in setup:
-        _no_newline(line, f"{path}: setup")
-    env = {str(k): str(v) for k, v in (tree.get("env") or {}).items()}
-    for key, value in env.items():
-        if not ENV_RE.match(key):
-            raise ConfigError(f"{path}: env name {key!r} is not a valid variable name")
-        _no_newline(value, f"{path}: env.{key}")
-    parallel = tree.get("array_parallelism", 8)
-    if not isinstance(parallel, int) or parallel < 1:
-        raise ConfigError(f"{path}: array_parallelism must be an integer >= 1, got {parallel!r}")
-    max_size = tree.get("max_array_size")
-    if max_size is not None and (not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 1):
-        raise ConfigError(f"{path}: max_array_size must be an integer >= 1 (the cluster's MaxArraySize), "
-                          f"got {max_size!r}")
-    return ClusterProfile(name=str(tree.get("name") or path.stem), executor=executor, train=train,
-                          aggregate=aggregate, prepare=prepare, features=features, array_parallelism=parallel,
-                          max_array_size=max_size, setup=list(setup), env=env)
-
-
-MAX_ARRAY_RE = re.compile(r"^\s*MaxArraySize\s*=\s*(\d+)\s*$", re.MULTILINE)
+    path, where = Path(path), str(path)
+    # A key left empty means its default; `description` is for people.
+    tree = {k: v for k, v in read_yaml(path).items() if v not in (None, "") and k != "description"}
+    if isinstance(tree.get("env"), dict):
+        tree["env"] = {str(k): str(v) for k, v in tree["env"].items()}  # exported as text: 1, true -> "1", "True"
+    profile = ClusterProfile(name=path.stem, executor="slurm")
+    # Each job kind's section applies over what it inherits: aggregate runs where train does, prepare
+    # where aggregate does, features with the train resources (a GPU).
+    set_key(profile, "train", tree.pop("train", {}), where)
+    train = profile.train
+    profile.aggregate = JobResources(**{k: getattr(train, k) for k in PLACE}, cpus_per_task=1, time_min=30)
+    set_key(profile, "aggregate", tree.pop("aggregate", {}), where)
+    agg = profile.aggregate
+    profile.prepare = JobResources(**{k: getattr(agg, k) for k in PLACE}, time_min=120,
+                                   cpus_per_task=min(8, max(1, agg.cpus_per_task)))
+    profile.features = copy_config(train)
+    for key, value in tree.items():  # prepare and features among them
+        set_key(profile, key, value, where)
+    for prefix, node in [("", profile)] + [(f"{kind}.", getattr(profile, kind)) for kind in SECTIONS]:
+        for key, value in vars(node).items():
+            if key in RULES and not RULES[key][0](value):
+                raise ConfigError(f"{where}: {prefix}{key} must be {RULES[key][1]}, got {value!r}")
+    return profile
 
 
 def scontrol_max_array_size(timeout_s: float = 10) -> int | None:
@@ -136,9 +111,8 @@ def scontrol_max_array_size(timeout_s: float = 10) -> int | None:
 
 
 def max_array_size(profile: ClusterProfile) -> tuple[int, str]:
-    """The largest array job Slurm accepts here (indices 0..N-1), and where the number came
-    from: ``scontrol show config`` when it answers, else the profile's max_array_size, else
-    Slurm's default 1001."""
+    """The largest array job Slurm accepts here (indices 0..N-1), and where the number came from:
+    ``scontrol show config`` when it answers, else the profile's max_array_size, else Slurm's default."""
     found = scontrol_max_array_size()
     if found is not None:
         return found, "scontrol show config"
@@ -160,9 +134,7 @@ def slurm_options(res: JobResources, job_name: str) -> dict[str, Any]:
     opts: dict[str, Any] = {"job_name": job_name, "time": res.time_min, "nodes": res.nodes,
                             "ntasks_per_node": res.tasks_per_node, "cpus_per_task": res.cpus_per_task,
                             "signal": f"USR2@{res.signal_delay_s}"}
-    for key in ("partition", "account", "qos"):
-        if getattr(res, key):
-            opts[key] = getattr(res, key)
+    opts.update({key: getattr(res, key) for key in PLACE if getattr(res, key)})
     if res.gpus_per_task:  # every task of a node sees its GPUs and takes LOCAL_RANK's (train.distributed)
         opts["gpus_per_node"] = res.gpus_per_task * res.tasks_per_node
     if res.mem_gb:
