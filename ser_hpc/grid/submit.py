@@ -1,21 +1,16 @@
 """The grid's job chain, and the three ways to run it.
 
-The chain (``chain``): [data preparation] -> [feature extraction array] -> training array
-(a task per pack) -> aggregation. Each job waits for every job of the one before it:
-``afterok`` with ``kill_on_invalid_dep`` (a failed preparation cancels what needs it, and
-aggregation reports that), and the aggregation ``afterany`` (it ranks whatever finished;
-``afterok`` would leave it pending forever when one task fails). An array larger than the
-cluster's MaxArraySize is split into several, each throttled with %N; the next job waits
-for all of them.
-
-- slurm, submitit (``submit_slurm``): each job's sbatch options are ``cluster.slurm_options``.
-- slurm, plain sbatch (``render_sbatch``): the same chain and options rendered as a shell
-  script of sbatch calls on the templates in slurm/ (``slurm/submit_grid.sh`` runs it).
-- local / debug (``run_here``): the same chain on this machine; local runs packs as
-  subprocesses of jobs/train.py (at most array_parallelism at a time), debug in this process.
+``chain``: [data preparation] -> [feature extraction array] -> training array (a task per
+pack) -> aggregation. Each job waits for every job of the step before it: ``afterok`` with
+``kill_on_invalid_dep``, except the aggregation: ``afterany``, since it ranks whatever
+finished. An array larger than the cluster's MaxArraySize is split; the next step waits for
+all the pieces. Executors: ``submit_slurm`` (submitit), ``sbatch_commands`` +
+``render_sbatch`` (the same jobs and options as plain sbatch calls on the templates in
+slurm/), ``run_here`` (local: packs as subprocesses; debug: all in this process).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -38,13 +33,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 def compress(indices: list[int]) -> str:
     """``[0, 1, 2, 3, 7, 9, 10]`` -> ``"0-3,7,9-10"`` (sorted, duplicates dropped)."""
-    ordered, parts, i = sorted(set(indices)), [], 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
+    parts = []
+    for _, run in itertools.groupby(enumerate(sorted(set(indices))), lambda iv: iv[1] - iv[0]):
+        run = [v for _, v in run]
+        parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
     return ",".join(parts)
 
 
@@ -69,11 +61,8 @@ class ArrayChunk:
 
 
 def split_by_index(items: list[int], max_size: int) -> list[ArrayChunk]:
-    """sbatch, where the task index names the item: the fewest arrays whose indices (item -
-    offset) are all < ``max_size``; 2,500 packs and MaxArraySize 1001 -> offsets 0, 1001, 2002.
-    On a relaunch the finished packs are gaps in the index list (``0-3,7,9-12%8``)."""
-    if max_size < 1:
-        raise ValueError(f"MaxArraySize must be >= 1, got {max_size}")
+    """For sbatch, where the task index names the item: the fewest arrays whose indices (item -
+    offset) all stay < ``max_size``. A relaunch leaves gaps for finished packs (``0-3,7%8``)."""
     chunks: list[ArrayChunk] = []
     for item in sorted(set(items)):
         if chunks and item - chunks[-1].offset < max_size:
@@ -84,19 +73,13 @@ def split_by_index(items: list[int], max_size: int) -> list[ArrayChunk]:
 
 
 def split_by_count(items: list[int], max_size: int) -> list[ArrayChunk]:
-    """submitit, which passes each task its item and numbers tasks 0..n-1 itself:
-    ceil(n / max_size) arrays of consecutive items."""
-    if max_size < 1:
-        raise ValueError(f"MaxArraySize must be >= 1, got {max_size}")
+    """For submitit, which hands each task its item: arrays of at most ``max_size`` items."""
     return [ArrayChunk(start, list(items[start:start + max_size])) for start in range(0, len(items), max_size)]
 
 
 def dependency(kind: str, job_ids: list[str]) -> str:
-    """``afterany:12:13:14``: after every one of the jobs (Slurm's ``:`` list means all)."""
-    ids = [str(j) for j in job_ids if j]
-    if not ids:
-        raise ValueError("a dependency needs at least one job id")
-    return f"{kind}:" + ":".join(ids)
+    """``afterany:12:13:14``: after every one of the jobs."""
+    return f"{kind}:" + ":".join(str(j) for j in job_ids)
 
 
 # ------------------------------------------------------------------ the chain
@@ -119,13 +102,9 @@ def chain(profile: ClusterProfile, packs: list[int], prepare: bool, features: in
     return steps + [Step("aggregate", profile.aggregate)]
 
 
-def job_name(grid_name: str, kind: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]", "-", f"ser-{grid_name}-{kind}")[:64]
-
-
 def step_options(step: Step, grid_name: str, after: list[str]) -> dict:
     """The sbatch options of one job of the chain, waiting for ``after`` (job ids)."""
-    opts = slurm_options(step.resources, job_name(grid_name, step.kind))
+    opts = slurm_options(step.resources, re.sub(r"[^A-Za-z0-9._+-]", "-", f"ser-{grid_name}-{step.kind}")[:64])
     if step.kind == "train":
         opts["requeue"] = True  # a task requeues itself after a time-limit warning
     if after and step.kind == "aggregate":
@@ -162,25 +141,26 @@ def submit_slurm(plan_path: Path, out_dir: Path, packs: list[int], profile: Clus
         if step.items is None:
             job = executor.submit(TASKS[step.kind], str(out_dir.resolve() if step.kind == "aggregate" else plan_path))
             after, sub.handles[step.kind] = [job.job_id], job
-        else:
-            after, sub.handles[step.kind] = [], []
-            arrays = sub.train_arrays if step.kind == "train" else sub.features_arrays
-            for chunk in split_by_count(step.items, max_array_size):
-                jobs = executor.map_array(TASKS[step.kind], [str(plan_path)] * len(chunk.items), chunk.items)
-                after.append(jobs[0].job_id.split("_")[0])
-                sub.handles[step.kind] += jobs
-                arrays.append({"job_id": after[-1], "packs" if step.kind == "train" else "groups": chunk.items})
+            continue
+        after, sub.handles[step.kind] = [], []
+        for chunk in split_by_count(step.items, max_array_size):
+            jobs = executor.map_array(TASKS[step.kind], [str(plan_path)] * len(chunk.items), chunk.items)
+            after.append(jobs[0].job_id.split("_")[0])
+            sub.handles[step.kind] += jobs
+            if step.kind == "train":
+                sub.train_arrays.append({"job_id": after[-1], "packs": chunk.items})
+            else:
+                sub.features_arrays.append({"job_id": after[-1], "groups": chunk.items})
         sub.job_ids[step.kind] = after[0]
     return sub
 
 
-# A task's log: <array>_<i>.out, or <array>_<i>+<offset>.out for an array after the first of a
-# split (jobs/status.py reads the pack from the name).
-LOGS = {"prepare": "%j_prepare.out", "features": "%A_%a_features", "train": "%A_%a", "aggregate": "%j_aggregate.out"}
-TEMPLATES = {"prepare": "prepare.sbatch", "features": "features.sbatch", "train": "train_array.sbatch",
-             "aggregate": "aggregate.sbatch"}
-SAYS = {"prepare": "data preparation", "features": "feature extraction", "train": "train array",
-        "aggregate": "aggregation"}
+# kind -> (template in slurm/, log name, what the rendered script says). A task's log is
+# <array>_<i>.out, or <array>_<i>+<offset>.out after the first array of a split (status reads it).
+SBATCH = {"prepare": ("prepare.sbatch", "%j_prepare.out", "data preparation"),
+          "features": ("features.sbatch", "%A_%a_features", "feature extraction"),
+          "train": ("train_array.sbatch", "%A_%a", "train array"),
+          "aggregate": ("aggregate.sbatch", "%j_aggregate.out", "aggregation")}
 
 
 def sbatch_commands(plan_path: Path, out_dir: Path, packs: list[int], profile: ClusterProfile, grid_name: str,
@@ -189,20 +169,18 @@ def sbatch_commands(plan_path: Path, out_dir: Path, packs: list[int], profile: C
     A dependency names the earlier jobs' variables (``afterany:$train_1:$train_2``)."""
     commands, after = [], []
     for step in chain(profile, packs, prepare, features):
-        opts = step_options(step, grid_name, after)
-        target = out_dir if step.kind == "aggregate" else plan_path
-        chunks = [None] if step.items is None else split_by_index(step.items, max_array_size)
+        template, log_name, _ = SBATCH[step.kind]
+        flags = sbatch_flags(step_options(step, grid_name, after))
+        target = [str(out_dir if step.kind == "aggregate" else plan_path)]
         after = []
-        for k, chunk in enumerate(chunks, 1):
-            var, log_name, tail, note = f"{step.kind}_{k}", LOGS[step.kind], [], ""
-            flags = sbatch_flags(opts)
+        for k, chunk in enumerate([None] if step.items is None else split_by_index(step.items, max_array_size), 1):
+            var, args, note = f"{step.kind}_{k}", [*flags, f"--output={out_dir / 'logs' / log_name}"], ""
             if chunk is not None:
                 parallel = profile.array_parallelism if step.kind == "train" else None
-                flags.insert(0, f"--array={chunk.spec(parallel)}")
-                log_name += (f"+{chunk.offset}" if chunk.offset else "") + ".out"
-                tail, note = [str(chunk.offset)], f" (task i = pack {chunk.offset} + i)" if chunk.offset else ""
-            flags.append(f"--output={out_dir / 'logs' / log_name}")
-            commands.append((var, flags + [f"slurm/{TEMPLATES[step.kind]}", str(target)] + tail, note))
+                offset = f"+{chunk.offset}" if chunk.offset else ""
+                args = [f"--array={chunk.spec(parallel)}", *flags, f"--output={out_dir / 'logs' / log_name}{offset}.out"]
+                target, note = target[:1] + [str(chunk.offset)], f" (task i = pack {chunk.offset} + i)" if offset else ""
+            commands.append((var, args + [f"slurm/{template}"] + target, note))
             after.append(f"${var}")
     return commands
 
@@ -221,8 +199,7 @@ def render_sbatch(commands: list[tuple[str, list[str], str]], out_dir: Path, pro
     if not any(var.startswith("train_") for var, _, _ in commands):
         lines.append('echo "every run is finished: only aggregating"')
     for var, args, note in commands:
-        lines += [f"{var}=$(submit {shell_words(args)})",
-                  f'echo "{SAYS[var.rsplit("_", 1)[0]]}: ${var}{note}"']
+        lines += [f"{var}=$(submit {shell_words(args)})", f'echo "{SBATCH[var.rsplit("_", 1)[0]][2]}: ${var}{note}"']
     return "\n".join(lines + [f"echo {shlex.quote(f'results: {out_dir}')}"]) + "\n"
 
 
@@ -230,29 +207,27 @@ def render_sbatch(commands: list[tuple[str, list[str], str]], out_dir: Path, pro
 
 def run_here(plan_path: Path, out_dir: Path, packs: list[int], profile: ClusterProfile, prepare: bool = False,
              features: int = 0) -> Submission:
-    """The chain on this machine: everything in this process (debug) or packs as subprocesses
-    of the entry point the sbatch template calls (local). Waits for the end."""
+    """The chain on this machine, waiting for each step: debug runs everything in this process,
+    local runs packs as subprocesses of jobs/train.py (the entry point of the sbatch template)."""
+    from ..ensemble.collect import AggregateError
     sub = Submission(profile.executor, packs=packs)
     for step in chain(profile, packs, prepare, features):
-        if step.kind == "prepare":
-            run_prepare(str(plan_path))
-        elif step.kind == "features":
-            run_features(str(plan_path))
-        elif step.kind == "train" and profile.executor == "debug":
+        if step.kind == "train" and profile.executor == "local":
+            sub.failed_packs = _run_local(plan_path, out_dir, packs, profile)
+        elif step.kind == "train":
             for pack in packs:
                 try:
                     run_pack(str(plan_path), pack)
                 except Exception as exc:
                     log.warning("pack %d: %s", pack, exc)
                     sub.failed_packs.append(pack)
-        elif step.kind == "train":
-            sub.failed_packs = _run_local(plan_path, out_dir, packs, profile)
-        else:  # aggregation errors (e.g. no run finished) are reported, not raised
-            from ..ensemble.collect import AggregateError
-            try:
+        elif step.kind == "aggregate":
+            try:  # aggregation errors (e.g. no run finished) are reported, not raised
                 run_aggregation(str(out_dir))
             except AggregateError as exc:
                 log.error("aggregation: %s", exc)
+        else:
+            TASKS[step.kind](str(plan_path))
     return sub
 
 
@@ -267,20 +242,20 @@ def _run_local(plan_path: Path, out_dir: Path, packs: list[int], profile: Cluste
         while queue and len(running) < parallel:
             pack = queue.pop(0)
             log_path = out_dir / "logs" / f"local_pack{pack}.log"
-            fh = open(log_path, "ab")
-            proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), "--plan", str(plan_path),
-                                     "--pack", str(pack)], stdout=fh, stderr=subprocess.STDOUT, env=env)
-            running[pack] = (proc, fh, log_path)
-            log.info("pack %d started (pid %d), log %s", pack, proc.pid, log_path)
+            with open(log_path, "ab") as fh:  # the child keeps its own descriptor
+                running[pack] = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), "--plan",
+                                                  str(plan_path), "--pack", str(pack)],
+                                                 stdout=fh, stderr=subprocess.STDOUT, env=env)
+            log.info("pack %d started (pid %d), log %s", pack, running[pack].pid, log_path)
         time.sleep(0.5)
-        for pack, (proc, fh, log_path) in list(running.items()):
+        for pack, proc in list(running.items()):
             if proc.poll() is None:
                 continue
-            fh.close()
             del running[pack]
             if proc.returncode:
                 failed.append(pack)
-                log.warning("pack %d exited with %d (see %s)", pack, proc.returncode, log_path)
+                log.warning("pack %d exited with %d (see %s)", pack, proc.returncode,
+                            out_dir / "logs" / f"local_pack{pack}.log")
             log.info("%d/%d packs finished, %.0f s elapsed", len(packs) - len(queue) - len(running), len(packs),
                      time.monotonic() - start)
     return failed
