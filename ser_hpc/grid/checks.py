@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..config import ConfigError, DataConfig, config_from_dict
+from ..config import ConfigError, config_from_dict
 from ..data.audio import AudioError
 from ..data.corpus import CorpusError
 from ..data.sources import load_splits
@@ -38,34 +38,28 @@ def backbones_used(runs: list[PlannedRun]) -> list[tuple[str, str]]:
 
 
 def check_data(runs: list[PlannedRun], quick: bool = False, problems: list[str] | None = None) -> int:
-    """Read every distinct data config once. ``quick`` checks files exist but does not open them.
-    With ``problems``, each failure is appended there instead of raised."""
+    """Read every distinct data config once (any data.format: files, columns, labels, folds and
+    splits); ``quick`` checks the audio files exist but does not open them. With ``problems``,
+    each failure is appended there instead of raised. Returns how many were read."""
     seen: set[str] = set()
     for run in runs:
-        # The data section of the resolved (already validated) run config names its data;
-        # a Config is built only for each distinct one.
         needs_text = "text" in run.config["model"]["modalities"]
         key = json.dumps([run.config["data"], needs_text], sort_keys=True, default=str)
         if key in seen:
             continue
         seen.add(key)
-        data = config_from_dict(run.config).data
+        data = config_from_dict(run.config).data  # a Config only for each distinct data section
         try:
-            _check_one_data(data, quick, needs_text)
+            load_splits(data, needs_text=needs_text, open_audio=not quick)
+            for folder in (data.noise_dir, data.rir_dir):
+                if folder and not Path(folder).is_dir():
+                    raise CheckError(f"augmentation folder not found: {folder}")
         except (CorpusError, AudioError, CheckError, ConfigError) as exc:
             if problems is None:
                 raise
             if str(exc) not in problems:  # e.g. one missing corpus folder, named once for all its folds
                 problems.append(str(exc))
     return len(seen)
-
-
-def _check_one_data(data: DataConfig, quick: bool, needs_text: bool) -> None:
-    # Any data.format: files, columns, labels, folds and splits; ``quick`` does not open the audio.
-    load_splits(data, needs_text=needs_text, open_audio=not quick)
-    for folder in (data.noise_dir, data.rir_dir):
-        if folder and not Path(folder).is_dir():
-            raise CheckError(f"augmentation folder not found: {folder}")
 
 
 def check_backbones(runs: list[PlannedRun], grid_path: str, problems: list[str]) -> int:

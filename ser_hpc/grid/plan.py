@@ -50,7 +50,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 GRID_KEYS = {"name", "run_config", "overrides", "backbone_pairs", "axes", "pack_size", "ensemble",
              "cluster", "results_dir", "description"}
 PAIR_KEYS = {"name", "speech", "text"}
-ENSEMBLE_METHODS = ("mean", "vote")
+ENSEMBLE_METHODS, SELECTIONS = ("mean", "vote"), ("topk", "greedy")
 MAPPING_KEYS = ("data.label_map.", "data.columns.")  # data.label_map.exc=happy sets one entry
 NEEDS = {"speech": "audio", "text": "text"}          # encoder -> the modality it serves
 # Run-config keys that the grid sets for each run itself.
@@ -211,14 +211,13 @@ def load_grid(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> 
     if not isinstance(pack_size, int) or pack_size < 1:
         raise ConfigError(f"{path}: pack_size must be an integer >= 1, got {pack_size!r}")
     ensemble = {"top_k": 3, "method": "mean", **(tree.get("ensemble") or {})}
-    if set(ensemble) - {"top_k", "method", "selection"}:
-        raise ConfigError(f"{path}: ensemble takes top_k, method and selection, got {', '.join(sorted(ensemble))}")
-    if ensemble.get("selection", "topk") not in ("topk", "greedy"):
-        raise ConfigError(f"{path}: ensemble.selection must be topk or greedy, got {ensemble['selection']!r}")
-    if not isinstance(ensemble["top_k"], int) or ensemble["top_k"] < 1:
-        raise ConfigError(f"{path}: ensemble.top_k must be an integer >= 1, got {ensemble['top_k']!r}")
-    if ensemble["method"] not in ENSEMBLE_METHODS:
-        raise ConfigError(f"{path}: ensemble.method must be one of {', '.join(ENSEMBLE_METHODS)}")
+    top_k = ensemble["top_k"]
+    for problem, bad in (("ensemble takes top_k, method and selection", set(ensemble) - {"top_k", "method", "selection"}),
+                         ("ensemble.selection must be topk or greedy", ensemble.get("selection", "topk") not in SELECTIONS),
+                         ("ensemble.top_k must be an integer >= 1", type(top_k) is not int or top_k < 1),
+                         ("ensemble.method must be mean or vote", ensemble["method"] not in ENSEMBLE_METHODS)):
+        if bad:
+            raise ConfigError(f"{path}: {problem}, got {tree.get('ensemble')!r}")
     return GridSpec(name, path, base, overrides, pairs, axes, pack_size, ensemble, tree.get("cluster"),
                     str(tree.get("results_dir") or "results"))
 
