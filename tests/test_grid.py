@@ -348,6 +348,7 @@ def test_submitit_path_splits_2500_packs_into_3_arrays_and_aggregation_waits_for
     assert feat["params"]["slurm_additional_parameters"]["dependency"] == f"afterok:{prep['id']}"
     assert agg["params"]["slurm_additional_parameters"]["dependency"] == "afterany:" + ":".join(c["id"] for c in train)
     assert sub.job_ids["train"] == train[0]["id"] and [a["job_id"] for a in sub.train_arrays] == [c["id"] for c in train]
+    assert (sub.job_ids["prepare"], sub.job_ids["features"], sub.job_ids["aggregate"]) == (prep["id"], feat["id"], agg["id"])
     assert [a["packs"][0] for a in sub.train_arrays] == [0, 1001, 2002]
     # The features job split too: training waits for every one of its arrays.
     fake.calls.clear()

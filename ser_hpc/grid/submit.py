@@ -141,16 +141,16 @@ def submit_slurm(plan_path: Path, out_dir: Path, packs: list[int], profile: Clus
         if step.items is None:
             job = executor.submit(TASKS[step.kind], str(out_dir.resolve() if step.kind == "aggregate" else plan_path))
             after, sub.handles[step.kind] = [job.job_id], job
-            continue
-        after, sub.handles[step.kind] = [], []
-        for chunk in split_by_count(step.items, max_array_size):
-            jobs = executor.map_array(TASKS[step.kind], [str(plan_path)] * len(chunk.items), chunk.items)
-            after.append(jobs[0].job_id.split("_")[0])
-            sub.handles[step.kind] += jobs
-            if step.kind == "train":
-                sub.train_arrays.append({"job_id": after[-1], "packs": chunk.items})
-            else:
-                sub.features_arrays.append({"job_id": after[-1], "groups": chunk.items})
+        else:
+            after, sub.handles[step.kind] = [], []
+            for chunk in split_by_count(step.items, max_array_size):
+                jobs = executor.map_array(TASKS[step.kind], [str(plan_path)] * len(chunk.items), chunk.items)
+                after.append(jobs[0].job_id.split("_")[0])
+                sub.handles[step.kind] += jobs
+                if step.kind == "train":
+                    sub.train_arrays.append({"job_id": after[-1], "packs": chunk.items})
+                else:
+                    sub.features_arrays.append({"job_id": after[-1], "groups": chunk.items})
         sub.job_ids[step.kind] = after[0]
     return sub
 
