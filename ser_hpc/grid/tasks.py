@@ -26,12 +26,18 @@ from .plan import read_plan, run_folder
 log = logging.getLogger("ser_hpc.grid")
 
 
-def _job_environment() -> None:
+def _job_start(plan_path: str) -> dict:
+    """Every job's first lines: logging, offline hub, threads, the plan, its launch directory
+    (run configs hold paths relative to it)."""
+    setup_logging()
     for key, value in OFFLINE_HUB_ENV.items():  # unless the job's environment says otherwise
         os.environ.setdefault(key, value)
     cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SER_HPC_THREADS")
     if cpus:
         torch.set_num_threads(int(cpus))
+    plan = read_plan(plan_path)
+    os.chdir(plan["launch_dir"])
+    return plan
 
 
 def run_pack(plan_path: str, pack_index: int) -> dict[str, str]:
@@ -41,10 +47,7 @@ def run_pack(plan_path: str, pack_index: int) -> dict[str, str]:
     run failed, so the scheduler records the task as failed too (the aggregation job
     depends on the array with ``afterany`` and still runs).
     """
-    setup_logging()
-    _job_environment()
-    plan = read_plan(plan_path)
-    os.chdir(plan["launch_dir"])
+    plan = _job_start(plan_path)
     if not 0 <= pack_index < len(plan["packs"]):
         raise IndexError(f"pack {pack_index} out of range: the plan has {len(plan['packs'])} packs")
     by_id = {r["run_id"]: r for r in plan["runs"]}
@@ -127,10 +130,7 @@ def run_features(plan_path: str, group: int | None = None) -> list[str]:
     """The features job (before the training array): each frozen backbone pair runs once
     over the corpus into data.features_dir; ``group`` = one array task, None = all groups."""
     from ..features.extract import extract
-    setup_logging()
-    _job_environment()
-    plan = read_plan(plan_path)
-    os.chdir(plan["launch_dir"])
+    plan = _job_start(plan_path)
     groups = feature_groups(plan)
     folders = []
     for k in range(len(groups)) if group is None else [group]:
@@ -144,9 +144,7 @@ def run_features(plan_path: str, group: int | None = None) -> list[str]:
 def run_prepare(plan_path: str) -> list[dict]:
     """The grid's first job: decode every clip once into data.prepared_dir (idempotent)."""
     from ..data.prepare import prepare_for_data_config
-    setup_logging()
-    plan = read_plan(plan_path)
-    os.chdir(plan["launch_dir"])
+    plan = _job_start(plan_path)
     workers = int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
     summaries = []
     for data in prepared_data_configs(plan):
