@@ -2,11 +2,16 @@
 
 ``chain``: [data preparation] -> [feature extraction array] -> training array (a task per
 pack) -> aggregation. Each job waits for every job of the step before it: ``afterok`` with
-``kill_on_invalid_dep``, except the aggregation: ``afterany``, since it ranks whatever
-finished. An array larger than the cluster's MaxArraySize is split; the next step waits for
-all the pieces. Executors: ``submit_slurm`` (submitit), ``sbatch_commands`` +
-``render_sbatch`` (the same jobs and options as plain sbatch calls on the templates in
-slurm/), ``run_here`` (local: packs as subprocesses; debug: all in this process).
+``kill_on_invalid_dep`` (a failed preparation cancels what needs it), except the aggregation:
+``afterany``, since it ranks whatever finished (``afterok`` would leave it pending forever
+once one task fails). An array larger than the cluster's MaxArraySize is split; the next
+step waits for all the pieces.
+
+- ``submit_slurm``: submitit, with each job's options from ``cluster.slurm_options``;
+- ``sbatch_commands`` + ``render_sbatch``: the same jobs and options as a script of plain
+  sbatch calls on the templates in slurm/ (``slurm/submit_grid.sh`` runs it);
+- ``run_here``: local (packs as subprocesses of jobs/train.py, array_parallelism at a
+  time) or debug (everything in this process).
 """
 from __future__ import annotations
 
