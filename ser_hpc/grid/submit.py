@@ -176,16 +176,18 @@ def sbatch_commands(plan_path: Path, out_dir: Path, packs: list[int], profile: C
     for step in chain(profile, packs, prepare, features):
         template, log_name, _ = SBATCH[step.kind]
         flags = sbatch_flags(step_options(step, grid_name, after))
-        target = [str(out_dir if step.kind == "aggregate" else plan_path)]
+        target = str(out_dir if step.kind == "aggregate" else plan_path)
         after = []
         for k, chunk in enumerate([None] if step.items is None else split_by_index(step.items, max_array_size), 1):
-            var, args, note = f"{step.kind}_{k}", [*flags, f"--output={out_dir / 'logs' / log_name}"], ""
-            if chunk is not None:
+            array, log_file, tail, note = [], log_name, [], ""
+            if chunk is not None:  # task i runs item offset + i
                 parallel = profile.array_parallelism if step.kind == "train" else None
-                offset = f"+{chunk.offset}" if chunk.offset else ""
-                args = [f"--array={chunk.spec(parallel)}", *flags, f"--output={out_dir / 'logs' / log_name}{offset}.out"]
-                target, note = target[:1] + [str(chunk.offset)], f" (task i = pack {chunk.offset} + i)" if offset else ""
-            commands.append((var, args + [f"slurm/{template}"] + target, note))
+                array, tail = [f"--array={chunk.spec(parallel)}"], [str(chunk.offset)]
+                log_file += (f"+{chunk.offset}" if chunk.offset else "") + ".out"
+                note = f" (task i = pack {chunk.offset} + i)" if chunk.offset else ""
+            var = f"{step.kind}_{k}"
+            commands.append((var, [*array, *flags, f"--output={out_dir / 'logs' / log_file}", f"slurm/{template}",
+                                   target, *tail], note))
             after.append(f"${var}")
     return commands
 
