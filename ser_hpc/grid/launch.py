@@ -50,12 +50,15 @@ class LaunchPlan:
     def skipped(self) -> list[PlannedRun]:
         return [r for r in self.runs if self.states.get(r.run_id) == RunStatus.DONE]
 
-    def refresh(self) -> None:
-        """What has finished (again under the launch lock: a launch may have just ended)."""
-        self.states = run_states(build_plan(self.spec, self.runs, self.packs))
+    def refresh(self) -> dict:
+        """What has finished (again under the launch lock: a launch may have just ended).
+        Returns the plan it read that from."""
+        plan = build_plan(self.spec, self.runs, self.packs)
+        self.states = run_states(plan)
         self.to_run = [i for i, pack in enumerate(self.packs) if any(self.states[r.run_id] != RunStatus.DONE
                                                                     for r in pack)]
         self.prepare, self.features = (self.prepare, self.features) if self.to_run else (False, 0)
+        return plan
 
     def sbatch_commands(self, plan_path: Path | None = None) -> list[tuple[str, list[str], str]]:
         out = self.spec.out_dir.resolve()
@@ -85,9 +88,8 @@ def plan_launch(grid_path: str, overrides: list[str], cluster: str | None = None
     n_data = check_data(runs, quick=quick_check, problems=lp.problems)
     n_models = check_backbones(runs, grid_path, lp.problems)
     log.info("checked %d data config(s) and %d backbone(s)", n_data, n_models)
-    lp.refresh()
+    plan = lp.refresh()
     if lp.to_run and not lp.problems:  # both read the corpus, which the checks above found usable
-        plan = build_plan(spec, runs, lp.packs)
         lp.prepare, groups = needs_preparation(plan), feature_groups(plan)
         lp.features = len(groups) if needs_features(plan, groups) else 0
     return lp
@@ -109,14 +111,15 @@ def describe(lp: LaunchPlan, verbose: bool = False) -> str:
     lines = [f"grid {lp.spec.name}: {len(lp.runs)} runs in {len(lp.packs)} packs -> {where(lp.spec.out_dir)}",
              f"executor {lp.profile.executor}, profile {lp.profile.name}"]
     big = len(lp.runs) > LIST_ALL_UP_TO
-    pairs = list(dict.fromkeys(r.pair for r in lp.runs))
-    if len(pairs) > 1 or big:
+    by_pair: dict[str, list[PlannedRun]] = {}
+    for r in lp.runs:
+        by_pair.setdefault(r.pair, []).append(r)
+    if len(by_pair) > 1 or big:
         lines += ["", "backbone pairs:"]
-        for pair in pairs:
-            runs = [r for r in lp.runs if r.pair == pair]
+        for pair, runs in by_pair.items():
             packs = {r.pack for r in runs}
             done = sum(lp.states[r.run_id] == RunStatus.DONE for r in runs)
-            lines.append(f"  {pair:<{max(map(len, pairs))}}  {len(runs)} run(s) in {len(packs)} pack(s), {done} "
+            lines.append(f"  {pair:<{max(map(len, by_pair))}}  {len(runs)} run(s) in {len(packs)} pack(s), {done} "
                          f"finished, {len(packs & set(lp.to_run))} pack(s) to submit")
     show = lp.runs[:LIST_ENDS] + [None] + lp.runs[-LIST_ENDS:] if big and not verbose else lp.runs
     lines += ["", f"runs (the first and last {LIST_ENDS} of {len(lp.runs)}; --verbose lists every one):"
@@ -163,7 +166,7 @@ def describe_problems(lp: LaunchPlan) -> str:
                                        + "\n".join(f"  {i}. {p}" for i, p in enumerate(lp.problems, 1)))
 
 
-def write_grid_files(lp: LaunchPlan) -> Path:
+def write_grid_files(lp: LaunchPlan, plan: dict | None = None) -> Path:
     """grid.yaml (the resolved grid) and plan.json; a changed grid keeps the earlier pair as *.<time>.*."""
     out = lp.spec.out_dir
     for folder in (out / "runs", out / "logs"):
@@ -177,7 +180,7 @@ def write_grid_files(lp: LaunchPlan) -> Path:
         log.warning("grid %s changed since the last launch; the previous grid and plan are kept as *.%s.*",
                     lp.spec.name, stamp)
     atomic_io.write_text(grid_file, yaml.safe_dump(new, sort_keys=False, allow_unicode=True))
-    return write_plan(build_plan(lp.spec, lp.runs, lp.packs), out)
+    return write_plan(plan or build_plan(lp.spec, lp.runs, lp.packs), out)
 
 
 def _provenance() -> dict:
@@ -221,8 +224,7 @@ def launch(lp: LaunchPlan, overrides: list[str]) -> Submission:
     refused (``LockHeld``) instead of submitting the same packs again.
     """
     with launch_lock(lp.spec.out_dir):
-        lp.refresh()
-        plan_path = write_grid_files(lp).resolve()
+        plan_path = write_grid_files(lp, lp.refresh()).resolve()
         if lp.skipped:
             log.info("skipping %d finished run(s): %s", len(lp.skipped), ", ".join(r.run_id for r in lp.skipped))
         if lp.profile.executor == "slurm":
@@ -238,8 +240,7 @@ def emit_sbatch(lp: LaunchPlan, overrides: list[str]) -> Path:
     """Like ``launch``, but the chain is written as a script of sbatch calls (results/<grid>/
     submit.sh, which slurm/submit_grid.sh runs) next to job_setup.sh, the profile's env and setup."""
     with launch_lock(lp.spec.out_dir):
-        lp.refresh()
-        plan_path = write_grid_files(lp).resolve()
+        plan_path = write_grid_files(lp, lp.refresh()).resolve()
         out = lp.spec.out_dir.resolve()
         atomic_io.write_text(out / "job_setup.sh", "# sourced by slurm/*.sbatch: the cluster profile's env and setup\n"
                              + "\n".join(job_env_lines(lp.profile)) + "\n")
