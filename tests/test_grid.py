@@ -263,7 +263,7 @@ def test_array_specs_are_compressed_ranges():
 
 
 def test_split_at_max_array_size_keeps_indices_below_it():
-    from ser_hpc.grid.submit import dependency, split_by_count, split_by_index
+    from ser_hpc.grid.submit import dependency, split_by_index
     chunks = split_by_index(list(range(2500)), 1001)
     assert [c.offset for c in chunks] == [0, 1001, 2002]
     assert [len(c.items) for c in chunks] == [1001, 1001, 498]
@@ -274,7 +274,6 @@ def test_split_at_max_array_size_keeps_indices_below_it():
     todo = [0, 1, 2, 3, 7, 1500, 1501, 1600, 2600]
     chunks = split_by_index(todo, 1001)
     assert [(c.offset, c.spec(2)) for c in chunks] == [(0, "0-3,7%2"), (1500, "0-1,100%2"), (2600, "0%2")]
-    assert [len(c.items) for c in split_by_count(list(range(2500)), 1001)] == [1001, 1001, 498]
     assert split_by_index(list(range(1001)), 1001)[0].spec() == "0-1000"  # exactly MaxArraySize: one array
     assert dependency("afterany", ["11", "12", "13"]) == "afterany:11:12:13"
 
@@ -333,7 +332,7 @@ class _FakeSubmitit:
 
 def test_submitit_path_splits_2500_packs_into_3_arrays_and_aggregation_waits_for_all(tmp_path, monkeypatch):
     from ser_hpc.grid.cluster import ClusterProfile
-    from ser_hpc.grid.submit import submit_slurm
+    from ser_hpc.grid.submit import split_by_index, submit_slurm
     fake = _FakeSubmitit()
     monkeypatch.setitem(sys.modules, "submitit", fake)
     packs = list(range(2500))
@@ -358,6 +357,14 @@ def test_submitit_path_splits_2500_packs_into_3_arrays_and_aggregation_waits_for
     assert [[g for _, g in c["args"]] for c in feats] == [[0, 1], [2, 3], [4]]
     train = next(c for c in fake.calls if c["kind"] == "run_pack")
     assert train["params"]["slurm_additional_parameters"]["dependency"] == "afterok:" + ":".join(c["id"] for c in feats)
+    # A relaunch with gaps: submitit gets the arrays the dry run and the sbatch script show.
+    fake.calls.clear()
+    todo = [0, 1, 2, 3, 7, 1500, 1501, 1600, 2600]
+    sub = submit_slurm(tmp_path / "plan.json", tmp_path, todo, ClusterProfile(executor="slurm"), "g",
+                       max_array_size=1001)
+    assert [a["packs"] for a in sub.train_arrays] == [c.items for c in split_by_index(todo, 1001)]
+    assert [[p for _, p in c["args"]] for c in fake.calls if c["kind"] == "run_pack"] == [[0, 1, 2, 3, 7],
+                                                                                        [1500, 1501, 1600], [2600]]
 
 
 def _fake_bin(folder: Path, name: str, body: str) -> Path:

@@ -66,8 +66,9 @@ class ArrayChunk:
 
 
 def split_by_index(items: list[int], max_size: int) -> list[ArrayChunk]:
-    """For sbatch, where the task index names the item: the fewest arrays whose indices (item -
-    offset) all stay < ``max_size``. A relaunch leaves gaps for finished packs (``0-3,7%8``)."""
+    """The fewest arrays whose indices (item - offset) all stay < ``max_size``: an sbatch task's
+    index names its item; submitit gets the same arrays, so the dry run shows what it submits.
+    A relaunch leaves gaps for finished packs (``0-3,7%8``)."""
     chunks: list[ArrayChunk] = []
     for item in sorted(set(items)):
         if chunks and item - chunks[-1].offset < max_size:
@@ -75,11 +76,6 @@ def split_by_index(items: list[int], max_size: int) -> list[ArrayChunk]:
         else:
             chunks.append(ArrayChunk(item, [item]))
     return chunks
-
-
-def split_by_count(items: list[int], max_size: int) -> list[ArrayChunk]:
-    """For submitit, which hands each task its item: arrays of at most ``max_size`` items."""
-    return [ArrayChunk(start, list(items[start:start + max_size])) for start in range(0, len(items), max_size)]
 
 
 def dependency(kind: str, job_ids: list[str]) -> str:
@@ -148,7 +144,7 @@ def submit_slurm(plan_path: Path, out_dir: Path, packs: list[int], profile: Clus
             after, sub.handles[step.kind] = [job.job_id], job
         else:
             after, sub.handles[step.kind] = [], []
-            for chunk in split_by_count(step.items, max_array_size):
+            for chunk in split_by_index(step.items, max_array_size):
                 jobs = executor.map_array(TASKS[step.kind], [str(plan_path)] * len(chunk.items), chunk.items)
                 after.append(jobs[0].job_id.split("_")[0])
                 sub.handles[step.kind] += jobs
