@@ -163,6 +163,11 @@ def test_fold_grid_ranking_and_fold_averaged_ensemble(tmp_path, top_k):
     for k, values in tests.items():
         assert on_disk["mean"][k] == pytest.approx(np.mean(values))
         assert on_disk["std"][k] == pytest.approx(np.std(values, ddof=1))
+    # The launcher's closing headline states the means ± std over folds.
+    from ser_hpc.ensemble.report_stats import summary
+    mf1 = tests["macro_f1"]
+    assert summary(on_disk).startswith("ensembles of 3 folds (mean): dev macro-F1 ")
+    assert f"test macro_f1 {np.mean(mf1):.4f} ± {np.std(mf1, ddof=1):.4f} ua " in summary(on_disk)
     report = (ens / "report.md").read_text()
     assert "## Configurations over folds" in report and "## Ensemble per fold" in report
     assert "mean ± std" in report

@@ -35,6 +35,8 @@ def chance_text(result: dict, split: str) -> str:
 
 def summary(result: dict) -> str:
     """The headline sentence: the ensemble's figures with intervals, beside chance."""
+    if result.get("kind") == "folds":
+        return folds_headline(result)
     sel = result.get("selection", "topk")
     rule = (f"the top {result['top_k']} runs by dev macro-F1" if sel == "topk"
             else "a greedy forward selection with replacement on dev (Caruana et al. 2004)")
@@ -46,6 +48,16 @@ def summary(result: dict) -> str:
         text += f", test {with_ci(result['test_macro_f1'], result.get('test_macro_f1_ci95'))}"
     chance = "; ".join(t for t in (chance_text(result, s) for s in ("dev", "test")) if t)
     return text + "." + (f" For comparison, {chance}." if chance else "") + f" {BOOT}."
+
+
+def folds_headline(result: dict) -> str:
+    """A grid with folds has one ensemble per fold: its figures are means ± std over folds."""
+    mean, std, dev = result.get("mean") or {}, result.get("std") or {}, (result.get("dev_mean") or {}).get("macro_f1")
+    test = " ".join(f"{k} {mean[k]:.4f} ± {std.get(k) or 0:.4f}" for k in ("macro_f1", "ua", "wa")
+                    if mean.get(k) is not None)
+    return (f"ensembles of {len(result['folds'])} folds ({result['method']})"
+            + (f": dev macro-F1 {dev:.4f} ± {(result.get('dev_std') or {}).get('macro_f1') or 0:.4f}"
+               if dev is not None else "") + (f", test {test} (mean ± std over folds)" if test else ""))
 
 
 def chance_section(result: dict) -> list[str]:

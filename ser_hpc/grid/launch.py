@@ -259,14 +259,5 @@ def summary(out_dir: Path) -> str:
     ens = out_dir / "ensemble" / "ensemble.json"
     if not ens.exists():
         return text
-    e = atomic_io.read_json(ens)
-    if e.get("kind") == "folds":  # one ensemble per fold: the figures are means over folds
-        mean, std, dev = e.get("mean") or {}, e.get("std") or {}, (e.get("dev_mean") or {}).get("macro_f1")
-        test = " ".join(f"{k} {mean[k]:.4f} ± {std.get(k) or 0:.4f}" for k in ("macro_f1", "ua", "wa")
-                        if mean.get(k) is not None)
-        text += (f"\nensembles of {len(e['folds'])} folds ({e['method']})"
-                 + (f": dev macro-F1 {dev:.4f} ± {(e.get('dev_std') or {}).get('macro_f1') or 0:.4f}"
-                    if dev is not None else "") + (f", test {test} (mean ± std over folds)" if test else ""))
-    else:
-        text += "\n" + ensemble_summary(e)
-    return text + f"\nleaderboard: {out_dir / 'ensemble' / 'leaderboard.md'}"
+    board = out_dir / "ensemble" / "leaderboard.md"
+    return f"{text}\n{ensemble_summary(atomic_io.read_json(ens))}\nleaderboard: {board}"
