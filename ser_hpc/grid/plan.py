@@ -141,19 +141,13 @@ def _one_encoder(path: Path, index: int, pair: BackbonePair, tree: dict, base: d
     (kind,) = pair.encoders
     other = "text" if kind == "speech" else "speech"
     key = "model.modalities"
-    yaml_over, flat_base = flatten(tree.get("overrides") or {}), flatten(base)
-    if key in pair.overrides:
-        sources = [(pair.overrides[key], "the entry itself")]
-    elif key in axes:
-        sources = [(v, f"the axis {key} in {path}") for v in axes[key]]
-    elif key in cli:
-        sources = [(cli[key], f"the command-line override {key}={cli[key]}")]
-    elif key in yaml_over:
-        sources = [(yaml_over[key], f"overrides in {path}")]
-    elif key in flat_base:
-        sources = [(flat_base[key], f"run_config {tree.get('run_config')}")]
-    else:
-        sources = []
+    setters = [(pair.overrides, "the entry itself"), (axes, f"the axis {key} in {path}"),
+               (cli, f"the command-line override {key}={cli.get(key)}"),
+               (flatten(tree.get("overrides") or {}), f"overrides in {path}"),
+               (flatten(base), f"run_config {tree.get('run_config')}")]
+    # The first that sets it decides; an axis sets several values.
+    sources = next(([(v, where) for v in (keys[key] if keys is axes else [keys[key]])]
+                    for keys, where in setters if key in keys), [])
     for value, where in sources:
         if NEEDS[other] in str(value).split("+"):
             raise ConfigError(
