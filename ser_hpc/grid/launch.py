@@ -116,11 +116,12 @@ def describe(lp: LaunchPlan, verbose: bool = False) -> str:
         by_pair.setdefault(r.pair, []).append(r)
     if len(by_pair) > 1 or big:
         lines += ["", "backbone pairs:"]
+        width, to_run = max(map(len, by_pair)), set(lp.to_run)
         for pair, runs in by_pair.items():
             packs = {r.pack for r in runs}
             done = sum(lp.states[r.run_id] == RunStatus.DONE for r in runs)
-            lines.append(f"  {pair:<{max(map(len, by_pair))}}  {len(runs)} run(s) in {len(packs)} pack(s), {done} "
-                         f"finished, {len(packs & set(lp.to_run))} pack(s) to submit")
+            lines.append(f"  {pair:<{width}}  {len(runs)} run(s) in {len(packs)} pack(s), {done} "
+                         f"finished, {len(packs & to_run)} pack(s) to submit")
     show = lp.runs[:LIST_ENDS] + [None] + lp.runs[-LIST_ENDS:] if big and not verbose else lp.runs
     lines += ["", f"runs (the first and last {LIST_ENDS} of {len(lp.runs)}; --verbose lists every one):"
               if None in show else "runs:"]
@@ -144,8 +145,9 @@ def describe(lp: LaunchPlan, verbose: bool = False) -> str:
         alone[why] = alone.get(why, 0) + 1
     lines += [f"{n} run(s) cannot share a backbone forward ({why}), so each is a pack of one"
               for why, n in alone.items()]
-    if any(len(p) > 1 for p in lp.packs):
-        lines.append(f"{sum(len(p) > 1 for p in lp.packs)} pack(s) train several heads in one process on one "
+    shared = sum(len(p) > 1 for p in lp.packs)
+    if shared:
+        lines.append(f"{shared} pack(s) train several heads in one process on one "
                      f"backbone forward per batch (up to pack_size={lp.spec.pack_size})")
     if lp.profile.executor == "slurm":
         limit = f"MaxArraySize {lp.max_array_size} ({lp.max_array_source})"

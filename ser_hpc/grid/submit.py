@@ -246,19 +246,18 @@ def _run_local(plan_path: Path, out_dir: Path, packs: list[int], profile: Cluste
             pack = queue.pop(0)
             log_path = out_dir / "logs" / f"local_pack{pack}.log"
             with open(log_path, "ab") as fh:  # the child keeps its own descriptor
-                running[pack] = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), "--plan",
-                                                  str(plan_path), "--pack", str(pack)],
-                                                 stdout=fh, stderr=subprocess.STDOUT, env=env)
-            log.info("pack %d started (pid %d), log %s", pack, running[pack].pid, log_path)
+                proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), "--plan", str(plan_path),
+                                         "--pack", str(pack)], stdout=fh, stderr=subprocess.STDOUT, env=env)
+            running[pack] = (proc, log_path)
+            log.info("pack %d started (pid %d), log %s", pack, proc.pid, log_path)
         time.sleep(0.5)
-        for pack, proc in list(running.items()):
+        for pack, (proc, log_path) in list(running.items()):
             if proc.poll() is None:
                 continue
             del running[pack]
             if proc.returncode:
                 failed.append(pack)
-                log.warning("pack %d exited with %d (see %s)", pack, proc.returncode,
-                            out_dir / "logs" / f"local_pack{pack}.log")
+                log.warning("pack %d exited with %d (see %s)", pack, proc.returncode, log_path)
             log.info("%d/%d packs finished, %.0f s elapsed", len(packs) - len(queue) - len(running), len(packs),
                      time.monotonic() - start)
     return failed
