@@ -185,3 +185,46 @@ def test_the_rng_streams_keep_heads_apart(demo_assets, tmp_path):
     with a.rng:
         third = drop(feats)
     assert not torch.equal(first, third)  # a's stream moved on
+
+
+# Every head setting (HEAD_KEYS but the run's name and folder) with a value that differs
+# from BASE_HEAD: a pack of these heads must train each one exactly as it trains alone.
+BASE_HEAD = {"train.lr_schedule": "plateau", "train.lr_patience": 1, "train.lr_decay": 0.9, "train.warmup_steps": 0,
+             "train.max_grad_norm": 0.0, "model.dropout": 0.1, "model.speech.layers": "weighted",
+             "model.text.layers": "last", "model.fusion": "early", "model.pooling": "attention"}
+ONE_KEY_DIFFERS = {
+    "model.hidden_layers": 0, "model.head_width": 48, "model.dropout": 0.3, "model.fusion_dim": 40,
+    "model.fusion_attention_heads": 2, "model.speech.layers": "last", "model.text.layers": "weighted",
+    "model.fusion": "late", "model.pooling": "mean", "train.lr": 5e-3, "train.weight_decay": 0.3,
+    "train.lr_schedule": "cosine", "train.warmup_steps": 5, "train.lr_decay": 0.5, "train.lr_patience": 3,
+    "train.early_stop_patience": 1, "train.max_grad_norm": 0.05, "train.class_weights": "sqrt_inverse",
+}
+CACHED = {"train.features": "cached", "train.max_steps": 12, "train.eval_every": 3, "train.log_every": 3,
+          "train.checkpoint_every": 12,
+          "data.augment_prob": 0.0, "data.crop_seconds": 1.5}
+
+
+@pytest.mark.slow
+def test_every_head_setting_is_the_heads_own(demo_assets, tmp_path_factory, tmp_path):
+    """For each key a pack lets differ (HEAD_KEYS), a head whose value differs from the
+    pack's first run trains as it does alone: its own lr schedule, warmup, clipping, decay,
+    early stopping, class weights, layers and architecture (cached features: cheap heads)."""
+    from ser_hpc.train.packing import HEAD_KEYS
+    assert set(ONE_KEY_DIFFERS) == HEAD_KEYS - {"run.name", "run.dir"}, "a new head key needs a value here"
+    features = tmp_path_factory.mktemp("pack_keys_features")
+    over = {**CACHED, **BASE_HEAD, "data.features_dir": str(features)}
+    names = ["base"] + sorted(ONE_KEY_DIFFERS)
+    cfgs = [_cfg(demo_assets, tmp_path / "pack" / n, n, **{**over, **({n: ONE_KEY_DIFFERS[n]} if n != "base" else {})})
+            for n in names]
+    finals = dict(zip(names, train_pack(cfgs)))  # the pack extracts the store all heads read
+    for name, cfg in zip(names, cfgs):
+        cfg.run.dir = str(tmp_path / "alone" / name)
+        alone = train_pack([cfg])[0]
+        try:
+            _assert_same_run(tmp_path / "pack" / name, tmp_path / "alone" / name, finals[name], alone)
+        except AssertionError as exc:
+            raise AssertionError(f"head {name!r} of the pack differs from its run alone: {exc}") from None
+    lrs = {n: [m["lr"] for m in read_metrics(tmp_path / "pack" / n)] for n in names}
+    for key in ("train.lr_schedule", "train.warmup_steps", "train.lr_decay", "train.lr"):
+        assert lrs[key] != lrs["base"], key  # the key really changed the schedule
+    assert finals["train.early_stop_patience"]["stopped_early"] and not finals["base"]["stopped_early"]

@@ -135,6 +135,8 @@ def setup(cfgs: list[Config], splits, env: D.DistEnv, device: torch.device,
 
 
 def _train(heads: list[Head], inputs: PackInputs, env: D.DistEnv, flag: PreemptionFlag) -> list[dict]:
+    # ``t``: the pack's shared settings (batches, steps, evaluation and checkpoint cadence);
+    # every head setting (HEAD_KEYS) is read from the head's own config, ``h.cfg``.
     t, total = inputs.cfg.train, inputs.total_steps
     step, epoch, batch_in_epoch = _resume(heads, total, env)
     _log_start(heads, inputs, step, env)
@@ -169,9 +171,9 @@ def _train(heads: list[Head], inputs: PackInputs, env: D.DistEnv, flag: Preempti
         step += 1
         stepped = [h for h in training if h.status == RunStatus.RUNNING]
         for h in stepped:
-            s = h.state
-            h.engine.set_lr_factor(lr_factor(t.lr_schedule, s.step, total, t.warmup_steps, s.plateau_scale))
-            h.engine.step(t.max_grad_norm)
+            s, own = h.state, h.cfg.train  # the schedule and clipping are head settings (HEAD_KEYS)
+            h.engine.set_lr_factor(lr_factor(own.lr_schedule, s.step, total, own.warmup_steps, s.plateau_scale))
+            h.engine.step(own.max_grad_norm)
             s.window_loss += D.all_sum(step_loss[id(h)], env) / step_weight[id(h)]
             s.window_n += 1
             s.step, s.epoch, s.batch_in_epoch = step, epoch, batch_in_epoch
