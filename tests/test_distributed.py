@@ -40,8 +40,9 @@ def _env(**extra):
 
 
 LONG = {"train.max_steps": 40, "train.eval_every": 8, "train.checkpoint_every": 4, "train.log_every": 4}
-# Same global batch, no dropout or augmentation: one process and two ranks see the same data.
-SAME = {"train.max_steps": 8, "train.eval_every": 4, "model.dropout": 0.0, "data.augment_prob": 0.0,
+# Same global batch, with dropout and augmentation: one process and two ranks see the same
+# crops, the same augmentations and the same dropout masks (drawn for the global batch).
+SAME = {"train.max_steps": 8, "train.eval_every": 4, "model.dropout": 0.1, "data.augment_prob": 0.3,
         "train.batch_size": 8}
 
 
@@ -124,8 +125,9 @@ def test_cached_features_under_ddp_match_one_process(demo_assets, tmp_path):
 def test_a_pack_under_ddp_matches_each_run_alone(demo_assets, tmp_path):
     """Two heads in one pack, two DDP ranks (jobs/train.py --plan --pack under torchrun):
     each run ends as it does alone in one process."""
-    # Dropout stays 0 (SAME): ranks draw masks for their half of the batch, never the same as one process.
-    heads = {"a": {}, "b": {"model.hidden_layers": 2, "train.lr": 1e-3, "model.head_width": 96}}
+    # Dropout 0.1 (SAME); "b" also has attention dropout (masks per clip, whatever its rank pads it to).
+    heads = {"a": {}, "b": {"model.hidden_layers": 2, "train.lr": 1e-3, "model.head_width": 96,
+                            "model.fusion_attention_heads": 2}}
     runs = []
     for name, over in heads.items():
         alone = _write_cfg(demo_assets, tmp_path, f"alone-{name}", **SAME, **over)

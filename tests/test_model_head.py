@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from ser_hpc.config import ModelConfig
 from ser_hpc.models.encoders import BackboneOutput
@@ -115,3 +116,39 @@ def test_weighted_layers_skip_the_cnn_output_like_the_authors():
     held = BackboneOutput(feats.speech[1:], feats.speech_mask, None, None, speech_layers=(1, 2, 3, 4))
     head.eval()
     assert torch.allclose(head(held), head(feats), atol=1e-6)
+
+
+def test_dropout_masks_do_not_depend_on_the_rank_that_holds_a_clip():
+    """Two ranks holding halves of a global batch draw the masks one process draws (and one
+    process draws exactly what nn.Dropout draws); attention dropout is per clip, whatever
+    padding each rank's slice has."""
+    from ser_hpc.models.dropout import RowDropout, attention, global_batch_rows
+    x = torch.randn(16, 64)
+    for p in (0.1, 0.3):
+        torch.manual_seed(3)
+        plain = nn.Dropout(p).train()(x)
+        torch.manual_seed(3)
+        with global_batch_rows(0, 16):
+            assert torch.equal(RowDropout(p).train()(x), plain)
+        halves = []
+        for rank in (0, 1):
+            torch.manual_seed(3)  # every rank's head stream starts from the same seed
+            with global_batch_rows(8 * rank, 16):
+                halves.append(RowDropout(p).train()(x[8 * rank:8 * rank + 8]))
+        assert torch.equal(torch.cat(halves), plain)
+    mha = nn.MultiheadAttention(32, 4, dropout=0.2, batch_first=True).train()
+    h, mask = torch.randn(4, 10, 32), torch.ones(4, 10, dtype=torch.bool)
+    mask[1, 6:] = mask[3, 3:] = False
+    padded = torch.cat([h, torch.randn(4, 4, 32)], 1), torch.cat([mask, torch.zeros(4, 4, dtype=torch.bool)], 1)
+    torch.manual_seed(5)
+    with global_batch_rows(0, 4):
+        whole = attention(mha, *padded)[:, :10]
+    for rank in (0, 1):
+        rows = slice(2 * rank, 2 * rank + 2)
+        torch.manual_seed(5)
+        with global_batch_rows(2 * rank, 4):
+            mine = attention(mha, h[rows], mask[rows])
+        torch.testing.assert_close(mine[mask[rows]], whole[rows][mask[rows]], atol=1e-6, rtol=0)
+    mha.eval()  # no dropout: the module's own attention, as in evaluation and inference
+    torch.testing.assert_close(attention(mha, h, mask)[mask],
+                               mha(h, h, h, key_padding_mask=~mask, need_weights=False)[0][mask])

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .dropout import RowDropout, attention
 from .encoders import BackboneOutput
 from .pooling import build_pooling
 
@@ -72,7 +73,7 @@ def mlp(width_in: int, width: int, hidden_layers: int, dropout: float, num_class
     """Linear(E->W)+LN+GELU+Dropout, N x [Linear(W->W)+LN+GELU+Dropout], Linear(W->classes)."""
     blocks: list[nn.Module] = []
     for i in range(hidden_layers + 1):
-        blocks += [nn.Linear(width_in if i == 0 else width, width), nn.LayerNorm(width), nn.GELU(), nn.Dropout(dropout)]
+        blocks += [nn.Linear(width_in if i == 0 else width, width), nn.LayerNorm(width), nn.GELU(), RowDropout(dropout)]
     blocks.append(nn.Linear(width, num_classes))
     return nn.Sequential(*blocks)
 
@@ -95,7 +96,7 @@ class EmotionHead(nn.Module):
                           if cfg.fusion_attention_heads else None)
         self.pools = nn.ModuleList(build_pooling(cfg.pooling, common) for _ in range(n_seq))
         # The authors' classifier drops its input too (a module of its own: the MLP's keys stay put).
-        self.input_dropout = nn.Dropout(cfg.dropout)
+        self.input_dropout = RowDropout(cfg.dropout)
         self.classifier = mlp(sum(p.out_width for p in self.pools), cfg.head_width, cfg.hidden_layers, cfg.dropout,
                               num_classes)
 
@@ -118,8 +119,7 @@ class EmotionHead(nn.Module):
         pooled = []
         for k, (h, mask) in enumerate(seqs):
             if self.attention is not None:
-                attended, _ = self.attention[k](h, h, h, key_padding_mask=~mask, need_weights=False)
-                h = h + attended
+                h = h + attention(self.attention[k], h, mask)
             pooled.append(self.pools[k](h, mask))
         return self.classifier(self.input_dropout(torch.cat(pooled, dim=-1)))
 

@@ -30,6 +30,7 @@ from ..config import Config, ConfigError
 from ..data.sources import load_splits
 from ..locks import hold_run_folders
 from ..metrics import score
+from ..models.dropout import global_batch_rows
 from ..run_status import RunStatus
 from . import distributed as D
 from .heads import (Head, Predictions, final_record, load_checkpoint, new_head, predict, save_checkpoint, saved_state,
@@ -155,8 +156,11 @@ def _train(heads: list[Head], inputs: PackInputs, env: D.DistEnv, flag: Preempti
         step_loss = {id(h): 0.0 for h in training}
         for _, _, batch in micro:
             feats = inputs.features(batch)
+            # This rank's clips are rows rank*b.. of the global batch: dropout masks are drawn
+            # for all rows and these kept, so a clip's mask does not depend on its rank.
+            rows = (env.rank * len(batch.ids), env.world * len(batch.ids))
             for h in [h for h in training if h.status == RunStatus.RUNNING]:
-                with h.rng:  # this head's dropout masks, whatever the others drew
+                with h.rng, global_batch_rows(*rows):  # this head's dropout masks, whatever the others drew
                     logits = inputs.logits(h.engine, batch, feats)
                 loss_sum = h.weighted_ce_sum(logits, batch.labels.to(logits.device))
                 # Every rank decides together, so no rank waits in a backward the others skipped.
