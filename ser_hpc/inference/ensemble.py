@@ -50,6 +50,10 @@ class Member:
         return self.text is not None
 
     @property
+    def modalities(self) -> str:
+        return self.config.model.modalities
+
+    @property
     def bf16(self) -> bool:
         return self.config.train.bf16
 

@@ -67,7 +67,7 @@ def check_transcriptions(ens: LoadedEnsemble, rows: list[InputRow]) -> list[str]
     if not fallback:
         raise MissingTextError(
             f"{len(missing)} row(s) have no transcription ({shown}), and every member of this ensemble uses "
-            f"text ({', '.join(sorted({m.config.model.modalities for m in needing}))}): give the transcriptions "
+            f"text ({', '.join(sorted({m.modalities for m in needing}))}): give the transcriptions "
             "(CSV column 'transcription', or --text), or use an ensemble with audio-only members")
     return [f"{len(missing)} row(s) without a transcription ({shown}) labelled by the {len(fallback)} "
             f"audio-only member(s) only: {', '.join(m.run_id for m in fallback)}"]
@@ -126,8 +126,13 @@ def _combine_rows(ens: LoadedEnsemble, member_probs: np.ndarray, valid: np.ndarr
 
 
 def predict(ens: LoadedEnsemble, rows: list[InputRow], batch_size: int = 8, window_s: float = DEFAULT_WINDOW_S,
-            hop_s: float | None = None, workers: int = 0, progress: bool | None = None) -> PredictionResult:
-    """Label ``rows``; audio problems become per-row errors, missing text may raise MissingTextError."""
+            hop_s: float | None = None, workers: int = 0, progress: bool | None = None,
+            forward=None) -> PredictionResult:
+    """Label ``rows``; audio problems become per-row errors, missing text may raise MissingTextError.
+
+    ``forward(ens, group, segments) -> {member index: probs}`` runs one group on a batch
+    (default: the PyTorch backbones and heads; onnx_predictor passes its onnxruntime one)."""
+    forward = forward or _forward
     start = time.monotonic()
     hop_s = window_s * DEFAULT_HOP_FRACTION if hop_s is None else hop_s
     if window_s <= 0 or hop_s <= 0:
@@ -158,7 +163,7 @@ def predict(ens: LoadedEnsemble, rows: list[InputRow], batch_size: int = 8, wind
             for k in range(0, len(segs), batch_size):
                 chunk = segs[k:k + batch_size]
                 idx = np.array([i for i, _, _ in chunk])
-                for mi, p in _forward(ens, group, chunk).items():
+                for mi, p in forward(ens, group, chunk).items():
                     np.add.at(sums[mi], idx, p)
                     np.add.at(counts[mi], idx, 1)
         bar.update(len(items))
