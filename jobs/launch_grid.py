@@ -10,6 +10,8 @@ backbone loads offline, then submits ONE training array (a task per pack of runs
 when there are more packs than the cluster's MaxArraySize) and an aggregation job that
 depends on it (on all of them). Finished runs are skipped on relaunch. With Slurm it
 returns at once with the job ids unless --wait is given; local and debug run to the end.
+Every job of a launch runs a snapshot of the code taken at submission
+(results/<grid>/code/<id>/), not the checkout as it is when the job starts (--no-snapshot).
 """
 import argparse
 import sys
@@ -42,10 +44,14 @@ def main(argv=None) -> int:
                              "slurm/submit_grid.sh); print the script's path")
     parser.add_argument("--quick-check", action="store_true",
                         help="check audio files exist without opening them (huge corpora on slow file systems)")
+    parser.add_argument("--no-snapshot", action="store_true",
+                        help="run the jobs from the checkout as it is when each job starts, instead of from a "
+                             "snapshot of the code taken now (results/<grid>/code/<id>/)")
     args = parser.parse_intermixed_args(argv)  # key=value anywhere, e.g. after --cluster local
     setup_logging()
     try:
-        lp = plan_launch(args.grid, args.overrides, args.cluster, args.profile, args.quick_check)
+        lp = plan_launch(args.grid, args.overrides, args.cluster, args.profile, args.quick_check,
+                         code_snapshot=not args.no_snapshot)
     except (ConfigError, CorpusError, AudioError, BackboneError, CheckError, FileNotFoundError) as exc:
         print(f"error: {exc}\nnothing was submitted", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -255,11 +256,11 @@ def _no_scontrol(tmp_path, monkeypatch, output: str | None = None) -> None:
 
 
 def test_array_specs_are_compressed_ranges():
-    from ser_hpc.grid.submit import array_spec, compress
-    assert array_spec(list(range(320)), 2) == "0-319%2"
-    assert array_spec([0, 1, 2, 3, 7, 9, 10, 11, 12], 2) == "0-3,7,9-12%2"  # a relaunch: 4-6 and 8 finished
+    from ser_hpc.grid.submit import ArrayChunk, compress
+    assert ArrayChunk(0, list(range(320))).spec(2) == "0-319%2"
+    assert ArrayChunk(0, [0, 1, 2, 3, 7, 9, 10, 11, 12]).spec(2) == "0-3,7,9-12%2"  # a relaunch: 4-6 and 8 finished
     assert compress([5, 3, 4, 4, 10]) == "3-5,10" and compress([7]) == "7" and compress([1, 3]) == "1,3"
-    assert array_spec([], 8) == "" and array_spec([0, 1]) == "0-1"
+    assert compress([]) == "" and ArrayChunk(0, [0, 1]).spec() == "0-1" and ArrayChunk(5, [5, 7]).spec(3) == "0,2%3"
 
 
 def test_split_at_max_array_size_keeps_indices_below_it():
@@ -305,6 +306,7 @@ class _FakeSubmitit:
         class Job:
             def __init__(self, job_id):
                 self.job_id = job_id
+                self.paths = SimpleNamespace(stderr=f"logs/{job_id}/{job_id}_0_log.err")
 
         class AutoExecutor:
             def __init__(self, folder, cluster):
@@ -325,6 +327,8 @@ class _FakeSubmitit:
             def map_array(self, fn, *iterables):
                 job, args = self._id(), list(zip(*iterables))
                 fake.calls.append({"kind": fn.__name__, "id": job, "args": args, "params": dict(self.params)})
+                if len(args) == 1:  # as submitit: one task is a plain job, not an array
+                    return [Job(job)]
                 return [Job(f"{job}_{i}") for i in range(len(args))]
 
         self.AutoExecutor = AutoExecutor
@@ -332,12 +336,15 @@ class _FakeSubmitit:
 
 def test_submitit_path_splits_2500_packs_into_3_arrays_and_aggregation_waits_for_all(tmp_path, monkeypatch):
     from ser_hpc.grid.cluster import ClusterProfile
-    from ser_hpc.grid.submit import split_by_index, submit_slurm
+    from ser_hpc.grid.submit import Chain, split_by_index, submit_slurm
     fake = _FakeSubmitit()
     monkeypatch.setitem(sys.modules, "submitit", fake)
     packs = list(range(2500))
-    sub = submit_slurm(tmp_path / "plan.json", tmp_path, packs, ClusterProfile(executor="slurm"), "g",
-                       prepare=True, features=3, max_array_size=1001)
+
+    def chain(packs, prepare=False, features=0, max_array_size=1001):
+        return Chain(tmp_path / "plan.json", tmp_path, "g", ClusterProfile(executor="slurm"), packs, prepare, features,
+                     max_array_size, tmp_path / "code")
+    sub = submit_slurm(chain(packs, prepare=True, features=3))
     kinds = [c["kind"] for c in fake.calls]
     assert kinds == ["run_prepare", "run_features", "run_pack", "run_pack", "run_pack", "run_aggregation"]
     prep, feat, *train, agg = fake.calls
@@ -348,11 +355,11 @@ def test_submitit_path_splits_2500_packs_into_3_arrays_and_aggregation_waits_for
     assert agg["params"]["slurm_additional_parameters"]["dependency"] == "afterany:" + ":".join(c["id"] for c in train)
     assert sub.job_ids["train"] == train[0]["id"] and [a["job_id"] for a in sub.train_arrays] == [c["id"] for c in train]
     assert (sub.job_ids["prepare"], sub.job_ids["features"], sub.job_ids["aggregate"]) == (prep["id"], feat["id"], agg["id"])
-    assert [a["packs"][0] for a in sub.train_arrays] == [0, 1001, 2002]
+    assert [a["items"][0] for a in sub.train_arrays] == [0, 1001, 2002]
+    assert sub.tasks["1001"]["task_id"] == f"{train[1]['id']}_0" and len(sub.tasks) == 2500  # each pack's own task
     # The features job split too: training waits for every one of its arrays.
     fake.calls.clear()
-    submit_slurm(tmp_path / "plan.json", tmp_path, [0, 1], ClusterProfile(executor="slurm"), "g", features=5,
-                 max_array_size=2)
+    submit_slurm(chain([0, 1], features=5, max_array_size=2))
     feats = [c for c in fake.calls if c["kind"] == "run_features"]
     assert [[g for _, g in c["args"]] for c in feats] == [[0, 1], [2, 3], [4]]
     train = next(c for c in fake.calls if c["kind"] == "run_pack")
@@ -360,9 +367,8 @@ def test_submitit_path_splits_2500_packs_into_3_arrays_and_aggregation_waits_for
     # A relaunch with gaps: submitit gets the arrays the dry run and the sbatch script show.
     fake.calls.clear()
     todo = [0, 1, 2, 3, 7, 1500, 1501, 1600, 2600]
-    sub = submit_slurm(tmp_path / "plan.json", tmp_path, todo, ClusterProfile(executor="slurm"), "g",
-                       max_array_size=1001)
-    assert [a["packs"] for a in sub.train_arrays] == [c.items for c in split_by_index(todo, 1001)]
+    sub = submit_slurm(chain(todo))
+    assert [a["items"] for a in sub.train_arrays] == [c.items for c in split_by_index(todo, 1001)]
     assert [[p for _, p in c["args"]] for c in fake.calls if c["kind"] == "run_pack"] == [[0, 1, 2, 3, 7],
                                                                                         [1500, 1501, 1600], [2600]]
 
@@ -413,7 +419,7 @@ def test_sbatch_path_splits_arrays_passes_offsets_and_skips_finished_packs(tmp_p
     train_2 = next(line for line in script.splitlines() if line.startswith("train_2=$(submit --array=0,2%2 "))
     assert " --dependency=afterok:$features_1:$features_2 " in train_2 and train_2.endswith(" 3)")
     manifest = json.loads((lp.spec.out_dir / "manifest.json").read_text())
-    assert [(a["offset"], a["packs"]) for a in manifest["launches"][-1]["train_arrays"]] == [(0, [0, 2]), (3, [3, 5])]
+    assert [(a["offset"], a["items"]) for a in manifest["launches"][-1]["train_arrays"]] == [(0, [0, 2]), (3, [3, 5])]
 
     bin_dir = tmp_path / "bin"
     calls = tmp_path / "sbatch_calls"
@@ -456,22 +462,27 @@ def test_sbatch_path_splits_arrays_passes_offsets_and_skips_finished_packs(tmp_p
 
 
 def test_status_maps_split_arrays_back_to_packs(tmp_path):
-    from ser_hpc.grid.status import pack_tasks
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    for name in ("300_0.out", "300_2.out", "301_0+3.out", "301_2+3.out", "299_0.out"):
-        (logs / name).write_text("")
-    tasks, _ = pack_tasks(tmp_path, {"launches": [{"executor": "sbatch", "packs": [0, 2, 3, 5], "job_ids": {}}]})
+    """Both submission paths record each pack's task in manifest.json; one reader maps them back."""
+    from ser_hpc.grid.manifest import append_launch, pack_tasks, read, record_sbatch_job
+    # The sbatch path: submit.sh records each array's id; the offset turns pack into index.
+    arrays = [{"job_id": None, "offset": 0, "items": [0, 2], "log": str(tmp_path / "logs" / "%A_%a.out")},
+              {"job_id": None, "offset": 3, "items": [3, 5], "log": str(tmp_path / "logs" / "%A_%a+3.out")}]
+    append_launch(tmp_path, {"launch_id": "L1", "executor": "sbatch", "packs": [0, 2, 3, 5], "tasks": {},
+                             "job_ids": {"train_array": None, "aggregate": None}, "train_arrays": arrays})
+    record_sbatch_job(tmp_path, "L1", "train_1", "300")
+    record_sbatch_job(tmp_path, "L1", "train_2", "301")
+    record_sbatch_job(tmp_path, "L1", "aggregate_1", "302")
+    tasks, others = pack_tasks(read(tmp_path))
     assert {p: (t.task_id, Path(t.log).name) for p, t in tasks.items()} == {
         0: ("300_0", "300_0.out"), 2: ("300_2", "300_2.out"), 3: ("301_0", "301_0+3.out"), 5: ("301_2", "301_2+3.out")}
+    assert others == {"aggregate": "302"} and read(tmp_path)["launches"][0]["job_ids"]["train_array"] == "300"
+    # The submitit path: the ids submitit returned, a lone task as a plain job; the latest launch wins.
     launch = {"executor": "slurm", "packs": [0, 1, 2], "job_ids": {"train_array": "500", "aggregate": "502"},
-              "train_arrays": [{"job_id": "500", "packs": [0, 1]}, {"job_id": "501", "packs": [2]}]}
-    tasks, others = pack_tasks(tmp_path, {"launches": [launch]})
-    assert {p: t.task_id for p, t in tasks.items()} == {0: "500_0", 1: "500_1", 2: "501_0"}
+              "tasks": {"0": {"task_id": "500_0", "log": "a"}, "1": {"task_id": "500_1", "log": "b"},
+                        "2": {"task_id": "501", "log": "c"}}}
+    tasks, others = pack_tasks({"launches": [read(tmp_path)["launches"][0], launch]})
+    assert {p: t.task_id for p, t in tasks.items()} == {0: "500_0", 1: "500_1", 2: "501", 3: "301_0", 5: "301_2"}
     assert others == {"aggregate": "502"}
-    del launch["train_arrays"]  # a launch recorded before arrays were split
-    assert {p: t.task_id for p, t in pack_tasks(tmp_path, {"launches": [launch]})[0].items()} == {
-        0: "500_0", 1: "500_1", 2: "500_2"}
 
 
 def test_fast_expansion_equals_building_every_run_from_scratch(tmp_path):

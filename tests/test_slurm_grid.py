@@ -5,7 +5,9 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +117,93 @@ def test_submit_grid_script_and_a_failing_run(slurm_cluster, demo_assets, tmp_pa
     board = (out / "ensemble" / "leaderboard.md").read_text()
     assert "unreadable audio" in board
     assert list((out / "logs").glob(f"{train_job}_*.out"))
+
+
+def _launch(cluster, path, *extra, cwd=REPO, launcher=REPO / "jobs" / "launch_grid.py", timeout=600):
+    res = subprocess.run([sys.executable, str(launcher), str(path), "--cluster", "slurm", *extra], cwd=cwd,
+                         env=cluster.env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    return res
+
+
+def _job_ids(out):
+    launches = json.loads((out / "manifest.json").read_text())["launches"]
+    return [j for x in launches for j in x["job_ids"].values() if j]
+
+
+@pytest.mark.parametrize("pack_size", [2, 4])
+def test_status_shows_every_run_of_a_running_pack_running(slurm_cluster, demo_assets, tmp_path, monkeypatch, capsys,
+                                                         pack_size):
+    """2 packs of 2 (two array tasks at once) and 1 pack of 4 (submitit submits a lone task as a
+    plain job, "N" not "N_0"): every run of a running pack is running, with its own steps and
+    best dev figure so far, linked to its Slurm task."""
+    from ser_hpc.grid.status import grid_status, render
+    bb = demo_assets["backbones"]
+    path = write_grid(tmp_path, demo_assets, name=f"running{pack_size}", pack_size=pack_size,
+                      pairs=[{"name": "w2v+roberta", "speech": str(bb["wav2vec2-tiny"]), "text": str(bb["roberta-tiny"])}],
+                      axes={"model.hidden_layers": [1, 2], "train.weight_decay": [0.01, 0.1]},
+                      overrides={"train.max_steps": 5000, "train.eval_every": 2, "train.log_every": 100,
+                                 "train.checkpoint_every": 5000})
+    out = tmp_path / "results" / f"running{pack_size}"
+    _launch(slurm_cluster, path, "--profile", str(PROFILE))
+    slurm_cluster.apply_env(monkeypatch)
+    try:
+        deadline, status = time.monotonic() + 300, None
+        while time.monotonic() < deadline:
+            status = grid_status(out)
+            if all(r.state == "running" and r.steps for r in status.runs):
+                break
+            time.sleep(1)
+        text = render(status)
+        with capsys.disabled():
+            print(f"\n[status, {4 // pack_size} pack(s) of {pack_size}]\n{text}")
+        assert [r.state for r in status.runs] == ["running"] * 4, text
+        tasks = {r.pack: r.slurm.split()[0] for r in status.runs}
+        assert all(r.slurm.endswith("RUNNING") and r.steps >= 2 and r.dev_macro_f1 is not None for r in status.runs)
+        if pack_size == 4:
+            assert len(set(tasks.values())) == 1 and "_" not in tasks[0]  # the lone task is a plain job
+        else:
+            array = tasks[0].split("_")[0]
+            assert tasks == {0: f"{array}_0", 1: f"{array}_1"}
+        assert "no scheduler info" not in text
+    finally:
+        for job in _job_ids(out):
+            slurm_cluster.run("scancel", job, check=False)
+
+
+def test_a_queued_job_runs_the_code_submitted_not_the_code_on_disk(slurm_cluster, demo_assets, tmp_path):
+    """Launch from a checkout with the training array held, edit the package while it waits,
+    release it: the tasks run the snapshot taken at submission. A dry run after the edit says
+    that the code changed."""
+    checkout = tmp_path / "checkout"
+    for part in ("ser_hpc", "jobs", "slurm", "configs"):
+        shutil.copytree(REPO / part, checkout / part, ignore=shutil.ignore_patterns("__pycache__"))
+    profile = tmp_path / "held.yaml"
+    profile.write_text(PROFILE.read_text().replace("  signal_delay_s: 30\n", "  signal_delay_s: 30\n"
+                                                   "  extra_sbatch: [\"--hold\"]\n"))
+    bb = demo_assets["backbones"]
+    path = write_grid(tmp_path, demo_assets, name="snap", pack_size=2,
+                      pairs=[{"name": "w2v+roberta", "speech": str(bb["wav2vec2-tiny"]), "text": str(bb["roberta-tiny"])}])
+    launcher = checkout / "jobs" / "launch_grid.py"
+    _launch(slurm_cluster, path, "--profile", str(profile), cwd=checkout, launcher=launcher)
+    out = tmp_path / "results" / "snap"
+    launch = json.loads((out / "manifest.json").read_text())["launches"][0]
+    code = Path(launch["code"]["dir"])
+    assert code.parent == out.resolve() / "code" and (code / "ser_hpc" / "grid" / "tasks.py").is_file()
+    train = launch["job_ids"]["train_array"]
+    assert slurm_cluster.states(train).get(train, "PENDING") == "PENDING"
+    # The edit: every pack task of the checkout would now fail.
+    tasks = checkout / "ser_hpc" / "grid" / "tasks.py"
+    tasks.write_text(tasks.read_text().replace('    plan = _job_start(plan_path)\n    if not 0 <= pack_index',
+                                               '    raise RuntimeError("the edited checkout ran")\n'
+                                               '    plan = _job_start(plan_path)\n    if not 0 <= pack_index', 1))
+    assert "the edited checkout ran" in tasks.read_text()
+    slurm_cluster.run("scontrol", "release", train)
+    assert slurm_cluster.wait(launch["job_ids"]["aggregate"], timeout=600) == "COMPLETED"
+    _check_grid_results(out, 2)  # both runs done: the tasks ran the snapshot
+    logs = "".join(p.read_text(errors="replace") for p in (out / "logs").rglob("*_log.*"))
+    assert "the edited checkout ran" not in logs
+    dry = subprocess.run([sys.executable, str(launcher), str(path), "--cluster", "slurm", "--profile", str(profile),
+                          "--dry-run"], cwd=checkout, env=slurm_cluster.env, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert f"the code changed since the last launch, whose jobs run {launch['code']['id']}" in dry.stdout

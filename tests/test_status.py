@@ -60,7 +60,9 @@ def make_grid(root: Path, kinds: list[str], pack_size: int = 3, launch: dict | N
             "packs": [[r["run_id"] for r in runs if r["pack"] == p] for p in range(n_packs)]}
     root.mkdir(parents=True, exist_ok=True)
     (root / "plan.json").write_text(json.dumps(plan))
-    launch = launch or {"executor": "local", "job_ids": {"train_array": None, "aggregate": None}}
+    launch = launch or {"executor": "local", "job_ids": {"train_array": None, "aggregate": None},  # as run_here records
+                        "tasks": {str(p): {"task_id": None, "log": str(root / "logs" / f"local_pack{p}.log")}
+                                  for p in range(n_packs)}}
     launch.setdefault("packs", list(range(n_packs)))
     (root / "manifest.json").write_text(json.dumps({"grid_name": "big", "launches": [launch]}))
     for i, (r, k) in enumerate(zip(runs, kinds)):
@@ -142,10 +144,13 @@ def _stamp(t: float) -> str:
 def test_slurm_states_are_merged(tmp_path, monkeypatch):
     root = tmp_path / "g"
     # pack 0 all done; pack 1 timed out after its first run; pack 2 requeued and waiting;
-    # pack 3 running: its first run failed in this attempt, its second had failed in an
-    # earlier launch and is being retried now, its third waits for its turn.
+    # pack 3 running (a task trains all its runs at once): its first run failed in this
+    # attempt, its second had failed in an earlier launch and is being retried now, its
+    # third has not written anything yet.
     kinds = ["done"] * 3 + ["done", "started", "pending"] + ["pending"] * 3 + ["failed", "retry", "pending"]
-    ids = make_grid(root, kinds, launch={"executor": "slurm",
+    tasks = {str(p): {"task_id": f"500_{p}", "log": str(root / "logs" / f"500_{p}" / f"500_{p}_0_log.err")}
+             for p in range(4)}
+    ids = make_grid(root, kinds, launch={"executor": "slurm", "tasks": tasks,
                                                           "job_ids": {"prepare": "499", "train_array": "500",
                                                                       "aggregate": "501"}})
     started = time.time() - 600
@@ -165,7 +170,7 @@ def test_slurm_states_are_merged(tmp_path, monkeypatch):
     status = grid_status(root)
     assert status.slurm == "squeue/sacct"
     states = [r.state for r in status.runs]
-    assert states == ["done"] * 3 + ["done", "failed", "failed"] + ["requeued"] * 3 + ["failed", "running", "pending"]
+    assert states == ["done"] * 3 + ["done", "failed", "failed"] + ["requeued"] * 3 + ["failed", "running", "running"]
     rows = status.runs
     assert rows[4].reason == "no final.json: Slurm task 500_1 ended TIMEOUT"
     assert rows[4].log == str(root / "logs" / "500_1" / "500_1_0_log.err")
@@ -206,7 +211,8 @@ def test_real_slurm_failed_running_pending_requeued(slurm_cluster, tmp_path, mon
                                  str(script))
     try:
         ids = make_grid(root, ["pending"] * 3, pack_size=1,
-                        launch={"executor": "slurm", "job_ids": {"train_array": array, "aggregate": None}})
+                        launch={"executor": "slurm", "job_ids": {"train_array": array, "aggregate": None},
+                                "tasks": {str(p): {"task_id": f"{array}_{p}", "log": None} for p in range(3)}})
         _wait_for(slurm_cluster, array, {f"{array}_0": "FAILED", f"{array}_1": "RUNNING"})
         status = grid_status(root)
         assert status.slurm == "squeue/sacct"

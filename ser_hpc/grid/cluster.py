@@ -121,10 +121,16 @@ def max_array_size(profile: ClusterProfile) -> tuple[int, str]:
     return DEFAULT_MAX_ARRAY_SIZE, "Slurm's default"
 
 
+def job_env(profile: ClusterProfile) -> dict[str, str]:
+    """The variables every job of a grid gets, before Python starts (the hub library reads
+    them at import): offline hub (compute nodes have no internet), then the profile's env."""
+    return {**OFFLINE_HUB_ENV, **profile.env}
+
+
 def job_env_lines(profile: ClusterProfile) -> list[str]:
-    """Shell lines each job starts with: offline hub, the profile's env and setup."""
-    lines = [f"export {k}={shlex.quote(v)}" for k, v in {**OFFLINE_HUB_ENV, **profile.env}.items()]
-    return lines + list(profile.setup)
+    """Shell lines each Slurm job starts with (submitit's setup, job_setup.sh for the sbatch
+    templates): ``job_env`` and the profile's setup."""
+    return [f"export {k}={shlex.quote(v)}" for k, v in job_env(profile).items()] + list(profile.setup)
 
 
 def slurm_options(res: JobResources, job_name: str) -> dict[str, Any]:

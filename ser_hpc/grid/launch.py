@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import logging
 import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import yaml
@@ -20,15 +18,15 @@ from ..locks import launch_lock
 from ..run_status import RunStatus
 from ..train.packing import needs_own_forward
 from .checks import check_backbones, check_data
+from . import manifest, snapshot
 from .cluster import DEFAULT_MAX_ARRAY_SIZE, ClusterProfile, job_env_lines, load_profile, max_array_size
 from .plan import GridSpec, PlannedRun, build_plan, expand, load_grid, make_packs, read_plan, run_states, write_plan
-from .submit import (Submission, compress, render_sbatch, run_here, sbatch_commands, shell_words, split_by_index,
-                     submit_slurm)
+from .submit import (Chain, Submission, compress, render_sbatch, run_here, sbatch_arrays, sbatch_commands, shell_words,
+                     split_by_index, submit_slurm)
 from .tasks import feature_groups, needs_features, needs_preparation
 
 log = logging.getLogger("ser_hpc.grid")
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("torch", "torchaudio", "transformers", "submitit", "deepspeed", "scikit-learn", "numpy", "soundfile")
 LIST_ALL_UP_TO, LIST_ENDS = 50, 10  # a dry run lists every run up to 50, else the first and last 10
 
 
@@ -45,6 +43,8 @@ class LaunchPlan:
     problems: list[str] = field(default_factory=list)  # every failed check; nothing is submitted while any
     max_array_size: int = DEFAULT_MAX_ARRAY_SIZE   # Slurm's MaxArraySize: larger arrays are split
     max_array_source: str = "Slurm's default"      # where that number came from
+    code: snapshot.CodeVersion | None = None       # the code the jobs will run; None: --no-snapshot
+    last_code: str | None = None                   # the code id the last launch's jobs ran
 
     @property
     def skipped(self) -> list[PlannedRun]:
@@ -60,14 +60,34 @@ class LaunchPlan:
         self.prepare, self.features = (self.prepare, self.features) if self.to_run else (False, 0)
         return plan
 
-    def sbatch_commands(self, plan_path: Path | None = None) -> list[tuple[str, list[str], str]]:
+    def chain(self, code_dir: Path | None = None) -> Chain:
+        """The jobs this launch submits; ``code_dir``: where their code is (default: the
+        snapshot the launch will take, or the checkout with --no-snapshot)."""
         out = self.spec.out_dir.resolve()
-        return sbatch_commands(plan_path or out / "plan.json", out, self.to_run, self.profile, self.spec.name,
-                               self.prepare, self.features, self.max_array_size)
+        if code_dir is None:
+            code_dir = snapshot.snapshot_dir(out, self.code) if self.code else REPO
+        return Chain(out / "plan.json", out, self.spec.name, self.profile, self.to_run, self.prepare, self.features,
+                     self.max_array_size, code_dir)
+
+    def code_line(self) -> str:
+        """What the dry run says about the code the jobs will run."""
+        if self.code is None:
+            return (f"code: --no-snapshot: every job runs the checkout {REPO} as it is when the job starts "
+                    "(an edit while jobs wait in the queue changes what they run)")
+        where = snapshot.snapshot_dir(self.spec.out_dir, self.code)
+        if self.last_code is None:
+            since = "first launch"
+        elif self.last_code == self.code.id:
+            since = "unchanged since the last launch"
+        else:
+            since = (f"the code changed since the last launch, whose jobs run {self.last_code}: the packs "
+                     "submitted now run the new code")
+        return (f"code: the jobs run a snapshot taken at submission, {where} ({len(self.code.files)} files, "
+                f"{self.code.bytes / 1e6:.1f} MB; {since})")
 
 
 def plan_launch(grid_path: str, overrides: list[str], cluster: str | None = None, profile_path: str | None = None,
-                quick_check: bool = False) -> LaunchPlan:
+                quick_check: bool = False, code_snapshot: bool = True) -> LaunchPlan:
     """Expand and check everything; nothing is written or submitted here."""
     spec = load_grid(grid_path, dict(parse_override(o) for o in overrides))
     runs = expand(spec)
@@ -79,6 +99,10 @@ def plan_launch(grid_path: str, overrides: list[str], cluster: str | None = None
     profile = load_profile(profile_file)
     profile.executor = cluster or profile.executor
     lp = LaunchPlan(spec, profile, runs, make_packs(runs, spec.pack_size))
+    if code_snapshot:
+        lp.code = snapshot.code_version()
+        lp.last_code = next((x["code"]["id"] for x in reversed(manifest.read(spec.out_dir)["launches"])
+                             if x.get("code")), None)
     if profile.executor == "slurm":
         lp.max_array_size, lp.max_array_source = max_array_size(profile)
     else:
@@ -149,6 +173,8 @@ def describe(lp: LaunchPlan, verbose: bool = False) -> str:
     if shared:
         lines.append(f"{shared} pack(s) train several heads in one process on one "
                      f"backbone forward per batch (up to pack_size={lp.spec.pack_size})")
+    if lp.profile.executor != "debug":
+        lines.append(lp.code_line())
     if lp.profile.executor == "slurm":
         limit = f"MaxArraySize {lp.max_array_size} ({lp.max_array_source})"
         n_arrays = len(split_by_index(lp.to_run, lp.max_array_size))
@@ -158,7 +184,7 @@ def describe(lp: LaunchPlan, verbose: bool = False) -> str:
         if len(split_by_index(list(range(lp.features)), lp.max_array_size)) > 1:
             lines.append(f"the features job is split too ({limit}); training waits for all of its arrays")
         lines.append("the jobs (as slurm/submit_grid.sh submits them; submitit gets the same options):")
-        lines += [f"  {var}: sbatch {shell_words(args)}{note}" for var, args, note in lp.sbatch_commands()]
+        lines += [f"  {var}: sbatch {shell_words(args)}{note}" for var, args, note in sbatch_commands(lp.chain())]
     return "\n".join(lines)
 
 
@@ -185,37 +211,27 @@ def write_grid_files(lp: LaunchPlan, plan: dict | None = None) -> Path:
     return write_plan(plan or build_plan(lp.spec, lp.runs, lp.packs), out)
 
 
-def _provenance() -> dict:
-    """The code and package versions this launch ran with."""
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-    commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"git_commit": commit, "git_dirty": None if dirty is None else bool(dirty), "versions": versions}
-
-
-def record_launch(lp: LaunchPlan, sub: Submission, overrides: list[str]) -> None:
-    """Append this launch to manifest.json (every relaunch is kept)."""
-    path = lp.spec.out_dir / "manifest.json"
-    manifest = atomic_io.read_json(path) if path.exists() else {"grid_name": lp.spec.name, "launches": []}
+def record_launch(lp: LaunchPlan, sub: Submission, overrides: list[str], code: dict | None,
+                  launch_id: str | None = None) -> None:
+    """Append this launch to manifest.json: provenance, the code its jobs run, what it submitted."""
     ids = sub.job_ids
-    manifest["launches"].append({
-        "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), **_provenance(),
+    manifest.append_launch(lp.spec.out_dir, {
+        "launch_id": launch_id or manifest.new_launch_id(), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(), **manifest.provenance(), "code": code,
         "executor": sub.executor, "profile": lp.profile.name, "overrides": overrides,
         "job_ids": {"prepare": ids.get("prepare"), "features": ids.get("features"), "train_array": ids.get("train"),
                     "aggregate": ids.get("aggregate")},
         "packs": sub.packs, "skipped_runs": [r.run_id for r in lp.skipped],
-        "train_arrays": sub.train_arrays, "features_arrays": sub.features_arrays})
-    atomic_io.write_json(path, manifest)
+        "train_arrays": sub.train_arrays, "features_arrays": sub.features_arrays, "tasks": sub.tasks})
+
+
+def _take_snapshot(lp: LaunchPlan) -> tuple[Path, dict | None]:
+    """The code folder this launch's jobs run, and its manifest record."""
+    if lp.code is None:
+        return REPO, None
+    folder, reused = snapshot.take(lp.spec.out_dir, lp.code)
+    log.info("code snapshot %s (%s)", folder, "reused: unchanged" if reused else "new")
+    return folder, {"id": lp.code.id, "dir": str(folder), "files": len(lp.code.files), "reused": reused}
 
 
 def launch(lp: LaunchPlan, overrides: list[str]) -> Submission:
@@ -226,30 +242,31 @@ def launch(lp: LaunchPlan, overrides: list[str]) -> Submission:
     refused (``LockHeld``) instead of submitting the same packs again.
     """
     with launch_lock(lp.spec.out_dir):
-        plan_path = write_grid_files(lp, lp.refresh()).resolve()
+        write_grid_files(lp, lp.refresh())
         if lp.skipped:
             log.info("skipping %d finished run(s): %s", len(lp.skipped), ", ".join(r.run_id for r in lp.skipped))
-        if lp.profile.executor == "slurm":
-            sub = submit_slurm(plan_path, lp.spec.out_dir, lp.to_run, lp.profile, lp.spec.name, lp.prepare,
-                               lp.features, lp.max_array_size)
-        else:
-            sub = run_here(plan_path, lp.spec.out_dir, lp.to_run, lp.profile, lp.prepare, lp.features)
-        record_launch(lp, sub, overrides)
+        code_dir, code = _take_snapshot(lp)
+        chain = lp.chain(code_dir)
+        sub = submit_slurm(chain) if lp.profile.executor == "slurm" else run_here(chain)
+        record_launch(lp, sub, overrides, code)
         return sub
 
 
 def emit_sbatch(lp: LaunchPlan, overrides: list[str]) -> Path:
     """Like ``launch``, but the chain is written as a script of sbatch calls (results/<grid>/
-    submit.sh, which slurm/submit_grid.sh runs) next to job_setup.sh, the profile's env and setup."""
+    submit.sh, which slurm/submit_grid.sh runs) next to job_setup.sh, the profile's env and setup.
+    The script records each job id in this launch's manifest entry as it submits."""
     with launch_lock(lp.spec.out_dir):
-        plan_path = write_grid_files(lp, lp.refresh()).resolve()
+        write_grid_files(lp, lp.refresh())
         out = lp.spec.out_dir.resolve()
+        code_dir, code = _take_snapshot(lp)
+        chain, launch_id = lp.chain(code_dir), manifest.new_launch_id()
         atomic_io.write_text(out / "job_setup.sh", "# sourced by slurm/*.sbatch: the cluster profile's env and setup\n"
                              + "\n".join(job_env_lines(lp.profile)) + "\n")
-        atomic_io.write_text(out / "submit.sh", render_sbatch(lp.sbatch_commands(plan_path), out, lp.profile))
-        arrays = [{"job_id": None, "offset": c.offset, "packs": c.items}
-                  for c in split_by_index(lp.to_run, lp.max_array_size)]
-        record_launch(lp, Submission("sbatch", packs=lp.to_run, train_arrays=arrays), overrides)
+        atomic_io.write_text(out / "submit.sh", render_sbatch(chain, launch_id))
+        sub = Submission("sbatch", packs=lp.to_run, train_arrays=sbatch_arrays(chain, "train"),
+                         features_arrays=sbatch_arrays(chain, "features"))
+        record_launch(lp, sub, overrides, code, launch_id)
         return out / "submit.sh"
 
 

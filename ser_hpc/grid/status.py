@@ -16,6 +16,7 @@ from pathlib import Path
 from .. import atomic_io
 from ..run_status import RunStatus
 from ..train.run_folder import RunFolder
+from .manifest import pack_tasks
 
 # The states a row can show (a run without final.json is pending, running or requeued here).
 STATES = tuple(s.value for s in RunStatus if s is not RunStatus.MISSING)
@@ -35,13 +36,6 @@ class TaskState:
 
     def __str__(self) -> str:  # "12_4 PENDING (Priority)"
         return f"{self.job_id} {self.state}" + (f" ({self.reason})" if self.reason not in ("", "None") else "")
-
-
-@dataclass
-class PackTask:
-    executor: str
-    task_id: str | None = None   # Slurm "<array>_<index>", when known
-    log: str | None = None       # the log a failed run's traceback went to
 
 
 @dataclass
@@ -147,49 +141,14 @@ def query(job_ids: list[str]) -> dict[str, TaskState] | None:
     return states
 
 
-def pack_tasks(results_dir: Path, manifest: dict) -> tuple[dict[int, PackTask], dict[str, str]]:
-    """The latest launch's task (and log) of every pack, and the latest launch's other jobs
-    (data preparation, aggregation) by kind."""
-    logs = results_dir / "logs"
-    # slurm/submit_grid.sh records no job ids; its logs are <array>_<pack>.out, or <array>_<task>+<offset>.out
-    # for the arrays after the first of a grid split at MaxArraySize (task i trains pack offset + i).
-    found = [(int(m[1]), int(m[2]), int(m[3] or 0), log) for log in logs.glob("*.out")
-             if (m := re.fullmatch(r"(\d+)_(\d+)(?:\+(\d+))?\.out", log.name))]
-    # Sorted, so the newest array's log of a pack comes last and wins.
-    sbatch = {index + offset: (f"{array}_{index}", str(log)) for array, index, offset, log in sorted(found)}
-    tasks: dict[int, PackTask] = {}
-    others: dict[str, str] = {}
-    for launch in manifest.get("launches", []):
-        executor, packs, ids = launch.get("executor"), launch.get("packs") or [], launch.get("job_ids") or {}
-        others = {k: str(v) for k, v in ids.items() if k != "train_array" and v}
-        # submitit arrays index tasks 0..n-1 over the packs each was given; a grid split at
-        # MaxArraySize records every array ("train_arrays"), an older launch only the one.
-        arrays = [a for a in launch.get("train_arrays") or [] if a.get("job_id")]
-        if not arrays and ids.get("train_array"):
-            arrays = [{"job_id": ids["train_array"], "packs": packs}]
-        submitted = {p: f"{a['job_id']}_{i}" for a in arrays for i, p in enumerate(a.get("packs") or [])}
-        for pack in packs:
-            if executor == "slurm" and pack in submitted:
-                tid = submitted[pack]
-                err, out = logs / tid / f"{tid}_0_log.err", logs / tid / f"{tid}_0_log.out"
-                tasks[pack] = PackTask(executor, tid, str(err if err.exists() or not out.exists() else out))
-            elif executor == "sbatch":
-                tasks[pack] = PackTask(executor, *sbatch.get(pack, (None, None)))
-            elif executor == "local":
-                tasks[pack] = PackTask(executor, None, str(logs / f"local_pack{pack}.log"))
-            else:
-                tasks[pack] = PackTask(executor or "?")
-    return tasks, others
-
-
 def _age(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f}s"
     return f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
 
 
-def _resolve(row: RunRow, folder: RunFolder, task: TaskState | None, turn: bool, now: float) -> None:
-    """Set row.state and its details. ``turn``: no earlier run of this pack is running."""
+def _resolve(row: RunRow, folder: RunFolder, task: TaskState | None, now: float) -> None:
+    """Set row.state and its details."""
     final_t, metrics_t = _mtime(folder.final), _mtime(folder.metrics)
     final = _read_dict(folder.final) if final_t is not None else None  # None: missing or unreadable
     last_write = None  # set when the tree alone says the run is under way
@@ -200,8 +159,8 @@ def _resolve(row: RunRow, folder: RunFolder, task: TaskState | None, turn: bool,
             row.state = RunStatus.FAILED  # in this attempt
         else:  # not started, or retrying a run that failed in an earlier launch
             final = None
-            if task.state in RUNNING:  # the task trains its pack's runs one by one
-                row.state = RunStatus.RUNNING if turn else RunStatus.PENDING
+            if task.state in RUNNING:  # the task trains all its pack's runs at once
+                row.state = RunStatus.RUNNING
             else:
                 row.state = RunStatus.REQUEUED if task.requeues else RunStatus.PENDING
     elif task is None and metrics_t and final_t and metrics_t > final_t:
@@ -235,26 +194,24 @@ def grid_status(results_dir: str | Path, use_slurm: bool = True) -> GridStatus:
     plan = _read_dict(results_dir / "plan.json")
     if plan is None:
         raise FileNotFoundError(f"{results_dir / 'plan.json'} not found or unreadable: is this a launched grid?")
-    tasks, others = pack_tasks(results_dir, _read_dict(results_dir / "manifest.json") or {})
+    tasks, others = pack_tasks(_read_dict(results_dir / "manifest.json") or {})
     job_ids = {t.task_id.split("_")[0] for t in tasks.values() if t.task_id} | set(others.values())
     states = query(sorted(job_ids)) if use_slurm else None
     if not use_slurm:
         source = "not used (--no-slurm): results tree only"
     elif not job_ids:
-        source = "no Slurm job ids in manifest.json or logs/: results tree only"
+        source = "no Slurm job ids in manifest.json: results tree only"
     else:
         source = "squeue/sacct" if states is not None else "squeue/sacct did not answer: results tree only"
     states = states or {}
-    now, running_packs, runs = time.time(), set(), []
+    now, runs = time.time(), []
     for entry in plan.get("runs", []):
         pack, train = entry.get("pack"), (entry.get("config") or {}).get("train") or {}
         row = RunRow(entry["run_id"], entry.get("name") or entry["run_id"], pack,
                      max_steps=train.get("max_steps") or None)
         pack_task = tasks.get(pack)
-        task = states.get(pack_task.task_id) if pack_task else None
-        _resolve(row, RunFolder(results_dir / "runs" / row.run_id), task, pack not in running_packs, now)
-        if row.state == RunStatus.RUNNING and task is not None:
-            running_packs.add(pack)  # the pack's later runs wait for this one
+        task = states.get(pack_task.task_id) if pack_task and pack_task.task_id else None
+        _resolve(row, RunFolder(results_dir / "runs" / row.run_id), task, now)
         if row.state == RunStatus.FAILED and pack_task is not None:
             row.log = pack_task.log
         runs.append(row)

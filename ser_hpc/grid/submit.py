@@ -1,17 +1,19 @@
 """The grid's job chain, and the three ways to run it.
 
-``chain``: [data preparation] -> [feature extraction array] -> training array (a task per
-pack) -> aggregation. Each job waits for every job of the step before it: ``afterok`` with
-``kill_on_invalid_dep`` (a failed preparation cancels what needs it), except the aggregation:
-``afterany``, since it ranks whatever finished (``afterok`` would leave it pending forever
-once one task fails). An array larger than the cluster's MaxArraySize is split; the next
-step waits for all the pieces.
+``Chain.steps``: [data preparation] -> [feature extraction array] -> training array (a task
+per pack) -> aggregation. Each job waits for every job of the step before it: ``afterok``
+with ``kill_on_invalid_dep`` (a failed preparation cancels what needs it), except the
+aggregation: ``afterany``, since it ranks whatever finished (``afterok`` would leave it
+pending forever once one task fails). An array larger than the cluster's MaxArraySize is
+split; the next step waits for all the pieces.
 
 - ``submit_slurm``: submitit, with each job's options from ``cluster.slurm_options``;
 - ``sbatch_commands`` + ``render_sbatch``: the same jobs and options as a script of plain
   sbatch calls on the templates in slurm/ (``slurm/submit_grid.sh`` runs it);
 - ``run_here``: local (packs as subprocesses of jobs/train.py, array_parallelism at a
   time) or debug (everything in this process).
+
+Every job of a launch runs the code snapshot taken at submission (``snapshot.py``).
 """
 from __future__ import annotations
 
@@ -23,15 +25,15 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models.encoders import OFFLINE_HUB_ENV
-from .cluster import DEFAULT_MAX_ARRAY_SIZE, ClusterProfile, JobResources, job_env_lines, sbatch_flags, slurm_options
+from . import snapshot
+from .cluster import ClusterProfile, JobResources, job_env, job_env_lines, sbatch_flags, slurm_options
 from .tasks import run_aggregation, run_features, run_pack, run_prepare
 
 log = logging.getLogger("ser_hpc.grid")
-REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------ job arrays
@@ -45,12 +47,6 @@ def compress(indices: list[int]) -> str:
     return ",".join(parts)
 
 
-def array_spec(indices: list[int], parallelism: int | None = None) -> str:
-    """The value of ``sbatch --array``: ``0-319%2``; empty when there is nothing to run."""
-    spec = compress(indices)
-    return f"{spec}%{parallelism}" if spec and parallelism else spec
-
-
 @dataclass
 class ArrayChunk:
     """One array job of a split: task ``i`` runs item ``offset + i``."""
@@ -62,13 +58,14 @@ class ArrayChunk:
         return [i - self.offset for i in self.items]
 
     def spec(self, parallelism: int | None = None) -> str:
-        return array_spec(self.indices, parallelism)
+        """The value of ``sbatch --array``: ``0-319%2``, ``0-3,7%8`` on a relaunch with gaps."""
+        spec = compress(self.indices)
+        return f"{spec}%{parallelism}" if parallelism else spec
 
 
 def split_by_index(items: list[int], max_size: int) -> list[ArrayChunk]:
     """The fewest arrays whose indices (item - offset) all stay < ``max_size``: an sbatch task's
-    index names its item; submitit gets the same arrays, so the dry run shows what it submits.
-    A relaunch leaves gaps for finished packs (``0-3,7%8``)."""
+    index names its item; submitit gets the same arrays, so the dry run shows what it submits."""
     chunks: list[ArrayChunk] = []
     for item in sorted(set(items)):
         if chunks and item - chunks[-1].offset < max_size:
@@ -92,27 +89,44 @@ class Step:
     items: list[int] | None = None  # an array over these feature groups / packs; None: one job
 
 
-def chain(profile: ClusterProfile, packs: list[int], prepare: bool, features: int) -> list[Step]:
-    steps = []
-    if packs:  # nothing to train: only aggregate
-        if prepare:
-            steps.append(Step("prepare", profile.prepare))
-        if features:
-            steps.append(Step("features", profile.features, list(range(features))))
-        steps.append(Step("train", profile.train, list(packs)))
-    return steps + [Step("aggregate", profile.aggregate)]
+@dataclass
+class Chain:
+    """What one launch runs: the plan's unfinished packs and the jobs they need first."""
+    plan_path: Path                 # absolute
+    out_dir: Path                   # absolute
+    grid_name: str
+    profile: ClusterProfile
+    packs: list[int]                # pack indices to (re)submit
+    prepare: bool                   # some clips still need decoding
+    features: int                   # feature stores to extract first
+    max_array_size: int
+    code_dir: Path                  # the code the jobs run (a snapshot, or the checkout)
 
+    def steps(self) -> list[Step]:
+        profile, steps = self.profile, []
+        if self.packs:  # nothing to train: only aggregate
+            if self.prepare:
+                steps.append(Step("prepare", profile.prepare))
+            if self.features:
+                steps.append(Step("features", profile.features, list(range(self.features))))
+            steps.append(Step("train", profile.train, list(self.packs)))
+        return steps + [Step("aggregate", profile.aggregate)]
 
-def step_options(step: Step, grid_name: str, after: list[str]) -> dict:
-    """The sbatch options of one job of the chain, waiting for ``after`` (job ids)."""
-    opts = slurm_options(step.resources, re.sub(r"[^A-Za-z0-9._+-]", "-", f"ser-{grid_name}-{step.kind}")[:64])
-    if step.kind == "train":
-        opts["requeue"] = True  # a task requeues itself after a time-limit warning
-    if after and step.kind == "aggregate":
-        opts["dependency"] = dependency("afterany", after)
-    elif after:
-        opts.update(dependency=dependency("afterok", after), kill_on_invalid_dep="yes")
-    return opts
+    def options(self, step: Step, after: list[str]) -> dict:
+        """The sbatch options of one job of the chain, waiting for ``after`` (job ids)."""
+        name = re.sub(r"[^A-Za-z0-9._+-]", "-", f"ser-{self.grid_name}-{step.kind}")[:64]
+        opts = slurm_options(step.resources, name)
+        if step.kind == "train":
+            opts["requeue"] = True  # a task requeues itself after a time-limit warning
+        if after and step.kind == "aggregate":
+            opts["dependency"] = dependency("afterany", after)
+        elif after:
+            opts.update(dependency=dependency("afterok", after), kill_on_invalid_dep="yes")
+        return opts
+
+    def target(self, step: Step) -> str:
+        """What a job of this step is given: the results folder (aggregation) or the plan."""
+        return str(self.out_dir if step.kind == "aggregate" else self.plan_path)
 
 
 @dataclass
@@ -120,8 +134,9 @@ class Submission:
     executor: str
     packs: list[int] = field(default_factory=list)
     job_ids: dict[str, str | None] = field(default_factory=dict)  # kind -> job id (slurm; an array's first)
-    train_arrays: list[dict] = field(default_factory=list)     # [{"job_id", "packs"(, "offset")}] per array job
-    features_arrays: list[dict] = field(default_factory=list)  # [{"job_id", "groups"}] per array job
+    train_arrays: list[dict] = field(default_factory=list)     # [{"job_id", "offset", "items"(, "log")}] per array
+    features_arrays: list[dict] = field(default_factory=list)  # the same for the features job
+    tasks: dict[str, dict] = field(default_factory=dict)       # pack -> {"task_id", "log"}
     failed_packs: list[int] = field(default_factory=list)      # local / debug only
     handles: dict = field(default_factory=dict)                # submitit job objects (slurm)
 
@@ -129,63 +144,73 @@ class Submission:
 TASKS = {"prepare": run_prepare, "features": run_features, "train": run_pack, "aggregate": run_aggregation}
 
 
-def submit_slurm(plan_path: Path, out_dir: Path, packs: list[int], profile: ClusterProfile, grid_name: str,
-                 prepare: bool = False, features: int = 0, max_array_size: int = DEFAULT_MAX_ARRAY_SIZE) -> Submission:
+def submit_slurm(chain: Chain) -> Submission:
     import submitit
-    sub, after = Submission("slurm", packs=packs), []
-    for step in chain(profile, packs, prepare, features):
+    sub, after = Submission("slurm", packs=chain.packs), []
+    # Python starts in the launch's code snapshot, so it imports that package (the job then
+    # changes to the launch directory, where run configs' relative paths start).
+    setup = job_env_lines(chain.profile) + [f"cd {shlex.quote(str(chain.code_dir))}"]
+    for step in chain.steps():
         res = step.resources
-        executor = submitit.AutoExecutor(folder=out_dir / "logs" / "%j", cluster="slurm")  # array tasks: logs/<A>_<a>/
+        executor = submitit.AutoExecutor(folder=chain.out_dir / "logs" / "%j", cluster="slurm")  # tasks: logs/<A>_<a>/
         executor.update_parameters(timeout_min=res.time_min, nodes=res.nodes, tasks_per_node=res.tasks_per_node,
-                                   slurm_setup=job_env_lines(profile), slurm_array_parallelism=profile.array_parallelism,
-                                   slurm_additional_parameters=step_options(step, grid_name, after))
+                                   slurm_setup=setup, slurm_array_parallelism=chain.profile.array_parallelism,
+                                   slurm_additional_parameters=chain.options(step, after))
         if step.items is None:
-            job = executor.submit(TASKS[step.kind], str(out_dir.resolve() if step.kind == "aggregate" else plan_path))
+            job = executor.submit(TASKS[step.kind], chain.target(step))
             after, sub.handles[step.kind] = [job.job_id], job
         else:
             after, sub.handles[step.kind] = [], []
-            for chunk in split_by_index(step.items, max_array_size):
-                jobs = executor.map_array(TASKS[step.kind], [str(plan_path)] * len(chunk.items), chunk.items)
-                after.append(jobs[0].job_id.split("_")[0])
+            for chunk in split_by_index(step.items, chain.max_array_size):
+                jobs = executor.map_array(TASKS[step.kind], [chain.target(step)] * len(chunk.items), chunk.items)
+                after.append(jobs[0].job_id.split("_")[0])  # a one-task array is a plain job
                 sub.handles[step.kind] += jobs
-                if step.kind == "train":
-                    sub.train_arrays.append({"job_id": after[-1], "packs": chunk.items})
-                else:
-                    sub.features_arrays.append({"job_id": after[-1], "groups": chunk.items})
+                getattr(sub, f"{step.kind}_arrays").append({"job_id": after[-1], "offset": chunk.offset,
+                                                            "items": chunk.items})
+                if step.kind == "train":  # submitit's own ids: "12_3", or "12" for a lone task
+                    sub.tasks.update({str(p): {"task_id": j.job_id, "log": str(j.paths.stderr)}
+                                      for p, j in zip(chunk.items, jobs)})
         sub.job_ids[step.kind] = after[0]
     return sub
 
 
 # kind -> (template in slurm/, log name, what the rendered script says). A task's log is
-# <array>_<i>.out, or <array>_<i>+<offset>.out after the first array of a split (status reads it).
+# <array>_<i>.out, or <array>_<i>+<offset>.out after the first array of a split.
 SBATCH = {"prepare": ("prepare.sbatch", "%j_prepare.out", "data preparation"),
           "features": ("features.sbatch", "%A_%a_features", "feature extraction"),
           "train": ("train_array.sbatch", "%A_%a", "train array"),
           "aggregate": ("aggregate.sbatch", "%j_aggregate.out", "aggregation")}
 
 
-def sbatch_commands(plan_path: Path, out_dir: Path, packs: list[int], profile: ClusterProfile, grid_name: str,
-                    prepare: bool, features: int, max_array_size: int) -> list[tuple[str, list[str], str]]:
+def sbatch_commands(chain: Chain) -> list[tuple[str, list[str], str]]:
     """The chain as sbatch calls: (shell variable for the job id, sbatch arguments, note).
     A dependency names the earlier jobs' variables (``afterany:$train_1:$train_2``)."""
     commands, after = [], []
-    for step in chain(profile, packs, prepare, features):
+    for step in chain.steps():
         template, log_name, _ = SBATCH[step.kind]
-        flags = sbatch_flags(step_options(step, grid_name, after))
-        target = str(out_dir if step.kind == "aggregate" else plan_path)
+        flags = sbatch_flags(chain.options(step, after))
         after = []
-        for k, chunk in enumerate([None] if step.items is None else split_by_index(step.items, max_array_size), 1):
+        for k, chunk in enumerate([None] if step.items is None else split_by_index(step.items, chain.max_array_size), 1):
             array, log_file, tail, note = [], log_name, [], ""
             if chunk is not None:  # task i runs item offset + i
-                parallel = profile.array_parallelism if step.kind == "train" else None
+                parallel = chain.profile.array_parallelism if step.kind == "train" else None
                 array, tail = [f"--array={chunk.spec(parallel)}"], [str(chunk.offset)]
                 log_file += (f"+{chunk.offset}" if chunk.offset else "") + ".out"
                 note = f" (task i = pack {chunk.offset} + i)" if chunk.offset else ""
             var = f"{step.kind}_{k}"
-            commands.append((var, [*array, *flags, f"--output={out_dir / 'logs' / log_file}", f"slurm/{template}",
-                                   target, *tail], note))
+            commands.append((var, [*array, *flags, f"--output={chain.out_dir / 'logs' / log_file}",
+                                   str(chain.code_dir / "slurm" / template), chain.target(step), *tail], note))
             after.append(f"${var}")
     return commands
+
+
+def sbatch_arrays(chain: Chain, kind: str) -> list[dict]:
+    """The arrays of one step as submit.sh submits them (job ids filled in by it)."""
+    step = next((s for s in chain.steps() if s.kind == kind), None)
+    log_name = SBATCH[kind][1]
+    return [{"job_id": None, "offset": c.offset, "items": c.items,
+             "log": str(chain.out_dir / "logs" / (log_name + (f"+{c.offset}" if c.offset else "") + ".out"))}
+            for c in (split_by_index(step.items, chain.max_array_size) if step else [])]
 
 
 def shell_words(args: list[str]) -> str:
@@ -193,71 +218,79 @@ def shell_words(args: list[str]) -> str:
     return " ".join(a if a.startswith("--dependency=") else shlex.quote(a) for a in args)
 
 
-def render_sbatch(commands: list[tuple[str, list[str], str]], out_dir: Path, profile: ClusterProfile) -> str:
-    """The chain as a script for slurm/submit_grid.sh (run from the repository root)."""
-    lines = ["#!/bin/bash", f"# The job chain of {out_dir.name}, rendered by jobs/launch_grid.py --emit-sbatch "
-             f"from plan.json and the cluster profile {profile.name}.", "set -euo pipefail",
-             f"export SER_HPC_JOB_SETUP={shlex.quote(str(out_dir / 'job_setup.sh'))}",
-             'submit() { local id; id=$(sbatch --parsable "$@"); echo "${id%%;*}"; }']
+def render_sbatch(chain: Chain, launch_id: str) -> str:
+    """The chain as a script for slurm/submit_grid.sh: each sbatch call, then the job id into
+    manifest.json (the launch ``launch_id``), as the submitit path records it."""
+    out = chain.out_dir
+    lines = ["#!/bin/bash", f"# The job chain of {out.name}, rendered by jobs/launch_grid.py --emit-sbatch "
+             f"from plan.json and the cluster profile {chain.profile.name}.", "set -euo pipefail",
+             f"export SER_HPC_JOB_SETUP={shlex.quote(str(out / 'job_setup.sh'))}",
+             f"# every job of this launch runs this code (sbatch passes the variable on)",
+             f"export {snapshot.ENV}={shlex.quote(str(chain.code_dir))}",
+             'submit() { local id; id=$(sbatch --parsable "$@"); echo "${id%%;*}"; }',
+             f'record() {{ PYTHONPATH="${snapshot.ENV}" "${{SER_HPC_PYTHON:-python3}}" -m ser_hpc.grid.manifest '
+             f'{shlex.quote(str(out))} {launch_id} "$1" "$2"; }}']
+    commands = sbatch_commands(chain)
     if not any(var.startswith("train_") for var, _, _ in commands):
         lines.append('echo "every run is finished: only aggregating"')
     for var, args, note in commands:
-        lines += [f"{var}=$(submit {shell_words(args)})", f'echo "{SBATCH[var.rsplit("_", 1)[0]][2]}: ${var}{note}"']
-    return "\n".join(lines + [f"echo {shlex.quote(f'results: {out_dir}')}"]) + "\n"
+        lines += [f"{var}=$(submit {shell_words(args)})", f'record {var} "${var}"',
+                  f'echo "{SBATCH[var.rsplit("_", 1)[0]][2]}: ${var}{note}"']
+    return "\n".join(lines + [f"echo {shlex.quote(f'results: {out}')}"]) + "\n"
 
 
 # ------------------------------------------------------------------ local and debug
 
-def run_here(plan_path: Path, out_dir: Path, packs: list[int], profile: ClusterProfile, prepare: bool = False,
-             features: int = 0) -> Submission:
+def run_here(chain: Chain) -> Submission:
     """The chain on this machine, waiting for each step: debug runs everything in this process,
     local runs packs as subprocesses of jobs/train.py (the entry point of the sbatch template)."""
     from ..ensemble.collect import AggregateError
-    sub = Submission(profile.executor, packs=packs)
-    for step in chain(profile, packs, prepare, features):
-        if step.kind == "train" and profile.executor == "local":
-            sub.failed_packs = _run_local(plan_path, out_dir, packs, profile)
+    executor = chain.profile.executor
+    sub = Submission(executor, packs=chain.packs)
+    for step in chain.steps():
+        if step.kind == "train" and executor == "local":
+            sub.failed_packs = _run_local(chain, sub)
         elif step.kind == "train":
-            for pack in packs:
+            for pack in chain.packs:
                 try:
-                    run_pack(str(plan_path), pack)
+                    run_pack(str(chain.plan_path), pack)
                 except Exception as exc:
                     log.warning("pack %d: %s", pack, exc)
                     sub.failed_packs.append(pack)
         elif step.kind == "aggregate":
             try:  # aggregation errors (e.g. no run finished) are reported, not raised
-                run_aggregation(str(out_dir))
+                run_aggregation(str(chain.out_dir))
             except AggregateError as exc:
                 log.error("aggregation: %s", exc)
         else:
-            TASKS[step.kind](str(plan_path))
+            TASKS[step.kind](str(chain.plan_path))
     return sub
 
 
-def _run_local(plan_path: Path, out_dir: Path, packs: list[int], profile: ClusterProfile) -> list[int]:
-    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    parallel, failed = max(1, profile.array_parallelism), []
-    env = {**os.environ, **OFFLINE_HUB_ENV, **profile.env}
+def _run_local(chain: Chain, sub: Submission) -> list[int]:
+    """Each pack as a subprocess of the snapshot's jobs/train.py, array_parallelism at a time."""
+    (chain.out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    packs, parallel = chain.packs, max(1, chain.profile.array_parallelism)
+    env = {**os.environ, **job_env(chain.profile)}
     # Share the cores between concurrent packs instead of oversubscribing them.
     env.setdefault("SER_HPC_THREADS", str(max(1, (os.cpu_count() or 1) // min(parallel, max(1, len(packs))))))
-    queue, running, start = list(packs), {}, time.monotonic()
-    while queue or running:
-        while queue and len(running) < parallel:
-            pack = queue.pop(0)
-            log_path = out_dir / "logs" / f"local_pack{pack}.log"
-            with open(log_path, "ab") as fh:  # the child keeps its own descriptor
-                proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), "--plan", str(plan_path),
-                                         "--pack", str(pack)], stdout=fh, stderr=subprocess.STDOUT, env=env)
-            running[pack] = (proc, log_path)
-            log.info("pack %d started (pid %d), log %s", pack, proc.pid, log_path)
-        time.sleep(0.5)
-        for pack, (proc, log_path) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[pack]
-            if proc.returncode:
+    logs = {p: chain.out_dir / "logs" / f"local_pack{p}.log" for p in packs}
+    sub.tasks.update({str(p): {"task_id": None, "log": str(path)} for p, path in logs.items()})
+    train = chain.code_dir / "jobs" / "train.py"
+
+    def run(pack: int) -> int:
+        with open(logs[pack], "ab") as fh:
+            return subprocess.run([sys.executable, str(train), "--plan", str(chain.plan_path), "--pack", str(pack)],
+                                  stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+
+    failed, start = [], time.monotonic()
+    with ThreadPoolExecutor(parallel) as pool:
+        futures = {pool.submit(run, p): p for p in packs}
+        log.info("%d pack(s), %d at a time; logs in %s", len(packs), parallel, chain.out_dir / "logs")
+        for n, future in enumerate(as_completed(futures), 1):
+            pack, code = futures[future], future.result()
+            if code:
                 failed.append(pack)
-                log.warning("pack %d exited with %d (see %s)", pack, proc.returncode, log_path)
-            log.info("%d/%d packs finished, %.0f s elapsed", len(packs) - len(queue) - len(running), len(packs),
-                     time.monotonic() - start)
-    return failed
+                log.warning("pack %d exited with %d (see %s)", pack, code, logs[pack])
+            log.info("%d/%d packs finished, %.0f s elapsed", n, len(packs), time.monotonic() - start)
+    return sorted(failed)

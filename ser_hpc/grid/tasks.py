@@ -17,7 +17,6 @@ import torch
 
 from ..config import config_from_dict
 from ..logs import setup_logging
-from ..models.encoders import OFFLINE_HUB_ENV
 from ..run_status import RunStatus
 from ..train.preemption import Preempted, PreemptionFlag
 from ..train.loop import train_pack
@@ -27,11 +26,10 @@ log = logging.getLogger("ser_hpc.grid")
 
 
 def _job_start(plan_path: str) -> dict:
-    """Every job's first lines: logging, offline hub, threads, the plan, its launch directory
-    (run configs hold paths relative to it)."""
+    """Every job's first lines: logging, threads, the plan, its launch directory (run configs
+    hold paths relative to it). The offline-hub variables come with the job's environment
+    (``cluster.job_env``): the hub library reads them when it is imported, before this runs."""
     setup_logging()
-    for key, value in OFFLINE_HUB_ENV.items():  # unless the job's environment says otherwise
-        os.environ.setdefault(key, value)
     cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SER_HPC_THREADS")
     if cpus:
         torch.set_num_threads(int(cpus))
