@@ -122,8 +122,9 @@ for i, w in enumerate(waves):
 out = model(x, attention_mask=mask, text=texts)                # one padded batch
 single = [model(waves[i][None], text=texts[i]).scores[0] for i in range(3)]  # one clip at a time
 no_text = model(x[:2], attention_mask=mask[:2]).scores        # no transcription: audio-only members
+extra = [model(torch.from_numpy(data[k])[None], text=texts[0]).scores[0] for k in ("long", "short")]
 np.savez(sys.argv[4], batch=out.scores.numpy(), logits=out.logits.numpy(), single=torch.stack(single).numpy(),
-         member=out.member_probs.numpy(), no_text=no_text.numpy())
+         member=out.member_probs.numpy(), no_text=no_text.numpy(), extra=torch.stack(extra).numpy())
 print(json.dumps({"ser_hpc_imported": any(m.split(".")[0] == "ser_hpc" for m in sys.modules),
                   "id2label": model.config.id2label, "class": type(model).__name__}))
 """
@@ -152,8 +153,21 @@ def test_hf_folder_loads_offline_and_gives_predict_probabilities(hf_dir, grid_te
         assert code == (REPO / "ser_hpc" / "export" / "remote" / name).read_text()  # copied verbatim
         assert "ser_hpc" not in re.findall(r"^\s*(?:from|import)\s+([\w.]+)", code, re.M)
 
+    from ser_hpc.inference.ensemble import load_ensemble
+    from ser_hpc.inference.inputs import InputRow
+    from ser_hpc.inference.predictor import predict
+
     rows = grid_test["rows"]
-    np.savez(tmp_path / "clips.npz", **{f"w{i}": load_audio(r.audio_path, 16000) for i, r in enumerate(rows)})
+    waves = [load_audio(r.audio_path, 16000) for r in rows]
+    # A 40 s clip (scored over 15 s windows) and a 0.3 s one (repeat-padded to 0.5 s), as float wavs.
+    extra = {"long": np.concatenate(waves)[: 40 * 16000], "short": waves[0][:4800]}
+    for name, wave in extra.items():
+        sf.write(tmp_path / f"{name}.wav", wave, 16000, subtype="FLOAT")
+    want_extra = predict(load_ensemble(trained_grid / "ensemble"),
+                         [InputRow(f"{k}.wav", tmp_path / f"{k}.wav", rows[0].text, None, 0) for k in extra],
+                         progress=False)
+    assert want_extra.windows.tolist() == [5, 1]
+    np.savez(tmp_path / "clips.npz", **{f"w{i}": w for i, w in enumerate(waves)}, **extra)
     (tmp_path / "texts.json").write_text(json.dumps([r.text for r in rows], ensure_ascii=False), encoding="utf-8")
     res = run_py(HF_SCRIPT, hf_dir, tmp_path / "clips.npz", tmp_path / "texts.json", tmp_path / "out.npz",
                  cwd=tmp_path)
@@ -171,6 +185,7 @@ def test_hf_folder_loads_offline_and_gives_predict_probabilities(hf_dir, grid_te
     # Without text the audio-only members label the clips alone, as predict.py does.
     audio_only = [i for i, m in enumerate(cfg["members"]) if m["modalities"] == "audio"]
     np.testing.assert_allclose(out["no_text"], out["member"][:2, audio_only].mean(1), atol=1e-6)
+    np.testing.assert_allclose(out["extra"], want_extra.probs, atol=TOL)  # windows and repeat-padding too
 
 
 PIPE_SCRIPT = r"""
@@ -298,6 +313,46 @@ def test_fold_ensemble_exports_the_fold_average_or_one_fold(trained_grid, grid_t
     result = predict_onnx(load_onnx_ensemble(tmp_path / "onnx2"), rows, progress=False)
     np.testing.assert_allclose(result.probs, per_fold[1].probs, atol=TOL)  # vote shares of fold 2
     assert (result.pred == per_fold[1].pred).all()
+
+
+@pytest.mark.slow
+def test_group_norm_backbone_runs_clip_by_clip(trained_grid, grid_test, tmp_path):
+    """A speech encoder with a group-norm feature extractor (wav2vec2-base style: padding would
+    change its output) under the audio-only members: ser_hpc runs it clip by clip, so must the
+    Hugging Face model (per_clip) and the ONNX predictor (one clip per session run)."""
+    from transformers import AutoModelForAudioClassification, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    from ser_hpc.inference.ensemble import load_ensemble
+    from ser_hpc.inference.onnx_predictor import load_onnx_ensemble, predict_onnx
+    from ser_hpc.inference.predictor import predict
+
+    torch.manual_seed(0)
+    like = Wav2Vec2Config.from_pretrained(
+        json.loads((trained_grid / "ensemble" / "ensemble.json").read_text())["members"][0]["backbones"]["speech"])
+    cfg = Wav2Vec2Config(**{**like.to_dict(), "feat_extract_norm": "group", "do_stable_layer_norm": False})
+    gn = tmp_path / "w2v-group-norm"
+    Wav2Vec2Model(cfg).save_pretrained(gn)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True, return_attention_mask=False).save_pretrained(gn)
+    ens_dir = _sub_ensemble(trained_grid / "ensemble", tmp_path / "gn_ens", lambda m: m["modalities"] == "audio")
+    meta = json.loads((ens_dir / "ensemble.json").read_text())
+    for m in meta["members"]:
+        m["backbones"]["speech"] = str(gn)
+    (ens_dir / "ensemble.json").write_text(json.dumps(meta))
+    rows = grid_test["rows"][:5]
+    want = predict(load_ensemble(ens_dir), rows, batch_size=5, progress=False).probs
+
+    assert export(ens_dir, "--out", tmp_path / "hf") == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["groups"][0]["accepts_padding_mask"] is False
+    model = AutoModelForAudioClassification.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    waves = [torch.from_numpy(load_audio(r.audio_path, 16000)) for r in rows]
+    x = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+    mask = (torch.arange(x.shape[1])[None] < torch.tensor([len(w) for w in waves])[:, None]).long()
+    np.testing.assert_allclose(model(x, attention_mask=mask).scores.numpy(), want, atol=TOL)
+
+    assert export(ens_dir, "--out", tmp_path / "onnx", "--format", "onnx") == 0
+    onnx_ens = load_onnx_ensemble(tmp_path / "onnx")
+    assert [g.padded_batches for g in onnx_ens.groups] == [False]
+    np.testing.assert_allclose(predict_onnx(onnx_ens, rows, batch_size=5, progress=False).probs, want, atol=TOL)
 
 
 # ----------------------------------------------------------------------------- the model card
