@@ -136,8 +136,10 @@ def test_hf_folder_loads_offline_and_gives_predict_probabilities(hf_dir, grid_te
     cfg = json.loads((hf_dir / "config.json").read_text())
     assert cfg["id2label"] == {str(i): name for i, name in enumerate(LABELS)}
     assert cfg["label2id"] == {name: i for i, name in enumerate(LABELS)}
-    assert cfg["auto_map"]["AutoModelForAudioClassification"] == "modeling_ser_ensemble.SerEnsembleForAudioClassification"
-    assert [cfg["members"][i]["run_id"] for i in cfg["ensembles"][0]["members"]] == [m["run_id"] for m in meta["members"]]
+    assert cfg["auto_map"]["AutoModelForAudioClassification"] == \
+        "modeling_ser_ensemble.SerEnsembleForAudioClassification"
+    ensemble = [cfg["members"][i]["run_id"] for i in cfg["ensembles"][0]["members"]]
+    assert ensemble == [m["run_id"] for m in meta["members"]]
     assert cfg["ensembles"][0]["method"] == "mean"
     # Backbones in subfolders, loaded by relative path: nothing points back at the grid.
     subfolders = sorted({g[k] for g in cfg["groups"] for k in ("speech", "text") if g[k]})
@@ -260,8 +262,9 @@ def test_onnx_graphs_give_predict_probabilities(onnx_dir, grid_test, trained_gri
 
     ours, theirs = tmp_path / "onnx.csv", tmp_path / "torch.csv"
     theirs.write_text(predictions_csv(grid_test["result"]))
-    res = subprocess.run([PY, str(REPO / "jobs" / "predict.py"), "--onnx", str(onnx_dir), "--csv", str(grid_test["csv"]),
-                          "--audio-dir", str(grid_test["audio_dir"]), "--out", str(ours), "--no-progress"],
+    res = subprocess.run([PY, str(REPO / "jobs" / "predict.py"), "--onnx", str(onnx_dir), "--csv",
+                          str(grid_test["csv"]), "--audio-dir", str(grid_test["audio_dir"]), "--out", str(ours),
+                          "--no-progress"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "labelled 24 of 24 row(s)" in res.stdout and "onnxruntime" in res.stdout
@@ -449,6 +452,15 @@ def test_bad_inputs_exit_2_and_leave_no_destination(trained_grid, tmp_path, caps
     (out / "f" / "mine.txt").write_text("keep")
     assert export(trained_grid / "ensemble", "--out", out / "f") == 2
     assert "already exists" in capsys.readouterr().err and (out / "f" / "mine.txt").read_text() == "keep"
+    # jobs/predict.py --onnx on a folder that is not an ONNX export.
+    spec = importlib.util.spec_from_file_location("predict_job", REPO / "jobs" / "predict.py")
+    predict_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(predict_job)
+    csv_path = write_csv(tmp_path / "in.csv", [{"id": "x.wav", "label": "", "transcription": "hola"}])
+    assert predict_job.main(["--onnx", str(trained_grid / "ensemble"), "--csv", str(csv_path),
+                             "--out", str(tmp_path / "p.csv")]) == 2
+    assert f"{(trained_grid / 'ensemble').resolve() / 'onnx_ensemble.json'} not found" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
 
 
 def test_staged_folder_leaves_nothing_behind_on_failure(tmp_path):
@@ -507,4 +519,5 @@ def test_remote_code_imports_only_torch_and_transformers():
     for path in (REPO / "ser_hpc" / "export" / "remote").glob("*.py"):
         imports = set(re.findall(r"^\s*(?:from|import)\s+([\w.]+)", path.read_text(), re.M))
         roots = {name.split(".")[0] for name in imports if not name.startswith(".")}
-        assert roots <= {"__future__", "math", "dataclasses", "numpy", "torch", "transformers", "soundfile"}, (path, roots)
+        allowed = {"__future__", "math", "dataclasses", "numpy", "torch", "transformers", "soundfile"}
+        assert roots <= allowed, (path, roots)

@@ -166,7 +166,8 @@ class _Builder:
                                       "it under bf16 autocast, the export runs float32; expect differences of "
                                       "about 1e-2 in its probabilities")
         fold = meta.get("fold")
-        self.ensembles.append({"name": "ensemble" if fold is None else f"fold_{fold}", "fold": fold, "method": ens.method,
+        self.ensembles.append({"name": "ensemble" if fold is None else f"fold_{fold}", "fold": fold,
+                               "method": ens.method,
                                "members": [global_ids[mi] for mi in range(len(ens.members))]})
 
     @staticmethod

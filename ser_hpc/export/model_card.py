@@ -232,7 +232,8 @@ def card_data(export: ExportModel, fmt: str, language: str | None = None, style:
                         "test_macro_f1": entry.get("test_macro_f1")})
     backbones = [{"kind": b.kind, "source": b.source, "subfolder": b.subfolder, "fine_tuned_by": b.tuned_by}
                  for b in export.backbones]
-    out = {"format": fmt, "classes": list(labels), "sampling_rate": export.config.sampling_rate, "corpus": corpus, "ensembles": ensembles,
+    out = {"format": fmt, "classes": list(labels), "sampling_rate": export.config.sampling_rate, "corpus": corpus,
+           "ensembles": ensembles,
            "method": sorted({e["method"] for e in ensembles}), "members": members, "backbones": backbones,
            "seeds": sorted({m["seed"] for m in members if m.get("seed") is not None}),
            "grid": grid_provenance(export.folders[0]),
@@ -344,7 +345,8 @@ def render(data: dict) -> str:
              f"ser-hpc (the EmoSPeech 2024 winning system: attention pooling, MLP heads, "
              f"ensemble of the best heads), exported as "
              + ("a transformers model (custom code)." if data["format"] == "hf" else "ONNX graphs for onnxruntime.")
-             + (f" It is the {'average of ' + str(len(ens)) + ' fold ensembles' if len(ens) > 1 else ens[0]['method'] + ' of its members'}."),
+             + (f" It is the average of {len(ens)} fold ensembles." if len(ens) > 1
+                else f" It is the {ens[0]['method']} of its members."),
              "", "## How to use", "", *_usage(data), "",
              "## Classes", "", ", ".join(f"`{x}`" for x in data["classes"]) + " (the order of the score columns).",
              "", "## Training data", "",
@@ -352,7 +354,7 @@ def render(data: dict) -> str:
              f"{c['speech']}. Audio at {c.get('sample_rate') or 16000} Hz."]
     for e in ens:
         sp = e.get("splits") or {}
-        head = f"{e['name']}" + (f" (fold {e['fold']})" if e.get("fold") is not None else "")
+        head = f"fold {e['fold']}" if e.get("fold") is not None else e["name"]
         if sp.get("error"):
             lines += ["", f"{head}: the corpus could not be read at export time ({sp['error']}); "
                       "dev/test counts below come from the ensemble's probability files."]
@@ -403,10 +405,12 @@ def render(data: dict) -> str:
     if data.get("folds_summary") and (data["folds_summary"].get("mean") or {}):
         mean, std = data["folds_summary"]["mean"], data["folds_summary"].get("std") or {}
         lines += ["", "Over folds (test, mean ± std): " + ", ".join(
-            f"{k} {_pct(mean.get(k))} ± {_pct(std.get(k))}" for k in ("macro_f1", "ua", "wa") if mean.get(k) is not None)]
+            f"{k} {_pct(mean.get(k))} ± {_pct(std.get(k))}" for k in ("macro_f1", "ua", "wa")
+            if mean.get(k) is not None)]
     crossfit = [e["figures"].get("dev", {}).get("macro_f1_crossfit") for e in ens]
     if any(x is not None for x in crossfit):
-        lines += ["", "Cross-fitted dev macro-F1: " + ", ".join(f"{e['name']} {_pct(x)}" for e, x in zip(ens, crossfit))]
+        lines += ["", "Cross-fitted dev macro-F1: "
+                  + ", ".join(f"{e['name']} {_pct(x)}" for e, x in zip(ens, crossfit))]
     lines += ["", "## Calibration", "",
               "Expected calibration error (ECE, 15 equal-width confidence bins) of the ensemble's scores: "
               + "; ".join(f"{e['name']} dev {_pct((e['figures'].get('dev') or {}).get('ece'))} %, test "
