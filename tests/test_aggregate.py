@@ -62,11 +62,26 @@ def write_probs(path, ids, y, probs, gold=True):
             w.writerow([i, LABELS[g] if gold else "", *(repr(float(x)) for x in p)])
 
 
+def write_head(run_dir, n_classes=C, width=4):
+    """A small head in the training format (its own key names; a classifier with a row per
+    class), with values of its own: each run's head differs from the others'."""
+    import zlib
+
+    import torch
+    from safetensors.torch import save_file
+    gen = torch.Generator().manual_seed(zlib.crc32(run_dir.name.encode()))
+    save_file({"classifier.0.weight": torch.randn(width, width, generator=gen), "classifier.0.bias": torch.zeros(width),
+               "classifier.3.weight": torch.randn(n_classes, width, generator=gen),
+               "classifier.3.bias": torch.zeros(n_classes)}, str(run_dir / "best_head.safetensors"))
+
+
 def write_run(root, run_id, name, *, dev=None, test=None, test_gold=True, status="done", reason=None):
     """One run folder as a training job leaves it. dev/test: (ids, labels, probs) or None."""
     d = root / "runs" / run_id
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.yaml").write_text(f"run:\n  name: {name}\n")
+    if status == "done":
+        write_head(d)
     if status is None:  # missing: the job died before writing final.json
         return d
     final = {"run_id": run_id, "name": name, "status": status, "reason": reason, "dev_macro_f1": None,
@@ -373,9 +388,9 @@ def test_rerun_is_identical_apart_from_created(tree):
     root, _ = tree
     aggregate(root)
     ens = root / "ensemble"
-    first = {p.name: p.read_bytes() for p in ens.iterdir()}
+    first = {str(p.relative_to(ens)): p.read_bytes() for p in ens.rglob("*") if p.is_file()}
     aggregate(root)
-    second = {p.name: p.read_bytes() for p in ens.iterdir()}
+    second = {str(p.relative_to(ens)): p.read_bytes() for p in ens.rglob("*") if p.is_file()}
     assert first.keys() == second.keys()
     assert not [n for n in first if n.startswith(".")]  # no temp files left behind
     a, b = json.loads(first.pop("ensemble.json")), json.loads(second.pop("ensemble.json"))
@@ -573,7 +588,7 @@ def test_unknown_selection_is_refused(tree):
 
 def add_heads(root):
     for d in (root / "runs").iterdir():
-        (d / "best_head.safetensors").write_bytes(b"head of " + d.name.encode())
+        write_head(d)
 
 
 KILL_SCRIPT = r"""
@@ -581,13 +596,14 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[4])
 import ser_hpc.ensemble.aggregate as agg
+import ser_hpc.ensemble.folder as folder
 root, marker, point = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 
 def pause(*args, **kwargs):
     marker.write_text("reached")  # the parent kills -9 from here on
     time.sleep(300)
 
-setattr(agg, point, pause)
+setattr(agg if hasattr(agg, point) else folder, point, pause)
 agg.aggregate(root, top_k=1)
 """
 
@@ -626,7 +642,7 @@ def test_kill_mid_aggregation_keeps_the_previous_ensemble(tmp_path):
         meta = json.loads((ens / "ensemble.json").read_text())
         assert len(meta["members"]) == 2
         for m in meta["members"]:
-            assert (ens / m["head"]).read_bytes() == f"head of {m['run_id']}".encode()
+            assert (ens / m["head"]).read_bytes() == (root / "runs" / m["run_id"] / "best_head.safetensors").read_bytes()
             assert (ens / m["config"]).is_file()
         assert len(list(root.glob("ensemble.*"))) == 1 + n  # the killed jobs' half-built folders
 
@@ -668,3 +684,37 @@ def test_selection_from_the_grid_file_and_plan(tmp_path, tree):
     res = aggregate(root)
     assert res["selection"] == "greedy"
     assert [m["run_id"] for m in res["members"]] == res["selections"]["greedy"]["members"]
+
+
+def test_a_broken_head_is_left_out_and_a_good_ensemble_is_never_replaced_by_a_broken_one(tree):
+    """A member's head truncated after training: the run leaves the ranking with the reason
+    (leaderboard, ensemble.json), the new ensemble is built from loadable heads only; when no
+    run is left, the previous ensemble stays published."""
+    import os
+    from ser_hpc.ensemble.folder import verify
+    root, data = tree
+    first = aggregate(root, top_k=2)
+    best = first["members"][0]["run_id"]
+    head = root / "runs" / best / "best_head.safetensors"
+    head.write_bytes(head.read_bytes()[: head.stat().st_size // 2])
+    res = aggregate(root, top_k=2)
+    assert best not in [m["run_id"] for m in res["members"]] and len(res["members"]) == 2
+    reason = {f["run_id"]: f["reason"] for f in res["failed"]}[best]
+    assert "not usable as an ensemble member: best_head.safetensors is unreadable" in reason, reason
+    assert "best_head.safetensors is unreadable" in (root / "ensemble" / "leaderboard.md").read_text()
+    verify(root / "ensemble")  # every member file the published ensemble.json names loads
+    # A head with the wrong number of classes is refused too.
+    write_head(root / "runs" / res["members"][0]["run_id"], n_classes=C - 1)
+    again = aggregate(root, top_k=2)
+    assert "classifier has 5 outputs for 6 classes" in {f["run_id"]: f["reason"] for f in again["failed"]}[
+        res["members"][0]["run_id"]]
+    # Every head broken: nothing to build, and the last good ensemble stays where it was.
+    published = os.readlink(root / "ensemble")
+    for d in (root / "runs").iterdir():
+        if (d / "best_head.safetensors").exists():
+            (d / "best_head.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(AggregateError, match="the previous ensemble .* is kept"):
+        aggregate(root, top_k=2)
+    assert os.readlink(root / "ensemble") == published
+    verify(root / "ensemble")
+    assert json.loads((root / "ensemble" / "ensemble.json").read_text())["members"] == again["members"]

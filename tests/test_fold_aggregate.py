@@ -25,6 +25,7 @@ from ser_hpc.ensemble.collect import AggregateError  # noqa: E402
 from ser_hpc.inference.ensemble import (EnsembleError, combine_fold_results, ensemble_labels,  # noqa: E402
                                         fold_ensemble_dirs)
 from ser_hpc.inference.predictor import PredictionResult  # noqa: E402
+from tests.test_aggregate import write_head  # noqa: E402
 
 LABELS = ["anger", "contempt", "fear", "joy", "sadness"]
 C = len(LABELS)
@@ -71,7 +72,7 @@ def make_fold_tree(root: Path, top_k: int = 1, seed: int = 0):
                 d = root / "runs" / run_id
                 d.mkdir(parents=True)
                 (d / "config.yaml").write_text(f"run:\n  name: {run_id}\ndata:\n  fold: {fold}\n")
-                (d / "best_head.safetensors").write_bytes(b"fake head " + run_id.encode())
+                write_head(d, n_classes=C)
                 perm = rng.permutation(len(dev_ids))  # rows shuffled: alignment is by id
                 write_probs(d / "dev_probs.csv", [dev_ids[i] for i in perm], dev_y[perm], dev_p[perm])
                 write_probs(d / "test_probs.csv", test_ids, test_y, test_p)
@@ -156,7 +157,7 @@ def test_fold_grid_ranking_and_fold_averaged_ensemble(tmp_path, top_k):
         assert sub["test_macro_f1"] == pytest.approx(figs["test"]["macro_f1"])
         for m in members:
             assert (ens / f"fold_{fold}" / "members" / m / "best_head.safetensors").read_bytes() == \
-                b"fake head " + m.encode()
+                (tmp_path / "runs" / m / "best_head.safetensors").read_bytes()
         assert (ens / f"fold_{fold}" / "dev_probs.csv").is_file()
         assert (ens / f"fold_{fold}" / "report.md").is_file()
         assert ensemble_labels(ens / f"fold_{fold}") == tuple(LABELS)

@@ -147,16 +147,20 @@ def test_report_on_a_tree_without_curves_or_known_backbones(tmp_path):
     for name in ("report_pairs.png", "report_per_class_f1.png", "reliability.png"):
         check_png(root / "ensemble" / name)
     check_stats_sections(md, res)
-    # No heads in these runs: the ensemble is reported but cannot serve predict.
-    assert not (root / "ensemble" / "members").exists()
-    assert any("jobs/predict.py cannot use this ensemble" in n for n in res["notes"])
+    # Every member's head is in the folder: it serves jobs/predict.py.
+    assert sorted(p.name for p in (root / "ensemble" / "members").iterdir()) == sorted(
+        {m["run_id"] for m in res["members"]})
 
-    # An aggregation that fails afterwards leaves no stale report behind.
+    # An aggregation that fails afterwards leaves no stale report beside its leaderboard, and
+    # the complete ensemble before it stays published.
     for d in (root / "runs").iterdir():
         write_run(root, d.name, d.name, status="failed", reason="boom")
-    with pytest.raises(AggregateError):
+    with pytest.raises(AggregateError, match="the previous ensemble") as info:
         aggregate(root)
-    assert not any((root / "ensemble" / name).exists() for name in REPORT_FILES)
+    failed_board = Path(str(info.value).rsplit("leaderboard is in ", 1)[1])
+    assert "boom" in (failed_board / "leaderboard.md").read_text()
+    assert not any((failed_board / name).exists() for name in REPORT_FILES)
+    assert (root / "ensemble" / "ensemble.json").is_file() and (root / "ensemble" / "report.md").is_file()
 
 
 def check_stats_sections(md: str, res: dict) -> None:

@@ -28,7 +28,7 @@ from ser_hpc.ensemble.collect import AggregateError, ProbTable, RunRecord, colle
 from ser_hpc.ensemble.combine import METHODS, combine, stack
 from ser_hpc.ensemble.configurations import Configuration, group_configurations
 from ser_hpc.ensemble.evaluate import bootstrap_settings, choose, configurations_json, evaluate
-from ser_hpc.ensemble.folder import discard, new_stage, publish
+from ser_hpc.ensemble.folder import build_and_publish
 from ser_hpc.ensemble.leaderboard import rank_runs, render_csv, render_md
 from ser_hpc.ensemble.members import copy_members
 from ser_hpc.ensemble.plots import plot_confusion, plot_reliability
@@ -131,7 +131,7 @@ def build_ensemble(grid_name: str, out: Path, ranked: list[RunRecord], k: int, m
            for split, sys_ in figures["systems"].items() if selection in sys_}
     plot_reliability(rel, out / RELIABILITY_PNG, f"{label}: reliability")
 
-    entries = copy_members(out, members, plan, notes)
+    entries = copy_members(out, members, plan)
     for e, m in zip(entries, members):  # every figure in ensemble.json sits beside its interval
         ci = figures["run_ci"][m.run_id]
         e.update(dev_macro_f1_ci95=ci["dev"], test_macro_f1=m.test_macro_f1, test_macro_f1_ci95=ci["test"])
@@ -243,40 +243,33 @@ def aggregate(results_dir: str | Path, top_k: int | None = None, method: str | N
     configs = group_configurations(ranked)
     others = [r for r in records if r.status != RunStatus.DONE]
     notes: list[str] = []
-    # Everything is built in a fresh folder; results_dir/ensemble switches to it in one
-    # rename at the end, so a kill at any point leaves the previous ensemble loadable.
-    stage = new_stage(results_dir)
+    figures: dict = {}
 
-    def finish(result: dict | None, figures: dict | None) -> None:
-        # The leaderboard is always written: it is the report of what failed.  Members are
-        # starred only when an ensemble was built; a failed aggregation publishes a folder
-        # with the leaderboard alone, so no earlier ensemble.json outlives it.
-        stars = [m["run_id"] for m in result["members"]] if result else []
-        run_ci = figures["run_ci"] if figures else None
-        write_text(stage / "leaderboard.md", render_md(ranked, others, stars, f"Leaderboard — {grid_name}",
-                                                       cis=run_ci, configs=configs))
-        write_text(stage / "leaderboard.csv", render_csv(ranked, others, cis=run_ci, configs=configs))
-        if result:
-            write_json(stage / "ensemble.json", result)  # last: it describes the files above
-        publish(results_dir, stage)
-        print(_summary(results_dir, ranked, records, result, notes), flush=True)
-
-    try:
+    def build(stage: Path) -> dict:
         if not ranked:
-            board = results_dir / "ensemble" / "leaderboard.md"
-            raise AggregateError(f"no finished run to ensemble in {results_dir} "
-                                 f"({len(others)} failed or missing; see {board})")
+            raise AggregateError(f"no finished run to ensemble in {results_dir} ({len(others)} failed or missing; "
+                                 f"see {results_dir / 'ensemble' / 'leaderboard.md'})")
         if len(ranked) < k:
             notes.append(f"only {len(ranked)} run(s) done: ensemble of {len(ranked)} instead of top {k}")
         if others:
             notes.append(f"ensemble built from the {len(ranked)} done run(s) only; "
                          f"{len(others)} run(s) failed or missing")
-        result, figures = build_ensemble(grid_name, stage, ranked, k, method, selection, records, configs, notes, plan)
-    except AggregateError:
-        finish(None, None)
-        raise
-    except BaseException:
-        discard(stage)  # a bug or an interrupt: keep the previous ensemble as it was
-        raise
-    finish(result, figures)
-    return result
+        result, figs = build_ensemble(grid_name, stage, ranked, k, method, selection, records, configs, notes, plan)
+        figures.update(figs)
+        return result
+
+    def finish(stage: Path, result: dict | None) -> None:
+        # The leaderboard is always written: it is the report of what failed. Members are
+        # starred only when an ensemble was built.
+        stars = [m["run_id"] for m in result["members"]] if result else []
+        run_ci = figures.get("run_ci") if result else None
+        write_text(stage / "leaderboard.md", render_md(ranked, others, stars, f"Leaderboard — {grid_name}",
+                                                       cis=run_ci, configs=configs))
+        write_text(stage / "leaderboard.csv", render_csv(ranked, others, cis=run_ci, configs=configs))
+        if result:
+            write_json(stage / "ensemble.json", result)  # last: it describes the files above
+        print(_summary(results_dir, ranked, records, result, notes), flush=True)
+
+    # Built in a fresh folder that results_dir/ensemble switches to in one rename once it is
+    # verified, so a kill or a broken member at any point leaves the previous ensemble loadable.
+    return build_and_publish(results_dir, build, finish)

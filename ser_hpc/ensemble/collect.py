@@ -1,7 +1,8 @@
 """Read a results tree (plan.json + runs/<run_id>/) into one record per run.
 
 Training jobs may crash, be cancelled or never start, so every reader here is defensive:
-a run is "done" only if final.json says so AND it has what the ensemble needs; anything
+a run is "done" only if final.json says so AND it has what the ensemble needs (its dev
+probabilities, a readable head with the expected tensors: member_files.py); anything
 else becomes "failed" (with a reason) or "missing" (no final.json at all), so the
 aggregation can always report on the whole grid instead of dying on the first bad run.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ser_hpc.ensemble.member_files import member_problem
 from ser_hpc.run_status import RunStatus
 
 
@@ -89,6 +91,9 @@ def _read_run(run_id: str, name: str | None, overrides: dict, run_dir: Path) -> 
         rec.status, rec.reason = RunStatus.FAILED, "status done but dev_macro_f1 is missing or not finite"
     elif not (run_dir / "dev_probs.csv").exists():
         rec.status, rec.reason = RunStatus.FAILED, "status done but dev_probs.csv is missing"
+    elif problem := member_problem(run_dir, len(final["labels"]) if isinstance(final.get("labels"), list) else None):
+        # e.g. a head overwritten or truncated after training: it would break the ensemble
+        rec.status, rec.reason = RunStatus.FAILED, f"status done but not usable as an ensemble member: {problem}"
     else:
         rec.status = RunStatus.DONE
     return rec

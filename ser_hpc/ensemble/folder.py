@@ -10,11 +10,16 @@ gives that): a switch deletes every other ensemble.* folder, half-built ones inc
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
+
+from ser_hpc.ensemble.collect import AggregateError
+from ser_hpc.ensemble.member_files import head_problem
 
 LINK = "ensemble"
 
@@ -65,3 +70,57 @@ def publish(results_dir: Path, stage: Path) -> None:
 def discard(stage: Path) -> None:
     """Drop a folder whose aggregation did not finish; the current ensemble stays as it was."""
     shutil.rmtree(stage, ignore_errors=True)
+
+
+def complete_ensemble(folder: Path) -> bool:
+    """Does ``folder`` (e.g. results_dir/ensemble) hold a built ensemble, not a leaderboard alone?"""
+    return (folder / "ensemble.json").is_file()
+
+
+def verify(folder: Path) -> None:
+    """Every member file a new ensemble.json names is there and loads (fold ensembles: each
+    fold's); raises AggregateError naming what is not, before the folder is published."""
+    meta = json.loads((folder / "ensemble.json").read_text(encoding="utf-8"))
+    for sub in meta.get("fold_ensembles") or []:
+        verify(folder / sub)
+    problems = []
+    for m in meta.get("members") or []:
+        problem = head_problem(folder / m["head"], len(meta["labels"])) if m.get("head") else "no head"
+        problem = problem or next((f"{m[k]} is missing" for k in ("config", "backbone_weights")
+                                   if m.get(k) and not (folder / m[k]).is_file()), None)
+        if problem:
+            problems.append(f"member {m['run_id']}: {problem}")
+    if problems:
+        raise AggregateError(f"the new ensemble in {folder} is incomplete: " + "; ".join(problems))
+
+
+def build_and_publish(results_dir: Path, build: Callable[[Path], dict],
+                      finish: Callable[[Path, dict | None], None]) -> dict:
+    """One aggregation: ``build(stage)`` writes a new ensemble into a fresh folder and returns
+    its ensemble.json content; ``finish(stage, result)`` writes the leaderboard and, with a
+    result, ensemble.json (last). The folder is published only once ``verify`` passes.
+
+    When the build fails for a reason the user must fix (``AggregateError``: no finished run,
+    inconsistent outputs, a broken copy), the leaderboard still reports it: published when
+    there is no ensemble yet, else left beside the previous ensemble, which stays published.
+    Any other error (a bug, an interrupt) discards the folder.
+    """
+    stage = new_stage(results_dir)
+    try:
+        result = build(stage)
+        finish(stage, result)
+        verify(stage)
+    except AggregateError as exc:
+        (stage / "ensemble.json").unlink(missing_ok=True)  # a broken build never passes for an ensemble
+        finish(stage, None)
+        if complete_ensemble(results_dir / LINK):
+            raise AggregateError(f"{exc}\nthe previous ensemble ({results_dir / LINK} -> "
+                                 f"{os.readlink(results_dir / LINK) if (results_dir / LINK).is_symlink() else LINK}) "
+                                 f"is kept; this aggregation's leaderboard is in {stage}") from None
+        publish(results_dir, stage)
+        raise
+    except BaseException:
+        discard(stage)  # keep the previous ensemble as it was
+        raise
+    publish(results_dir, stage)
+    return result

@@ -19,14 +19,15 @@ item by item. The protocol (EmoBox's: score every fold, then average):
   the same for dev), the ``configurations`` ranking and ``fold_ensembles`` (the
   sub-folders, which jobs/predict.py averages or picks one of with --fold).
 
-Everything is written into one staged folder and published with one rename (folder.py),
-exactly as without folds.
+Everything is written into one staged folder and published with one rename once verified
+(folder.build_and_publish), exactly as without folds.
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
+import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +39,7 @@ from ser_hpc.atomic_io import write_json, write_text
 from ser_hpc.ensemble.aggregate import build_ensemble
 from ser_hpc.ensemble.collect import AggregateError, RunRecord
 from ser_hpc.ensemble.configurations import SEED_KEY, group_configurations
-from ser_hpc.ensemble.folder import discard, new_stage, publish
+from ser_hpc.ensemble.folder import build_and_publish
 from ser_hpc.ensemble.leaderboard import rank_runs, render_csv, render_md
 from ser_hpc.ensemble.stats import mean_std
 from ser_hpc.run_status import RunStatus
@@ -207,12 +208,10 @@ def aggregate_folds(results_dir: Path, plan: dict[str, Any], grid_name: str, rec
     if others:
         notes.append(f"ensembles built from the {len(ranked_all)} done run(s) only; "
                      f"{len(others)} run(s) failed or missing")
-    stage = new_stage(results_dir)
     built: list[dict[str, Any]] = []
     stars: list[str] = []
-    labels: list[str] | None = None
 
-    def finish(result: dict | None) -> None:
+    def finish(stage: Path, result: dict | None) -> None:
         board = [f"# Leaderboard — {grid_name} (folds)", "",
                  f"{len(configs)} configurations over folds {sorted(folds)}: runs that differ only in "
                  "`train.seed` and `data.fold`; per fold the mean over seeds, then mean ± sample std over "
@@ -220,7 +219,7 @@ def aggregate_folds(results_dir: Path, plan: dict[str, Any], grid_name: str, rec
                  "Each fold's own leaderboard is in fold_K/leaderboard.md.", ""]
         board += fold_leaderboard_md(configs, sorted(folds), {c.key for c in top} if result else set())
         board += ["", "## Runs (all folds; each fold is scored on its own dev and test items)", "",
-                  render_md(ranked_all, others, stars).split("\n", 2)[2]]
+                  render_md(ranked_all, others, stars if result else []).split("\n", 2)[2]]
         write_text(stage / "leaderboard.md", "\n".join(board))
         write_text(stage / "leaderboard.csv", render_csv(ranked_all, others))
         if result:
@@ -230,10 +229,10 @@ def aggregate_folds(results_dir: Path, plan: dict[str, Any], grid_name: str, rec
                 log.exception("report not written")
                 notes.append(f"report.md not written: {type(exc).__name__}: {exc}")
             write_json(stage / "ensemble.json", result)
-        publish(results_dir, stage)
         print(_summary(results_dir, records, result, notes), flush=True)
 
-    try:
+    def build(stage: Path) -> dict:
+        labels: list[str] | None = None
         if not ranked_all:
             raise AggregateError(f"no finished run to ensemble in {results_dir} ({len(others)} failed or missing; "
                                  f"see {results_dir / 'ensemble' / 'leaderboard.md'})")
@@ -250,7 +249,7 @@ def aggregate_folds(results_dir: Path, plan: dict[str, Any], grid_name: str, rec
                 result, figures = build_ensemble(f"{grid_name} fold {fold}", out, ranked, len(bag), method, "topk",
                                                  fold_records, group_configurations(ranked), fold_notes, plan, bag=bag)
             except AggregateError as exc:
-                discard(out)
+                shutil.rmtree(out, ignore_errors=True)
                 notes.append(f"fold {fold}: no ensemble ({exc})")
                 continue
             if labels is not None and list(result["labels"]) != labels:
@@ -266,7 +265,7 @@ def aggregate_folds(results_dir: Path, plan: dict[str, Any], grid_name: str, rec
             result["fold"] = fold
             write_json(out / "ensemble.json", result)
             built.append(fold_record(fold, result))
-            stars += [r.run_id for r in bag]
+            stars.extend(r.run_id for r in bag)
         if not built:
             raise AggregateError(f"no fold ensemble could be built in {results_dir}: " + "; ".join(notes))
         if len(built) < len(folds):
@@ -275,7 +274,7 @@ def aggregate_folds(results_dir: Path, plan: dict[str, Any], grid_name: str, rec
         dev_mean, dev_std = fold_summary(built, "dev")
         if mean is None:
             notes.append("test figures missing (no test gold labels) in some fold: no test mean over folds")
-        result = {
+        return {
             "grid_name": grid_name,
             "kind": "folds",
             "labels": labels,
@@ -301,14 +300,8 @@ def aggregate_folds(results_dir: Path, plan: dict[str, Any], grid_name: str, rec
             "notes": notes,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-    except AggregateError:
-        finish(None)
-        raise
-    except BaseException:
-        discard(stage)
-        raise
-    finish(result)
-    return result
+
+    return build_and_publish(results_dir, build, finish)
 
 
 def _summary(results_dir: Path, records: Sequence[RunRecord], result: dict | None, notes: list[str]) -> str:

@@ -10,19 +10,14 @@ folder loads from any working directory and on another machine.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
 from ser_hpc.atomic_io import write_bytes
-from ser_hpc.ensemble.collect import RunRecord
+from ser_hpc.ensemble.collect import AggregateError, RunRecord
+from ser_hpc.ensemble.member_files import BACKBONE_FILE, CONFIG_FILE, HEAD_FILE, read_config, same_tensors
 
 MEMBERS_DIR = "members"
-HEAD_FILE = "best_head.safetensors"
-CONFIG_FILE = "config.yaml"
-BACKBONE_FILE = "best_backbone.safetensors"  # only runs with finetune_top_layers > 0 have one
 
 
 def resolve_backbone(name: str | None, launch_dir: str | Path | None) -> str | None:
@@ -38,19 +33,6 @@ def resolve_backbone(name: str | None, launch_dir: str | Path | None) -> str | N
         if name.startswith(".") or candidate.exists():
             return str(candidate.resolve())
     return str(path.resolve()) if path.exists() else name
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return tree if isinstance(tree, dict) else {}
-
-
-def _finetuned(config: dict[str, Any]) -> bool:
-    model = config.get("model") or {}
-    return any(((model.get(k) or {}).get("finetune_top_layers") or 0) > 0 for k in ("speech", "text"))
 
 
 def describe_member(record: RunRecord, config: dict[str, Any], launch_dir: str | None,
@@ -72,42 +54,28 @@ def describe_member(record: RunRecord, config: dict[str, Any], launch_dir: str |
     }
 
 
-def copy_members(out: Path, members: Sequence[RunRecord], plan: dict[str, Any],
-                 notes: list[str]) -> list[dict[str, Any]]:
+def copy_members(out: Path, members: Sequence[RunRecord], plan: dict[str, Any]) -> list[dict[str, Any]]:
     """Copy heads and configs into out/members/ and return the members' ensemble.json entries.
 
     ``members`` may repeat a run (greedy selection with replacement): its entry is then
     listed as often, which weights it in inference's mean or vote; its files are copied once.
-
-    The copy is all or nothing: if any member lacks its head or config (a tree built by
-    hand, a run folder damaged after training), no members/ folder is written and a note
-    says the ensemble cannot be used for inference, rather than a folder that half loads.
+    Every member passed the checks of member_files.py when it was collected; each copy is
+    read back and compared with its source, so a folder is never published with a file
+    that changed or broke on the way.
     """
     pairs = {r.get("run_id"): r.get("pair") for r in plan.get("runs", [])}
     launch_dir = plan.get("launch_dir")
-    configs = [_read_config(m.run_dir / CONFIG_FILE) for m in members]
+    configs = [read_config(m.run_dir / CONFIG_FILE) for m in members]
     tuned = [(m.run_dir / BACKBONE_FILE).is_file() for m in members]
-    lacking = [m.run_id for m, cfg, t in zip(members, configs, tuned)
-               if not (m.run_dir / HEAD_FILE).is_file() or not (m.run_dir / CONFIG_FILE).is_file()
-               or (_finetuned(cfg) and not t)]
     entries = [describe_member(m, cfg, launch_dir, pairs.get(m.run_id), t)
                for m, cfg, t in zip(members, configs, tuned)]
-    target = out / MEMBERS_DIR
-    lacking = list(dict.fromkeys(lacking))  # a greedy bag may list a run more than once
-    if lacking:
-        remove_members(out)
-        notes.append(f"member(s) {', '.join(lacking)} lack {HEAD_FILE}, {CONFIG_FILE} or (fine-tuned runs) "
-                     f"{BACKBONE_FILE}: ensemble/members/ not written, jobs/predict.py cannot use this ensemble")
-        for e in entries:
-            e["head"] = e["config"] = e["backbone_weights"] = None
-        return entries
     # ``out`` is a fresh folder (folder.py): nothing from an earlier aggregation to clean up.
     for m, entry in {m.run_id: (m, e) for m, e in zip(members, entries)}.values():
         names = (HEAD_FILE, CONFIG_FILE) + ((BACKBONE_FILE,) if entry["backbone_weights"] else ())
         for name in names:
-            write_bytes(target / m.run_id / name, (m.run_dir / name).read_bytes())
+            source, copy = m.run_dir / name, out / MEMBERS_DIR / m.run_id / name
+            data = source.read_bytes()
+            write_bytes(copy, data)
+            if copy.read_bytes() != data or (name != CONFIG_FILE and not same_tensors(source, copy)):
+                raise AggregateError(f"the copy of {source} in {copy} does not match its source")
     return entries
-
-
-def remove_members(out: Path) -> None:
-    shutil.rmtree(out / MEMBERS_DIR, ignore_errors=True)
