@@ -40,7 +40,9 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never hang on an offline compute node
+from ser_hpc.offline import offline_by_default  # noqa: E402
+
+offline_by_default()  # never hang on an offline compute node
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,12 +12,16 @@ import sys
 
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 
-from ser_hpc.config import ConfigError, load_config
-from ser_hpc.data.audio import AudioError
-from ser_hpc.data.corpus import CorpusError
-from ser_hpc.features.store import FeatureStoreError
-from ser_hpc.logs import setup_logging
-from ser_hpc.models.encoders import BackboneError
+from ser_hpc.offline import offline_by_default  # noqa: E402
+
+offline_by_default()  # backbones from local folders or the prefetched cache: a job never waits on the hub
+
+from ser_hpc.config import ConfigError, load_config  # noqa: E402
+from ser_hpc.data.audio import AudioError  # noqa: E402
+from ser_hpc.data.corpus import CorpusError  # noqa: E402
+from ser_hpc.features.store import FeatureStoreError  # noqa: E402
+from ser_hpc.logs import setup_logging  # noqa: E402
+from ser_hpc.models.encoders import BackboneError  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,9 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never hang on an offline compute node
+from ser_hpc.offline import offline_by_default  # noqa: E402
+
+offline_by_default()  # never hang on an offline compute node
 
 from ser_hpc.atomic_io import write_text  # noqa: E402
 from ser_hpc.data.corpus import CorpusError  # noqa: E402

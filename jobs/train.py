@@ -19,15 +19,19 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401  (repo root on sys.path)
 
-from ser_hpc.config import ConfigError, key_help, load_config
-from ser_hpc.data.audio import AudioError
-from ser_hpc.data.corpus import CorpusError
-from ser_hpc.grid.tasks import run_pack
-from ser_hpc.locks import LockHeld, hold_run_folders
-from ser_hpc.logs import setup_logging
-from ser_hpc.models.encoders import BackboneError
-from ser_hpc.run_status import RunStatus
-from ser_hpc.train.loop import train_pack
+from ser_hpc.offline import offline_by_default  # noqa: E402
+
+offline_by_default()  # backbones from local folders or the prefetched cache: a job never waits on the hub
+
+from ser_hpc.config import ConfigError, key_help, load_config  # noqa: E402
+from ser_hpc.data.audio import AudioError  # noqa: E402
+from ser_hpc.data.corpus import CorpusError  # noqa: E402
+from ser_hpc.grid.tasks import run_pack  # noqa: E402
+from ser_hpc.locks import LockHeld, hold_run_folders  # noqa: E402
+from ser_hpc.logs import setup_logging  # noqa: E402
+from ser_hpc.models.encoders import BackboneError  # noqa: E402
+from ser_hpc.run_status import RunStatus  # noqa: E402
+from ser_hpc.train.loop import train_pack  # noqa: E402
 
 
 def _is_main() -> bool:

@@ -179,8 +179,12 @@ def _create_exclusive(path: Path, content: bytes) -> bool:
     try:
         os.write(fd, content)
         os.fsync(fd)
-    finally:
+    except OSError:  # e.g. no space left: leave no temp file behind
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
     try:
         try:
             os.link(tmp, path)
@@ -208,8 +212,12 @@ def _create_excl_open(path: Path, content: bytes) -> bool:
     try:
         os.write(fd, content)
         os.fsync(fd)
-    finally:
+    except OSError:  # an empty lock file would look held by nobody we can name
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
     return True
 
 
@@ -375,7 +383,12 @@ class FolderLock:
                 if self.owned():
                     self.path.unlink()
         except (OSError, LockError) as exc:
-            log.warning("could not release the lock %s: %s", self.path, exc)
+            # No guard to be had (a full or read-only file system): our own lock file still goes,
+            # or it would look held until its heartbeat goes stale.
+            with contextlib.suppress(OSError):
+                if self.owned():
+                    self.path.unlink()
+            log.warning("released the lock %s without its guard: %s", self.path, exc)
         self.record = None
 
     def __enter__(self) -> "FolderLock":

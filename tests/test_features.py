@@ -100,6 +100,20 @@ def test_store_reused_invalidated_and_torn_shard_refused(demo_assets, small_corp
     last = _cfg(demo_assets, small_corpus, tmp_path / "r", feat, **{"train.features": "cached",
                                                                      "model.speech.layers": "last"})
     assert extract([last]).folder == first.folder
+    # The same checkpoints at another path (another checkout, a moved project): the same store,
+    # keyed by the files' content; a checkpoint overwritten in place gets a new one.
+    moved = tmp_path / "moved"
+    for kind in ("wav2vec2-tiny", "roberta-tiny"):
+        shutil.copytree(demo_assets["backbones"][kind], moved / kind)
+    elsewhere = _cfg(demo_assets, small_corpus, tmp_path / "r", feat, **{"train.features": "cached",
+                     "model.speech.name": str(moved / "wav2vec2-tiny"), "model.text.name": str(moved / "roberta-tiny")})
+    assert extract([elsewhere]).folder == first.folder and shard.stat().st_mtime_ns == mtime
+    weights = moved / "wav2vec2-tiny" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(data))
+    assert store_spec([elsewhere], read_all_clips(elsewhere))["speech"]["model"] != \
+        store_spec([cfg], read_all_clips(cfg))["speech"]["model"]
     # A changed corpus (one transcription edited) gets a new store; the old one is kept.
     changed = tmp_path / "changed"
     shutil.copytree(small_corpus, changed)

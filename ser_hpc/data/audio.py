@@ -77,12 +77,23 @@ def audio_info(path: str | Path):
         raise AudioError(why_unreadable(path, exc)) from None
 
 
+def why_undecodable(path: str | Path, exc: Exception) -> str:
+    """Why decoding ``path`` failed: a header that reads but a stream that does not (an mp3
+    corrupt in the middle), or whatever ``why_unreadable`` finds."""
+    try:
+        info = sf.info(str(path))
+    except Exception:
+        return why_unreadable(path, exc)
+    return (f"audio file {path} is corrupt: its header reads ({info.format}, {info.frames} frames at "
+            f"{info.samplerate} Hz) but its stream does not decode (libsndfile: {str(exc).strip() or type(exc).__name__})")
+
+
 def load_audio(path: str | Path, target_sr: int) -> np.ndarray:
     """Decode, downmix to mono and resample: float32 samples at ``target_sr``."""
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:
-        raise AudioError(why_unreadable(path, exc)) from None
+        raise AudioError(why_undecodable(path, exc)) from None
     if data.shape[0] == 0:
         raise AudioError(f"audio file {path} is empty (0 samples)")
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]

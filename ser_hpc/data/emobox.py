@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,9 @@ def read_emobox(root: str | Path, audio_dir: str | Path | None, *, check_audio: 
     root = Path(root).expanduser().absolute()
     if not root.is_dir():
         raise CorpusError(f"data.root {root} is not a folder; {_LAYOUT}")
-    name = root.resolve().name
+    # The corpus is named by the folder as given (a symlink's own name), else by its target's.
+    names = list(dict.fromkeys([Path(os.path.normpath(root)).name, root.resolve().name]))
+    name = next((n for n in names if (root / f"{n}.jsonl").is_file()), names[0])
     meta = root / f"{name}.jsonl"
     if not meta.is_file():
         others = sorted(p.name for p in root.glob("*.jsonl"))

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig
 
 from ..config import Config
 from ..data.augment import Augmenter
@@ -23,7 +22,7 @@ from ..data.corpus import Example, check_audio
 from ..data.sources import all_clips
 from ..data.dataset import WholeClips, collate, length_sorted_batches
 from ..data.prepared import audio_loader_for
-from ..data.prepared_format import hash_file
+from ..content_hash import file_hashes
 from ..models.head import layers_used
 from .store import META, FeatureStore, ShardWriter, check_free_space, content_key, \
     model_fingerprint, shard_bytes
@@ -49,9 +48,9 @@ def read_all_clips(cfg: Config) -> Corpus:
     return Corpus(examples, train_ids, durations)
 
 
-def _num_states(name: str) -> int:
-    return int(AutoConfig.from_pretrained(str(Path(name).expanduser()) if Path(name).expanduser().exists()
-                                          else name).num_hidden_layers) + 1
+def _num_states(kind: str, name: str) -> int:
+    from ..models.encoders import backbone_config  # a missing checkpoint: a BackboneError naming it
+    return int(backbone_config(kind, name).num_hidden_layers) + 1
 
 
 def _primary(cfgs: list[Config]) -> Config:
@@ -79,7 +78,7 @@ def store_spec(cfgs: list[Config], corpus: Corpus) -> dict:
             continue
         users = [c for c in cfgs if modality in c.model.modalities.split("+")]
         name = _encoder_name(cfgs, kind)
-        n = _num_states(name)
+        n = _num_states(kind, name)
         held = sorted({i for c in users for i in layers_used(getattr(c.model, kind).layers, n)})
         spec[kind] = {"model": model_fingerprint(name), "layers": held}
     d = cfg.data
@@ -87,10 +86,11 @@ def store_spec(cfgs: list[Config], corpus: Corpus) -> dict:
                         "noise_dir": d.noise_dir, "rir_dir": d.rir_dir, "seed": AUGMENT_SEED}
                        if d.cached_augment_copies and spec["speech"] else None)
     ids, audio, texts = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
-    for ex in corpus.examples:
+    sources = file_hashes([ex.audio_path for ex in corpus.examples]) if spec["speech"] else []
+    for k, ex in enumerate(corpus.examples):
         ids.update(f"{ex.id}\t{ex.id in corpus.train_ids}\n".encode())
         if spec["speech"]:
-            audio.update(f"{ex.id}\t{hash_file(ex.audio_path)}\n".encode())
+            audio.update(f"{ex.id}\t{sources[k]}\n".encode())
         if spec["text"]:
             texts.update(f"{ex.id}\t{ex.text}\n".encode())
     spec["corpus"] = ids.hexdigest()

@@ -9,8 +9,8 @@ Layout (``<data.features_dir>/<key>/``)::
     meta.json        what the store holds (spec, shapes, sizes); written LAST: its presence
                      means the store is complete
 
-Keys. ``key`` is a hash of everything that changes what is stored: each backbone (name, and
-for a local folder its config and weight files' sizes), the hidden states held, the sample
+Keys. ``key`` is a hash of everything that changes what is stored: each backbone (a hub id's
+name; a local folder's file contents, not its path), the hidden states held, the sample
 rate, the text token limit, the augmentation that made the views, and the corpus content
 (every clip's id, audio bytes and transcription). A relaunch or a second grid with the same
 key reuses the store; a changed corpus or backbone gets a new key, so a stale store is
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_io import atomic_open, write_json
+from ..content_hash import file_hashes
 
 FORMAT_VERSION = 1
 DTYPE = np.dtype("<f2")  # float16: half of fp32, and what XLS-R-sized stores can afford on disk
@@ -51,17 +52,14 @@ def content_key(spec: dict) -> str:
 
 
 def model_fingerprint(name: str) -> dict:
-    """What identifies a backbone: a hub id by name; a local folder also by its files, so
-    overwriting a checkpoint in place invalidates the stores built from it."""
+    """What identifies a backbone: a hub id by name; a local folder by the content of its files
+    (weights, config, tokenizer), never by where it lives: the same checkpoint in another
+    checkout or a moved folder finds its stores, and overwriting it in place invalidates them."""
     path = Path(name).expanduser()
     if not path.is_dir():
         return {"name": name}
-    files = {}
-    for f in sorted(path.iterdir()):
-        if f.is_file():
-            files[f.name] = (hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.suffix == ".json"
-                             else f.stat().st_size)
-    return {"name": str(path.resolve()), "files": files}
+    files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+    return {"files": dict(zip((f.name for f in files), file_hashes(files)))}
 
 
 def _npy_header(shape: tuple[int, ...]) -> bytes:

@@ -37,11 +37,17 @@ def backbones_used(runs: list[PlannedRun]) -> list[tuple[str, str]]:
                                 if modality in r.config["model"]["modalities"].split("+")})]
 
 
-def check_data(runs: list[PlannedRun], quick: bool = False, problems: list[str] | None = None) -> int:
+def check_data(runs: list[PlannedRun], quick: bool = False, problems: list[str] | None = None) -> tuple[int, str]:
     """Read every distinct data config once (any data.format: files, columns, labels, folds and
-    splits); ``quick`` checks the audio files exist but does not open them. With ``problems``,
-    each failure is appended there instead of raised. Returns how many were read."""
+    splits) and decode every clip it names (``decode_check``: once per clip content, ever);
+    ``quick`` only checks that the audio files exist. With ``problems``, each failure is
+    appended there instead of raised. Returns how many data configs were read, and what the
+    audio check covered, in words (for the dry run)."""
+    from ..data.decode_check import check_decoding
+    from ..data.sources import all_clips
     seen: set[str] = set()
+    clips: dict[str, str] = {}  # audio path -> where it is named (a CSV row)
+    stores: set[tuple[str, int]] = set()
     for run in runs:
         needs_text = "text" in run.config["model"]["modalities"]
         key = json.dumps([run.config["data"], needs_text], sort_keys=True, default=str)
@@ -54,12 +60,60 @@ def check_data(runs: list[PlannedRun], quick: bool = False, problems: list[str] 
             for folder in (data.noise_dir, data.rir_dir):
                 if folder and not Path(folder).is_dir():
                     raise CheckError(f"augmentation folder not found: {folder}")
+            if not quick and "audio" in run.config["model"]["modalities"]:
+                for c in all_clips(data)[0]:
+                    clips.setdefault(str(c.audio_path), f"{c.where}: ")
+                if data.prepared_dir:
+                    stores.add((data.prepared_dir, data.sample_rate))
         except (CorpusError, AudioError, CheckError, ConfigError) as exc:
             if problems is None:
                 raise
             if str(exc) not in problems:  # e.g. one missing corpus folder, named once for all its folds
                 problems.append(str(exc))
-    return len(seen)
+    if quick:
+        return len(seen), ("audio: --quick-check: the files exist; they were not opened or decoded (a clip that "
+                           "does not decode fails the preparation or training job that reads it)")
+    result = check_decoding(list(clips.items()), sorted(stores))
+    if result.errors:
+        error = CheckError(f"{len(result.errors)} audio file(s) do not decode:\n  " + "\n  ".join(result.errors[:20])
+                           + (f"\n  ... and {len(result.errors) - 20} more" if len(result.errors) > 20 else ""))
+        if problems is None:
+            raise error
+        problems.append(str(error))
+    return len(seen), f"audio: {result}"
+
+
+MIN_FREE_GB = 1.0  # a grid writes checkpoints, probabilities and reports into its results folder
+
+
+def check_results_dir(out_dir: Path, problems: list[str]) -> str:
+    """The results folder (or the nearest folder above it that exists) takes a file, and its
+    file system has room; returns the dry run's line, each failure goes to ``problems``."""
+    import shutil
+    import uuid
+    where = Path(out_dir).absolute()
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        problems.append(f"results folder {where}: {probe} is a file, not a folder; set results_dir in the grid "
+                        "file to a folder you can write")
+        return f"results: {where} (cannot be created)"
+    test = probe / f".ser_hpc-write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        test.write_bytes(b"ok")
+    except OSError as exc:
+        problems.append(f"results folder {where}: cannot write in {probe} ({exc.strerror or exc}); set results_dir "
+                        "in the grid file to a folder you can write")
+        return f"results: {where} (not writable)"
+    finally:
+        test.unlink(missing_ok=True)
+    free = shutil.disk_usage(probe).free / 1e9
+    if free < MIN_FREE_GB:
+        problems.append(f"results folder {where}: only {free * 1000:.0f} MB free on its file system ({probe}); a grid "
+                        f"needs at least {MIN_FREE_GB:.0f} GB there for checkpoints, probabilities and reports: free "
+                        "some space or set results_dir in the grid file to a larger file system")
+    return f"results: {where} (writable, {free:.1f} GB free)"
 
 
 def check_backbones(runs: list[PlannedRun], grid_path: str, problems: list[str]) -> int:
@@ -120,6 +174,10 @@ def prefetch(grid_path: str) -> list[tuple[str, str, str]]:
     outcome) per backbone; raises CheckError naming every one that cannot be had."""
     results, errors = [], []
     for kind, name in backbones_used(expand(load_grid(grid_path))):
+        missing = missing_model(kind, name)  # a folder that does not exist, or not a possible hub id
+        if missing is not None:
+            errors.append(str(missing))
+            continue
         if Path(name).expanduser().exists():
             outcome = "local folder"
         else:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ..config import ConfigError, copy_config, read_yaml, set_key
-from ..models.encoders import OFFLINE_HUB_ENV
+from ..offline import OFFLINE_HUB_ENV
 
 Executor = Literal["slurm", "local", "debug"]
 EXECUTORS = get_args(Executor)

@@ -3,8 +3,10 @@ write the plan and submit or run the packs that are not finished (``launch``, or
 ``emit_sbatch`` for plain sbatch), recording every launch in manifest.json."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,12 +15,15 @@ import yaml
 
 from .. import atomic_io
 from ..config import parse_override
+from ..data.audio import AudioError
 from ..ensemble.report_stats import summary as ensemble_summary
+from ..features.store import FeatureStoreError
 from ..locks import launch_lock
+from ..models.encoders import BackboneError
 from ..run_status import RunStatus
 from ..train.packing import needs_own_forward
-from .checks import check_backbones, check_data
 from . import manifest, snapshot
+from .checks import check_backbones, check_data, check_results_dir
 from .cluster import DEFAULT_MAX_ARRAY_SIZE, ClusterProfile, job_env_lines, load_profile, max_array_size
 from .plan import GridSpec, PlannedRun, build_plan, expand, load_grid, make_packs, read_plan, run_states, write_plan
 from .submit import (Chain, Submission, compress, render_sbatch, run_here, sbatch_arrays, sbatch_commands, shell_words,
@@ -45,6 +50,8 @@ class LaunchPlan:
     max_array_source: str = "Slurm's default"      # where that number came from
     code: snapshot.CodeVersion | None = None       # the code the jobs will run; None: --no-snapshot
     last_code: str | None = None                   # the code id the last launch's jobs ran
+    audio_check: str = ""                          # what the audio check covered, in words
+    results_check: str = ""                        # the results folder: writable, free space
 
     @property
     def skipped(self) -> list[PlannedRun]:
@@ -109,13 +116,17 @@ def plan_launch(grid_path: str, overrides: list[str], cluster: str | None = None
         lp.max_array_size, lp.max_array_source = profile.max_array_size or DEFAULT_MAX_ARRAY_SIZE, "not used (no Slurm)"
     # Every check reports its problem and goes on, so a dry run shows the whole plan and then
     # everything that needs fixing, not the first error.
-    n_data = check_data(runs, quick=quick_check, problems=lp.problems)
+    lp.results_check = check_results_dir(spec.out_dir, lp.problems)
+    n_data, lp.audio_check = check_data(runs, quick=quick_check, problems=lp.problems)
     n_models = check_backbones(runs, grid_path, lp.problems)
     log.info("checked %d data config(s) and %d backbone(s)", n_data, n_models)
     plan = lp.refresh()
     if lp.to_run and not lp.problems:  # both read the corpus, which the checks above found usable
-        lp.prepare, groups = needs_preparation(plan), feature_groups(plan)
-        lp.features = len(groups) if needs_features(plan, groups) else 0
+        try:
+            lp.prepare, groups = needs_preparation(plan), feature_groups(plan)
+            lp.features = len(groups) if needs_features(plan, groups) else 0
+        except (FeatureStoreError, AudioError, BackboneError) as exc:  # a torn store names its fix
+            lp.problems.append(str(exc))
     return lp
 
 
@@ -159,6 +170,7 @@ def describe(lp: LaunchPlan, verbose: bool = False) -> str:
               f"skipping {len(lp.skipped)} finished run(s)",
               f"estimated cost, at most: {len(lp.to_run)} task(s) x {res.time_min} min time limit = {hours:.1f} h"
               + (f", {hours * gpus:.1f} GPU-hours ({gpus} GPU(s) per task)" if gpus else " (no GPUs requested)")]
+    lines += [line for line in (lp.results_check, lp.audio_check) if line]
     if lp.prepare:
         lines.append("first: a data-preparation job (decodes the audio once into data.prepared_dir)")
     if lp.features:
@@ -225,6 +237,33 @@ def record_launch(lp: LaunchPlan, sub: Submission, overrides: list[str], code: d
         "train_arrays": sub.train_arrays, "features_arrays": sub.features_arrays, "tasks": sub.tasks})
 
 
+@contextlib.contextmanager
+def _undone_on_failure(lp: LaunchPlan):
+    """A launch that fails (a full or read-only file system, a refused submission) removes the
+    grid files and folders it created; what existed before it is left as it was."""
+    out = lp.spec.out_dir
+    folders = [out, *out.parents]  # the results folder and the folders above it the launch may create
+    created = [p for p in (out / "grid.yaml", out / "plan.json", out / "job_setup.sh", out / "submit.sh",
+                           out / "runs", out / "logs", out / "code") if not p.exists()]
+    created += [p for p in folders[:next(i for i, p in enumerate(folders) if p.exists())] if p != Path(".")]
+    snapshot_dir = snapshot.snapshot_dir(out, lp.code) if lp.code else None
+    new_snapshot = snapshot_dir is not None and not snapshot_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if new_snapshot and snapshot_dir.exists():
+            shutil.rmtree(snapshot_dir, ignore_errors=True)
+        for path in created:  # the results folder and those above it last, each only when empty
+            with contextlib.suppress(OSError):
+                if path.is_file():
+                    path.unlink()
+                elif path in folders:
+                    path.rmdir()  # refused when not empty
+                elif path.is_dir():
+                    shutil.rmtree(path)
+        raise
+
+
 def _take_snapshot(lp: LaunchPlan) -> tuple[Path, dict | None]:
     """The code folder this launch's jobs run, and its manifest record."""
     if lp.code is None:
@@ -241,7 +280,7 @@ def launch(lp: LaunchPlan, overrides: list[str]) -> Submission:
     with local / debug until the packs have finished: a second launch of the same grid is
     refused (``LockHeld``) instead of submitting the same packs again.
     """
-    with launch_lock(lp.spec.out_dir):
+    with _undone_on_failure(lp), launch_lock(lp.spec.out_dir):
         write_grid_files(lp, lp.refresh())
         if lp.skipped:
             log.info("skipping %d finished run(s): %s", len(lp.skipped), ", ".join(r.run_id for r in lp.skipped))
@@ -256,7 +295,7 @@ def emit_sbatch(lp: LaunchPlan, overrides: list[str]) -> Path:
     """Like ``launch``, but the chain is written as a script of sbatch calls (results/<grid>/
     submit.sh, which slurm/submit_grid.sh runs) next to job_setup.sh, the profile's env and setup.
     The script records each job id in this launch's manifest entry as it submits."""
-    with launch_lock(lp.spec.out_dir):
+    with _undone_on_failure(lp), launch_lock(lp.spec.out_dir):
         write_grid_files(lp, lp.refresh())
         out = lp.spec.out_dir.resolve()
         code_dir, code = _take_snapshot(lp)

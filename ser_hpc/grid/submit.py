@@ -145,8 +145,22 @@ TASKS = {"prepare": run_prepare, "features": run_features, "train": run_pack, "a
 
 
 def submit_slurm(chain: Chain) -> Submission:
+    """Submit the chain; a submission refused half-way cancels the jobs it had submitted."""
+    sub = Submission("slurm", packs=chain.packs)
+    try:
+        return _submit_chain(chain, sub)
+    except BaseException:
+        for job in (j for h in sub.handles.values() for j in (h if isinstance(h, list) else [h])):
+            try:
+                job.cancel(check=False)
+            except Exception as exc:  # the error that stopped the submission matters more
+                log.warning("could not cancel job %s: %s", job.job_id, exc)
+        raise
+
+
+def _submit_chain(chain: Chain, sub: Submission) -> Submission:
     import submitit
-    sub, after = Submission("slurm", packs=chain.packs), []
+    after: list[str] = []
     # Python starts in the launch's code snapshot, so it imports that package (the job then
     # changes to the launch directory, where run configs' relative paths start).
     setup = job_env_lines(chain.profile) + [f"cd {shlex.quote(str(chain.code_dir))}"]

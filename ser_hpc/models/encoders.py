@@ -12,9 +12,6 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoTokenizer
 
-# Compute nodes are offline: every job runs with these, so transformers never tries the hub
-# (it would hang, then fail) and reads the shared cache (jobs/prefetch_models.py fills it).
-OFFLINE_HUB_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 class BackboneError(ValueError):
@@ -66,6 +63,11 @@ def _load(kind: str, name: str, loader, **kwargs):
             f"cannot load {kind} model {name!r}{also}: {exc}\n"
             "Compute nodes are usually offline: prefetch hub models on the login node "
             "(jobs/prefetch_models.py) or give a local folder.") from None
+
+
+def backbone_config(kind: str, name: str):
+    """A checkpoint's config, or a ``BackboneError`` that names the model and what is wrong."""
+    return _load(kind, name, AutoConfig.from_pretrained)
 
 
 def _freeze(model: nn.Module) -> nn.Module:

@@ -106,7 +106,7 @@ class RunFolder:
     def read_final(self) -> dict | None:
         try:
             return json.loads(self.final.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no run folder (yet)
             return None
 
     def read_metrics(self) -> list[dict]:
