@@ -33,4 +33,5 @@ bench: install
 	$(PY) benchmarks/demo_grid.py --steps 50
 	$(PY) benchmarks/feature_cache.py --steps 300
 	$(PY) benchmarks/full_size.py --tiny
+	$(PY) benchmarks/encoders.py --tiny
 	$(PY) benchmarks/plan_scale.py

@@ -2,8 +2,9 @@
 
     python jobs/extract_features.py RUN_CONFIG.yaml [MORE.yaml ...] [key=value ...]
         extracts the store one run reads (data.features_dir); reused when complete
-    python jobs/extract_features.py --plan results/<grid>/plan.json [--group N]
-        a launched grid's features job: every group of cached runs, or one (an array task)
+    python jobs/extract_features.py --plan results/<grid>/plan.json [--task N]
+        a launched grid's features job: every store of its cached runs, or task N of the
+        features array (one shard of one store: plan.json's feature_tasks[N])
 
 Example: ``python jobs/extract_features.py configs/run/demo.yaml train.features=cached``
 """
@@ -28,13 +29,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("items", nargs="*", help="YAML config files, then key=value overrides")
     parser.add_argument("--plan", help="a launched grid's plan.json")
-    parser.add_argument("--group", type=int, help="with --plan: one feature group (array task index)")
+    parser.add_argument("--task", type=int, help="with --plan: one features array task (a shard of a store)")
     args = parser.parse_intermixed_args(argv)  # key=value overrides anywhere on the line
     setup_logging()
     try:
         if args.plan:
             from ser_hpc.grid.tasks import run_features
-            print("\n".join(run_features(args.plan, args.group)))
+            print("\n".join(run_features(args.plan, args.task)))
             return 0
         files = [a for a in args.items if "=" not in a]
         if not files:

@@ -27,7 +27,9 @@ class ConfigError(ValueError):
 # The keys with a fixed set of values: a Literal field type is checked when the key is set.
 CorpusFormat = Literal["emospeech", "manifest", "emobox"]
 Modalities = Literal["audio+text", "audio", "text"]
-LayerMix = Literal["weighted", "weighted_all", "last"]
+# model.<speech|text>.layers: "weighted" | "weighted_all" | "last" | "every_N", or a list of hidden-state indices
+LayerChoice = str | list[int]
+LAYER_MODES = ("weighted", "weighted_all", "last")
 Fusion = Literal["early", "late"]
 Pooling = Literal["attention", "mean", "attentive_stats"]
 LrSchedule = Literal["plateau", "cosine", "linear"]
@@ -69,6 +71,8 @@ class DataConfig:
     prepared_dir: str | None = None     # 16 kHz audio decoded once (jobs/prepare_audio.py); decode on the fly if unset
     features_dir: str | None = None     # frozen-backbone feature store (jobs/extract_features.py); for train.features=cached
     cached_augment_copies: int = 0       # cached mode: augmented views per train clip, stored beside the clean one
+    features_max_gb: float = 250.0       # a grid whose feature stores would take more is refused before submission (0 = no limit)
+    features_shard_hours: float = 10.0   # a corpus with more audio is extracted in shards of this many hours, one array task each (0 = one shard)
     max_text_tokens: int = 128
     num_workers: int = 0
     eval_batch_size: int = 8
@@ -77,7 +81,7 @@ class DataConfig:
 @dataclass
 class EncoderConfig:
     name: str = ""          # hub id or local folder, loaded with AutoModel.from_pretrained
-    layers: LayerMix = "last"  # "weighted": softmax weights over the transformer layers (the authors'); "weighted_all" adds hidden_states[0]; "last"
+    layers: LayerChoice = "last"  # "weighted": softmax weights over the transformer layers (the authors'); "weighted_all" adds hidden_states[0]; "last"; "every_N": weights over layers N, 2N, ...; a list [6, 12, 18, 24]: weights over those (a feature store then holds only the layers its heads read)
     finetune_top_layers: int = 0  # >0 unfreezes the top N transformer layers (trained at train.backbone_lr)
 
 
@@ -233,7 +237,12 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, where)
+        for option in inner[:-1]:  # the first type the value fits; the last one's error otherwise
+            try:
+                return _coerce(value, option, key, where)
+            except ConfigError:
+                continue
+        return _coerce(value, inner[-1], key, where)
     if origin is dict:
         _, item = typing.get_args(hint)
         if not isinstance(value, dict):
@@ -392,6 +401,17 @@ def _validate_corpus(data: DataConfig) -> None:
             raise ConfigError(f"config key 'data.labels' needs at least 2 classes, got {data.labels}")
 
 
+def _validate_layers(value: Any, key: str) -> None:
+    if isinstance(value, list):
+        if not value or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in value):
+            raise ConfigError(f"config key '{key}' must list hidden-state indices (integers >= 0), got {value!r}")
+        return
+    if value in LAYER_MODES or (value.startswith("every_") and value[6:].isdigit() and int(value[6:]) >= 1):
+        return
+    raise ConfigError(f"config key '{key}' must be one of {', '.join(LAYER_MODES)}, every_N (N >= 1) or a list of "
+                      f"layer indices like [6, 12, 18, 24], got {value!r}")
+
+
 def validate(cfg: Config, tree: dict[str, Any] | None = None) -> None:
     """Value checks that types alone cannot express (``tree``: ``cfg.to_dict()`` when the
     caller already has it)."""
@@ -409,6 +429,7 @@ def validate(cfg: Config, tree: dict[str, Any] | None = None) -> None:
     for key in ["model.hidden_layers", "model.fusion_attention_heads", "train.max_steps", "train.epochs",
                 "model.speech.finetune_top_layers", "model.text.finetune_top_layers", "train.checkpoint_every",
                 "train.max_requeues", "train.warmup_steps", "data.fold", "data.folds", "data.crop_seconds", "data.cached_augment_copies",
+                "data.features_max_gb", "data.features_shard_hours",
                 "train.weight_decay", "train.early_stop_patience", "train.max_grad_norm", "data.num_workers"]:
         if flat[key] < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]!r}")
@@ -438,6 +459,8 @@ def validate(cfg: Config, tree: dict[str, Any] | None = None) -> None:
                               "be stale after the first step; use train.features=online")
         if cfg.train.strategy == "deepspeed":
             raise ConfigError("train.features=cached trains heads only: use train.strategy single or ddp, not deepspeed")
+    for kind in ("speech", "text"):
+        _validate_layers(getattr(cfg.model, kind).layers, f"model.{kind}.layers")
     if "audio" in cfg.model.modalities.split("+") and not cfg.model.speech.name:
         raise ConfigError("config key 'model.speech.name' is required for the audio modality")
     if "text" in cfg.model.modalities.split("+") and not cfg.model.text.name:

@@ -202,11 +202,18 @@ def test_both_modalities_learnable_neither_perfect(corpus):
 def test_backbones_load_from_path(backbones):
     from transformers import AutoFeatureExtractor, AutoModel, AutoTokenizer
 
-    assert sorted(backbones) == ["bert-tiny", "roberta-tiny", "wav2vec2-small", "wav2vec2-tiny", "wavlm-tiny"]
-    widths = {"wav2vec2-tiny": 64, "wavlm-tiny": 96, "roberta-tiny": 64, "bert-tiny": 64, "wav2vec2-small": 128}
+    assert sorted(backbones) == ["bert-tiny", "roberta-tiny", "wav2vec2-small", "wav2vec2-tiny", "wavlm-tiny",
+                                 "whisper-tiny"]
+    widths = {"wav2vec2-tiny": 64, "wavlm-tiny": 96, "roberta-tiny": 64, "bert-tiny": 64, "wav2vec2-small": 128,
+              "whisper-tiny": 64}
     for name, path in backbones.items():
         model = AutoModel.from_pretrained(path)
         assert model.config.hidden_size == widths[name]
+        if name == "whisper-tiny":  # a whole checkpoint, as real ones: its decoder is there too
+            fe = AutoFeatureExtractor.from_pretrained(path)
+            assert fe.sampling_rate == 16000 and fe.feature_size == 80 and fe.n_samples == 30 * 16000
+            assert model.config.encoder_layers == 4 and model.config.decoder_layers == 1
+            continue
         if name in ("roberta-tiny", "bert-tiny"):
             tok = AutoTokenizer.from_pretrained(path)
             assert 100 < len(tok) == model.config.vocab_size

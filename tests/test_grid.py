@@ -453,7 +453,7 @@ def test_sbatch_path_splits_arrays_passes_offsets_and_skips_finished_packs(tmp_p
     out = subprocess.run(["bash", str(REPO / "slurm" / "features.sbatch"), "plan.json", "3"], capture_output=True,
                          text=True, timeout=30, cwd=tmp_path,
                          env={**os.environ, "SLURM_ARRAY_TASK_ID": "0", "SER_HPC_PYTHON": "echo"})
-    assert out.returncode == 0 and out.stdout.split()[-2:] == ["--group", "3"], out.stderr
+    assert out.returncode == 0 and out.stdout.split()[-2:] == ["--task", "3"], out.stderr
     out = subprocess.run(["bash", str(REPO / "slurm" / "train_array.sbatch"), "plan.json"], capture_output=True,
                          text=True, timeout=30, cwd=tmp_path,
                          env={**os.environ, "PATH": f"{fake_srun.parent}:{os.environ['PATH']}",

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (BertConfig, BertModel, PreTrainedTokenizerFast, RobertaConfig, RobertaModel,
-                          Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model, WavLMConfig, WavLMModel)
+                          Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model, WavLMConfig, WavLMModel,
+                          WhisperConfig, WhisperFeatureExtractor, WhisperModel)
 
 from ser_hpc.atomic_io import write_json
 from ser_hpc.demo.sentences import demo_sentences
@@ -53,6 +54,7 @@ SPEECH = {
     "wav2vec2-small": (Wav2Vec2Config, Wav2Vec2Model, 128, 4, 4, 256, 128),
 }
 TEXT = ("roberta-tiny", "bert-tiny")
+WHISPER = "whisper-tiny"  # a whole Whisper checkpoint (encoder + a small decoder), 80 mels, 4 encoder layers
 
 
 def _speech_model(name: str):
@@ -67,6 +69,18 @@ def _speech_model(name: str):
     fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
                                   do_normalize=True, return_attention_mask=True)
     return model_cls(cfg), fe
+
+
+def _whisper_model():
+    """Whisper's layout at a toy size: the real 30 s window (3000 mel frames, 1500 encoder
+    positions), 80 mels, a 4-layer encoder 64 wide; a 1-layer decoder so the checkpoint holds
+    both halves, as real ones do."""
+    cfg = WhisperConfig(d_model=64, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=128,
+                        decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=128, num_mel_bins=80,
+                        max_source_positions=1500, max_target_positions=32, vocab_size=64, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, suppress_tokens=[],
+                        begin_suppress_tokens=[])
+    return WhisperModel(cfg), WhisperFeatureExtractor(feature_size=80, sampling_rate=16000)
 
 
 def _bpe_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
@@ -128,7 +142,8 @@ def _save_atomically(target: Path, save) -> None:
 
 
 def build_demo_backbones(out_dir, seed: int = 1234, corpus_texts: list[str] | None = None) -> dict[str, Path]:
-    """Write wav2vec2-tiny, wavlm-tiny, roberta-tiny, bert-tiny and wav2vec2-small under ``out_dir`` (or reuse them).
+    """Write wav2vec2-tiny, wavlm-tiny, roberta-tiny, bert-tiny, wav2vec2-small and whisper-tiny
+    under ``out_dir`` (or reuse them).
 
     Tokenizers are trained on ``corpus_texts`` (e.g. the demo transcriptions) plus template
     sentences and some extra Spanish.  Returns name -> model directory.
@@ -138,7 +153,7 @@ def build_demo_backbones(out_dir, seed: int = 1234, corpus_texts: list[str] | No
     params = {"seed": seed, "version": BACKBONES_VERSION,
               "texts_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest()}
     # Slot order fixes each model's seed: models added later go last, so the others keep their weights.
-    names = ["wav2vec2-tiny", "wavlm-tiny", *TEXT, "wav2vec2-small"]
+    names = ["wav2vec2-tiny", "wavlm-tiny", *TEXT, "wav2vec2-small", WHISPER]
     paths = {name: out_dir / name for name in names}
     try:
         manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
@@ -153,8 +168,8 @@ def build_demo_backbones(out_dir, seed: int = 1234, corpus_texts: list[str] | No
 
     for i, name in enumerate(names):
         torch.manual_seed(seed + i)  # each model's weights depend only on seed and its slot
-        if name in SPEECH:
-            model, fe = _speech_model(name)
+        if name in SPEECH or name == WHISPER:
+            model, fe = _speech_model(name) if name in SPEECH else _whisper_model()
             _save_atomically(paths[name], lambda d: (model.save_pretrained(d), fe.save_pretrained(d)))
         else:
             model, tok, tok_class = _text_model(name, texts)

@@ -29,6 +29,7 @@ from ser_hpc.data.dataset import WholeClips
 from ser_hpc.inference.ensemble import LoadedEnsemble, fold_ensemble_dirs, load_ensemble
 from ser_hpc.inference.predictor import _forward
 from ser_hpc.inference.windows import DEFAULT_HOP_FRACTION, DEFAULT_WINDOW_S
+from ser_hpc.models.encoders import SpeechEncoder
 
 from . import ExportError
 from .remote.configuration_ser_ensemble import SerEnsembleConfig
@@ -113,6 +114,11 @@ class _Builder:
             while folder in taken:
                 folder, k = f"backbones/{sub}-{k}", k + 1
             fe = None
+            if kind == "speech" and not isinstance(encoder, SpeechEncoder):
+                from ser_hpc.models.speech_families import speech_spec
+                raise ExportError(f"speech model {name!r} is a {speech_spec(name).family} encoder: export writes "
+                                  "wav2vec2-family backbones (wav2vec2 / XLS-R, HuBERT, WavLM, data2vec-audio) "
+                                  "only; jobs/predict.py runs this ensemble as it is")
             if kind == "speech":
                 from transformers import Wav2Vec2FeatureExtractor
                 fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=encoder.sample_rate, padding_value=0.0,

@@ -27,14 +27,13 @@ class FeatureBatch:
 
 
 def crop_frames(store: FeatureStore, crop_seconds: float) -> int:
-    """Frames of a ``crop_seconds`` crop through the speech encoder's conv stack (0 = whole clips)."""
+    """Frames of a ``crop_seconds`` crop, as the speech encoder counts them (0 = whole clips)."""
+    from ..models.speech_families import frames_for
     if not crop_seconds or not store.meta.get("speech"):
         return 0
     s = store.meta["speech"]
-    n = int(round(crop_seconds * s["sample_rate"]))
-    for kernel, stride in zip(s["conv_kernel"], s["conv_stride"]):
-        n = (n - kernel) // stride + 1
-    return max(n, 1)
+    rule = s.get("frame_rule") or {"conv_kernel": s["conv_kernel"], "conv_stride": s["conv_stride"]}  # older stores
+    return max(int(frames_for(rule, int(round(crop_seconds * s["sample_rate"])))), 1)
 
 
 def _fit_frames(states: np.ndarray, n: int) -> np.ndarray:

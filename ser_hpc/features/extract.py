@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,12 @@ def read_all_clips(cfg: Config) -> Corpus:
 
 
 def _num_states(kind: str, name: str) -> int:
-    from ..models.encoders import backbone_config  # a missing checkpoint: a BackboneError naming it
+    """Hidden states the encoder returns; a missing checkpoint or an unsupported family is a
+    BackboneError naming it."""
+    from ..models.encoders import backbone_config
+    from ..models.speech_families import speech_spec
+    if kind == "speech":
+        return speech_spec(name).num_states
     return int(backbone_config(kind, name).num_hidden_layers) + 1
 
 
@@ -79,7 +85,7 @@ def store_spec(cfgs: list[Config], corpus: Corpus) -> dict:
         users = [c for c in cfgs if modality in c.model.modalities.split("+")]
         name = _encoder_name(cfgs, kind)
         n = _num_states(kind, name)
-        held = sorted({i for c in users for i in layers_used(getattr(c.model, kind).layers, n)})
+        held = sorted({i for c in users for i in layers_used(getattr(c.model, kind).layers, n, f"model.{kind}.layers")})
         spec[kind] = {"model": model_fingerprint(name), "layers": held}
     d = cfg.data
     spec["augment"] = ({"copies": d.cached_augment_copies, "speeds": d.speeds, "snr_db": d.snr_db,
@@ -176,26 +182,109 @@ class AugmentedClips(WholeClips):
         return item
 
 
-def _estimate_bytes(spec: dict, corpus: Corpus, backbones, views: int) -> int:
-    total = 0
+def shard_plan(corpus: Corpus, shard_hours: float) -> list[list[int]]:
+    """The corpus's clips (indices, in corpus order) in consecutive shards of at most
+    ``shard_hours`` of audio each (0: one shard); each is one features array task."""
+    if not shard_hours:
+        return [list(range(len(corpus.examples)))]
+    shards, current, seconds = [], [], 0.0
+    for i, ex in enumerate(corpus.examples):
+        d = corpus.durations.get(ex.id, 0.0)
+        if current and seconds + d > shard_hours * 3600:
+            shards.append(current)
+            current, seconds = [], 0.0
+        current.append(i)
+        seconds += d
+    return shards + [current] if current else shards
+
+
+@dataclass
+class Projection:
+    """What a store will take on disk, from the encoders' configs and the clips' durations."""
+    folder: Path
+    clips: int
+    hours: float
+    views: int
+    shards: int
+    speech_bytes: int
+    text_bytes: int
+    layers: dict            # kind -> hidden states held
+    free_bytes: int         # on the file system it goes to
+    limit_gb: float         # data.features_max_gb (0: none)
+
+    @property
+    def bytes(self) -> int:
+        return self.speech_bytes + self.text_bytes
+
+    def describe(self) -> str:
+        held = ", ".join(f"{k} {len(v)} layer(s)" for k, v in self.layers.items())
+        return (f"{self.folder.name}: {self.clips} clips, {self.hours:.1f} h of audio, {held}, {self.views} view(s) "
+                f"-> {self.bytes / 1e9:.2f} GB ({self.speech_bytes / 1e9:.2f} speech + {self.text_bytes / 1e9:.2f} "
+                f"text), {self.shards} shard(s); {self.free_bytes / 1e9:.1f} GB free in {self.folder.parent}")
+
+
+def project(cfgs: list[Config], corpus: Corpus | None = None) -> Projection:
+    """The projected size of the store ``cfgs`` read: frames x hidden states held x width x 2 B
+    per view (speech), tokens x states x width x 2 B (text). Reads configs and tokenizers, no weights."""
+    import shutil
+    from ..models.encoders import backbone_config
+    from ..models.speech_families import frames_for, speech_spec
+    cfg = _primary(cfgs)
+    corpus = corpus or read_all_clips(cfg)
+    spec = store_spec(cfgs, corpus)
+    views = 1 + (spec["augment"]["copies"] if spec["augment"] else 0)
+    speech = text = 0
     if spec["speech"]:
-        enc = backbones.speech
-        samples = torch.tensor([int(corpus.durations[e.id] * enc.sample_rate) for e in corpus.examples])
-        frames = enc.frame_lengths(samples).clamp_min(1)
-        n_train = sum(int(f) for e, f in zip(corpus.examples, frames) if e.id in corpus.train_ids)
-        rows = int(frames.sum()) + (views - 1) * n_train
-        total += shard_bytes(rows, len(spec["speech"]["layers"]), enc.width)
+        enc = speech_spec(_encoder_name(cfgs, "speech"))
+        frames = [max(1, int(frames_for(enc.frame_rule, int(corpus.durations[e.id] * enc.sample_rate))))
+                  for e in corpus.examples]
+        train = sum(f for e, f in zip(corpus.examples, frames) if e.id in corpus.train_ids)
+        speech = shard_bytes(sum(frames) + (views - 1) * train, len(spec["speech"]["layers"]), enc.width)
     if spec["text"]:
-        enc = backbones.text
-        tokens = sum(len(ids) for ids in enc.tokenizer([e.text for e in corpus.examples], truncation=True,
-                                                       max_length=enc.max_tokens)["input_ids"])
-        total += shard_bytes(tokens, len(spec["text"]["layers"]), enc.width)
-    return total
+        from transformers import AutoTokenizer
+        name = _encoder_name(cfgs, "text")
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        tokens = sum(len(ids) for ids in tok([e.text for e in corpus.examples], truncation=True,
+                                             max_length=cfg.data.max_text_tokens)["input_ids"])
+        text = shard_bytes(tokens, len(spec["text"]["layers"]), int(backbone_config("text", name).hidden_size))
+    folder = store_folder(cfg, spec)
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    return Projection(folder, len(corpus.examples), sum(corpus.durations.values()) / 3600, views,
+                      len(shard_plan(corpus, cfg.data.features_shard_hours)), speech, text,
+                      {k: spec[k]["layers"] for k in ("speech", "text") if spec[k]}, shutil.disk_usage(probe).free,
+                      cfg.data.features_max_gb)
+
+
+def _names(n_shards: int, k: int) -> tuple[str, str]:
+    """(speech shard name for view ``{view}``, text shard name) of shard ``k``; a one-shard store
+    keeps the plain names."""
+    suffix = f"_s{k}" if n_shards > 1 else ""
+    return f"speech_v{{view}}{suffix}.npy", f"text{suffix}.npy"
+
+
+def _shard_done(folder: Path, n_shards: int, k: int, views: int, speech: bool, text: bool) -> bool:
+    """Are shard ``k``'s files complete (every index written after its shard, sizes agree)?"""
+    from .store import FeatureStoreError, Shard
+    speech_name, text_name = _names(n_shards, k)
+    files = ([speech_name.format(view=v) for v in range(views)] if speech else []) + ([text_name] if text else [])
+    try:
+        for name in files:
+            Shard.open(folder / name)
+    except FeatureStoreError:
+        return False
+    return True
 
 
 def extract(cfgs: list[Config], device: torch.device | None = None, progress_every: float = 30.0,
-            only: set[str] | None = None) -> FeatureStore:
+            only: set[str] | None = None, shard: int | None = None) -> FeatureStore | None:
     """The store for this pack's heads: reused when complete, else extracted now.
+
+    A corpus longer than ``data.features_shard_hours`` is written in shards: ``shard`` = one of
+    them (a features array task), None = all in turn. A finished shard is never redone, so
+    a killed extraction resumes at its first unfinished shard. Returns the store once every
+    shard is there (the task that completes it writes meta.json), else None.
 
     ``only``: a store of just these clips, without augmented views (online training's
     evaluation cache: dev and test clips, memory-mapped instead of held in RAM)."""
@@ -215,31 +304,76 @@ def extract(cfgs: list[Config], device: torch.device | None = None, progress_eve
         log.info("feature store %s reused: %d clips, %.1f MB", store.folder, store.meta["clips"], store.nbytes / 1e6)
         return store
     start = time.monotonic()
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backbones = FrozenBackbones(spec["speech"] and _encoder_name(cfgs, "speech"), spec["text"] and _encoder_name(cfgs, "text"),
-                                cfg.data.max_text_tokens).to(device)
+    plan = shard_plan(corpus, 0 if only is not None else cfg.data.features_shard_hours)
     views = 1 + (spec["augment"]["copies"] if spec["augment"] else 0)
-    need = _estimate_bytes(spec, corpus, backbones, views)
-    log.info("feature store %s: %d clips (%d train with %d augmented view(s)), about %.1f MB on disk",
-             folder, len(corpus.examples), len(corpus.train_ids), views - 1, need / 1e6)
-    folder.mkdir(parents=True, exist_ok=True)
-    check_free_space(folder, need)
+    todo = [k for k in (range(len(plan)) if shard is None else [shard])
+            if not _shard_done(folder, len(plan), k, views, bool(spec["speech"]), bool(spec["text"]))]
+    if todo:
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        backbones = FrozenBackbones(spec["speech"] and _encoder_name(cfgs, "speech"),
+                                    spec["text"] and _encoder_name(cfgs, "text"), cfg.data.max_text_tokens).to(device)
+        projection = project(cfgs, corpus)
+        log.info("feature store %s: %d clips (%d train with %d augmented view(s)) in %d shard(s), about %.1f MB on "
+                 "disk; writing shard(s) %s", folder, len(corpus.examples), len(corpus.train_ids), views - 1,
+                 len(plan), projection.bytes / 1e6, ", ".join(map(str, todo)))
+        if backbones.speech is not None and getattr(backbones.speech, "frame_rule", {}).get("samples_per_frame"):
+            log.info("%s", window_cost(corpus, backbones.speech.name))
+        folder.mkdir(parents=True, exist_ok=True)
+        check_free_space(folder, projection.bytes * sum(len(plan[k]) for k in todo) // max(1, len(corpus.examples)))
+        for k in todo:
+            _extract_shard(cfg, spec, corpus, [corpus.examples[i] for i in plan[k]], backbones, device, folder,
+                           _names(len(plan), k), views, progress_every, f"shard {k + 1}/{len(plan)}")
+    if not all(_shard_done(folder, len(plan), k, views, bool(spec["speech"]), bool(spec["text"]))
+               for k in range(len(plan))):
+        return None  # other shards are another task's; the last task to finish completes the store
+    from ..models.speech_families import speech_spec
+    from ..models.encoders import backbone_config
+    speech = spec["speech"] and speech_spec(_encoder_name(cfgs, "speech"))
+    meta = {"version": 1, "spec": spec, "views": views, "clips": len(corpus.examples), "shards": len(plan),
+            "speech": speech and {"layers": spec["speech"]["layers"], "width": speech.width,
+                                  "num_states": speech.num_states, "sample_rate": speech.sample_rate,
+                                  "frame_rule": speech.frame_rule, "family": speech.family},
+            "text": spec["text"] and {"layers": spec["text"]["layers"],
+                                      "width": int(backbone_config("text", _encoder_name(cfgs, "text")).hidden_size),
+                                      "num_states": _num_states("text", _encoder_name(cfgs, "text"))},
+            "extract_seconds": round(time.monotonic() - start, 2)}
+    write_json(folder / META, meta)  # last: the store is complete
+    store = FeatureStore(folder, tuple(k for k in ("speech", "text") if spec[k]))
+    log.info("feature store %s complete: %d clips x %d view(s) in %d shard(s), %.1f MB", folder,
+             len(corpus.examples), views, len(plan), store.nbytes / 1e6)
+    return store
+
+
+def window_cost(corpus: Corpus, name: str) -> str:
+    """What Whisper's 30 s window costs on this corpus: every window is a full forward."""
+    seconds = [corpus.durations.get(e.id, 0.0) for e in corpus.examples]
+    padded = sum(math.ceil(max(d, 1e-9) / 30) * 30 for d in seconds)
+    return (f"speech model {name} (Whisper) pads every clip to 30 s windows: {len(seconds)} clips of mean "
+            f"{sum(seconds) / max(1, len(seconds)):.1f} s cost {padded / max(sum(seconds), 1e-9):.1f}x the encoder "
+            f"compute of their audio (a 3 s clip costs a 30 s forward)")
+
+
+def _extract_shard(cfg: Config, spec: dict, corpus: Corpus, examples: list[Example], backbones, device, folder: Path,
+                   names: tuple[str, str], views: int, progress_every: float, what: str) -> None:
+    """Write one shard's files: every view of its speech (augmented views of its train clips),
+    its text; each shard file is renamed into place, then its index."""
+    start, last_log = time.monotonic(), time.monotonic()
     loader = audio_loader_for(cfg.data)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
-    plan = [(0, WholeClips(corpus.examples, cfg.data.sample_rate, bool(spec["speech"]), loader), corpus.examples)]
+    passes = [(0, WholeClips(examples, cfg.data.sample_rate, bool(spec["speech"]), loader), examples)]
     if views > 1:
         d = cfg.data
         augmenter = Augmenter(d.sample_rate, 1.0, d.speeds, d.snr_db, d.noise_dir, d.rir_dir)
-        train = [e for e in corpus.examples if e.id in corpus.train_ids]
-        plan += [(k, AugmentedClips(train, d.sample_rate, loader, augmenter, k), train) for k in range(1, views)]
-    done, total_clips, last_log = 0, sum(len(ex) for _, _, ex in plan), time.monotonic()
+        train = [e for e in examples if e.id in corpus.train_ids]
+        passes += [(k, AugmentedClips(train, d.sample_rate, loader, augmenter, k), train) for k in range(1, views)]
+    done, total_clips = 0, sum(len(ex) for _, _, ex in passes)
     text_writer = None
-    for view, dataset, examples in plan:
-        speech_writer = (ShardWriter(folder / f"speech_v{view}.npy", len(spec["speech"]["layers"]),
+    for view, dataset, clips in passes:
+        speech_writer = (ShardWriter(folder / names[0].format(view=view), len(spec["speech"]["layers"]),
                                      backbones.speech.width) if spec["speech"] else None)
         if view == 0 and spec["text"]:
-            text_writer = ShardWriter(folder / "text.npy", len(spec["text"]["layers"]), backbones.text.width)
-        batches = length_sorted_batches([corpus.durations[e.id] for e in examples], cfg.data.eval_batch_size)
+            text_writer = ShardWriter(folder / names[1], len(spec["text"]["layers"]), backbones.text.width)
+        batches = length_sorted_batches([corpus.durations[e.id] for e in clips], cfg.data.eval_batch_size)
         try:
             for idx in batches:
                 batch = collate([dataset[i] for i in idx])
@@ -253,8 +387,8 @@ def extract(cfgs: list[Config], device: torch.device | None = None, progress_eve
                 done += len(idx)
                 if time.monotonic() - last_log > progress_every:
                     rate = done / (time.monotonic() - start)
-                    log.info("features: %d/%d clips (view %d), %.1f clips/s, ~%.0f s left", done, total_clips,
-                             view, rate, (total_clips - done) / max(rate, 1e-9))
+                    log.info("features (%s): %d/%d clips (view %d), %.1f clips/s, ~%.0f s left", what, done,
+                             total_clips, view, rate, (total_clips - done) / max(rate, 1e-9))
                     last_log = time.monotonic()
         except BaseException:
             for w in (speech_writer, text_writer):
@@ -265,20 +399,7 @@ def extract(cfgs: list[Config], device: torch.device | None = None, progress_eve
             speech_writer.close()
         if view == 0 and text_writer:
             text_writer.close()
-    meta = {"version": 1, "spec": spec, "views": views, "clips": len(corpus.examples),
-            "speech": spec["speech"] and {"layers": spec["speech"]["layers"], "width": backbones.speech.width,
-                                          "num_states": backbones.speech.num_states,
-                                          "sample_rate": backbones.speech.sample_rate,
-                                          "conv_kernel": list(backbones.speech.backbone.config.conv_kernel),
-                                          "conv_stride": list(backbones.speech.backbone.config.conv_stride)},
-            "text": spec["text"] and {"layers": spec["text"]["layers"], "width": backbones.text.width,
-                                      "num_states": backbones.text.num_states},
-            "extract_seconds": round(time.monotonic() - start, 2)}
-    write_json(folder / META, meta)  # last: the store is complete
-    store = FeatureStore(folder, tuple(k for k in ("speech", "text") if spec[k]))
-    log.info("feature store %s written: %d clips x %d view(s), %.1f MB in %.1f s", folder, len(corpus.examples),
-             views, store.nbytes / 1e6, meta["extract_seconds"])
-    return store
+    log.info("features (%s): %d clips in %.1f s", what, total_clips, time.monotonic() - start)
 
 
 def _write(writer: ShardWriter, ids: list[str], states: torch.Tensor, mask: torch.Tensor) -> None:

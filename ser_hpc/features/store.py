@@ -6,8 +6,12 @@ Layout (``<data.features_dir>/<key>/``)::
     speech_v0.json   its index: clip id -> [offset, frames]; written after the shard
     speech_vK.npy    K = 1..data.cached_augment_copies: augmented views of the train clips
     text.npy/.json   the same for the text encoder's token states
-    meta.json        what the store holds (spec, shapes, sizes); written LAST: its presence
-                     means the store is complete
+    meta.json        what the store holds (spec, shapes, sizes, shards); written LAST: its
+                     presence means the store is complete
+
+A corpus longer than ``data.features_shard_hours`` is written in S shards (one features
+array task each): ``speech_vK_s<k>.npy``, ``text_s<k>.npy`` for k = 0..S-1, each with its
+index; a shard whose files are complete is never written again (a killed job resumes).
 
 Keys. ``key`` is a hash of everything that changes what is stored: each backbone (a hub id's
 name; a local folder's file contents, not its path), the hidden states held, the sample
@@ -159,6 +163,25 @@ class Shard:
         return int(self.rows.nbytes)
 
 
+class ShardSet:
+    """The shards of one view (a store extracted in shards): a clip's states are in one of them."""
+
+    def __init__(self, shards: list[Shard]):
+        self.shards = shards
+        self.index = {clip: shard for shard in shards for clip in shard.index}
+
+    def get(self, clip_id: str) -> np.ndarray:
+        try:
+            return self.index[clip_id].get(clip_id)
+        except KeyError:
+            raise FeatureStoreError(f"clip {clip_id!r} is not in feature store shards "
+                                    f"{', '.join(s.path.name for s in self.shards)}") from None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+
 class FeatureStore:
     """A complete store, opened read-only: ``speech(clip_id, view)`` and ``text(clip_id)``
     return [frames, layers, width] float16 views into memory-mapped shards."""
@@ -176,9 +199,12 @@ class FeatureStore:
         if modalities is not None:
             self.meta.update({k: None for k in ("speech", "text") if k not in modalities})
         self.views = int(self.meta["views"])
-        self._speech = [Shard.open(self.folder / f"speech_v{k}.npy") for k in range(self.views)] \
-            if self.meta.get("speech") else []
-        self._text = Shard.open(self.folder / "text.npy") if self.meta.get("text") else None
+        n = int(self.meta.get("shards", 1))
+        suffixes = [f"_s{k}" if n > 1 else "" for k in range(n)]
+        self._speech = [ShardSet([Shard.open(self.folder / f"speech_v{view}{s}.npy") for s in suffixes])
+                        for view in range(self.views)] if self.meta.get("speech") else []
+        self._text = ShardSet([Shard.open(self.folder / f"text{s}.npy") for s in suffixes]) \
+            if self.meta.get("text") else None
 
     def __getstate__(self) -> dict:  # DataLoader workers reopen the memory maps, never copy them
         return {"folder": self.folder, "modalities": self.modalities}

@@ -132,7 +132,31 @@ def check_backbones(runs: list[PlannedRun], grid_path: str, problems: list[str])
     if not_cached:
         problems.append(f"to fetch the {not_cached} hub model(s) above on the login node: "
                         f"HF_HOME=<the cluster's shared cache> python jobs/prefetch_models.py {grid_path}")
+    problems += layer_problems(runs, {key for key, error in names.items() if error is None})
     return len(names)
+
+
+def layer_problems(runs: list[PlannedRun], readable: set[tuple[str, str]]) -> list[str]:
+    """A layer list a head reads must exist in its encoder ([30] of a 24-layer model does not)."""
+    from ..models.encoders import backbone_config
+    from ..models.head import layers_used
+    from ..models.speech_families import speech_spec
+    states, problems = {}, []
+    for run in runs:
+        model = run.config["model"]
+        for kind, modality in (("speech", "audio"), ("text", "text")):
+            name, layers = model[kind]["name"], model[kind]["layers"]
+            if modality not in model["modalities"].split("+") or (kind, name) not in readable:
+                continue
+            try:
+                if (kind, name) not in states:
+                    states[(kind, name)] = (speech_spec(name).num_states if kind == "speech"
+                                            else backbone_config(kind, name).num_hidden_layers + 1)
+                layers_used(layers, states[(kind, name)], f"model.{kind}.layers of {kind} model {name!r}")
+            except (BackboneError, ConfigError, OSError) as exc:
+                if str(exc) not in problems:
+                    problems.append(str(exc))
+    return problems
 
 
 def _resolve_offline(name: str, filename: str) -> str | None:
@@ -146,12 +170,19 @@ def _resolve_offline(name: str, filename: str) -> str | None:
 
 
 def check_backbone(name: str, kind: str) -> None:
-    """The checkpoint must load with no network: config, weights, and the preprocessor."""
+    """The checkpoint must load with no network: config, weights, and the preprocessor; a
+    speech checkpoint must be of a supported family (speech_families.py)."""
+    from ..models.speech_families import _is_emotion2vec, speech_spec
+    if kind == "speech" and _is_emotion2vec(name):
+        speech_spec(name)  # its config.yaml parses
+        return
     if _resolve_offline(name, "config.json") is None:
         where = "folder" if Path(name).expanduser().exists() or name.startswith(("/", ".")) else "hub cache"
         hint = ("" if where == "folder" else
                 f" (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}); run jobs/prefetch_models.py on the login node")
         raise CheckError(f"{kind} model {name!r}: no config.json in the {where}{hint}")
+    if kind == "speech":
+        speech_spec(name)  # BackboneError naming the family when it is not one ser_hpc can use
     if not any(_resolve_offline(name, f) for f in WEIGHT_FILES):
         raise CheckError(f"{kind} model {name!r}: no weights ({', '.join(WEIGHT_FILES)}) available offline")
     if kind == "text":
@@ -167,6 +198,15 @@ def check_backbone(name: str, kind: str) -> None:
 
 # What a frozen encoder needs; skips other frameworks' weights (tf, flax, onnx) to save space.
 PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "merges.txt", "vocab.*", "*.py"]
+# A speech encoder reads its config, its preprocessor's and its weights: no tokenizer, vocabulary or
+# generation config (a Whisper checkpoint's are several MB, and its decoder is never run).
+SPEECH_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json",
+                   "pytorch_model*.bin", "pytorch_model.bin.index.json"]
+
+
+def download_patterns(kind: str) -> list[str]:
+    """The files prefetch downloads for a backbone of this kind."""
+    return SPEECH_PATTERNS if kind == "speech" else PATTERNS
 
 
 def prefetch(grid_path: str) -> list[tuple[str, str, str]]:
@@ -183,7 +223,7 @@ def prefetch(grid_path: str) -> list[tuple[str, str, str]]:
         else:
             from huggingface_hub import snapshot_download
             try:
-                outcome = f"downloaded to {snapshot_download(name, allow_patterns=PATTERNS)}"
+                outcome = f"downloaded to {snapshot_download(name, allow_patterns=download_patterns(kind))}"
             except Exception as exc:  # offline, unknown repo, gated model, ...
                 errors.append(f"{kind} model {name!r}: download failed: {exc}")
                 continue

@@ -4,6 +4,7 @@ write the plan and submit or run the packs that are not finished (``launch``, or
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import platform
 import shutil
@@ -28,7 +29,7 @@ from .cluster import DEFAULT_MAX_ARRAY_SIZE, ClusterProfile, job_env_lines, load
 from .plan import GridSpec, PlannedRun, build_plan, expand, load_grid, make_packs, read_plan, run_states, write_plan
 from .submit import (Chain, Submission, compress, render_sbatch, run_here, sbatch_arrays, sbatch_commands, shell_words,
                      split_by_index, submit_slurm)
-from .tasks import feature_groups, needs_features, needs_preparation
+from .tasks import feature_tasks, needs_preparation, store_plans
 
 log = logging.getLogger("ser_hpc.grid")
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +45,10 @@ class LaunchPlan:
     states: dict[str, RunStatus] = field(default_factory=dict)  # run_id -> done / failed / missing
     to_run: list[int] = field(default_factory=list)   # pack indices to (re)submit
     prepare: bool = False        # some clips still need decoding into data.prepared_dir
-    features: int = 0            # feature-store groups to extract before training (train.features=cached)
+    features: int = 0            # features array tasks (store shards) to run before training (train.features=cached)
+    feature_tasks: list[list[int]] = field(default_factory=list)  # [group, shard] of each features task
+    stores: list = field(default_factory=list)         # tasks.StorePlan of every feature store the grid reads
+    window_costs: list[str] = field(default_factory=list)  # what Whisper's 30 s window costs, per encoder and corpus
     problems: list[str] = field(default_factory=list)  # every failed check; nothing is submitted while any
     max_array_size: int = DEFAULT_MAX_ARRAY_SIZE   # Slurm's MaxArraySize: larger arrays are split
     max_array_source: str = "Slurm's default"      # where that number came from
@@ -61,10 +65,13 @@ class LaunchPlan:
         """What has finished (again under the launch lock: a launch may have just ended).
         Returns the plan it read that from."""
         plan = build_plan(self.spec, self.runs, self.packs)
+        plan["feature_tasks"] = self.feature_tasks  # the features array's task i: [group, shard]
         self.states = run_states(plan)
         self.to_run = [i for i, pack in enumerate(self.packs) if any(self.states[r.run_id] != RunStatus.DONE
                                                                     for r in pack)]
-        self.prepare, self.features = (self.prepare, self.features) if self.to_run else (False, 0)
+        if not self.to_run:
+            self.prepare, self.features, self.feature_tasks = False, 0, []
+            plan["feature_tasks"] = []
         return plan
 
     def chain(self, code_dir: Path | None = None) -> Chain:
@@ -123,11 +130,55 @@ def plan_launch(grid_path: str, overrides: list[str], cluster: str | None = None
     plan = lp.refresh()
     if lp.to_run and not lp.problems:  # both read the corpus, which the checks above found usable
         try:
-            lp.prepare, groups = needs_preparation(plan), feature_groups(plan)
-            lp.features = len(groups) if needs_features(plan, groups) else 0
+            lp.prepare, lp.stores = needs_preparation(plan), store_plans(plan)
+            lp.feature_tasks = feature_tasks(lp.stores)
+            lp.features = len(lp.feature_tasks)
+            lp.problems += store_limits(lp.stores)
+            lp.window_costs = whisper_costs(runs)
         except (FeatureStoreError, AudioError, BackboneError) as exc:  # a torn store names its fix
             lp.problems.append(str(exc))
     return lp
+
+
+def store_limits(stores: list) -> list[str]:
+    """Refuse feature stores over data.features_max_gb, or over the free space where they go."""
+    problems, need_by_fs = [], {}
+    shrink = ("store fewer layers (model.speech.layers: [6, 12, 18, 24] or every_2; model.text.layers: last), "
+              "fewer augmented views (data.cached_augment_copies), or point data.features_dir at a larger file system")
+    for s in (s for s in stores if not s.complete):
+        p = s.projection
+        if p.limit_gb and p.bytes > p.limit_gb * 1e9:
+            problems.append(f"feature store {p.folder} would take {p.bytes / 1e9:.1f} GB, over data.features_max_gb="
+                            f"{p.limit_gb:g}: {shrink} (or raise data.features_max_gb)")
+        device = p.folder.parent
+        while not device.exists():
+            device = device.parent
+        key = device.stat().st_dev
+        need, free, where = need_by_fs.get(key, (0, p.free_bytes, device))
+        need_by_fs[key] = (need + p.bytes, free, where)
+    for need, free, where in need_by_fs.values():
+        if need > 0.95 * free:
+            problems.append(f"the feature stores to extract need {need / 1e9:.1f} GB but {where} has "
+                            f"{free / 1e9:.1f} GB free: {shrink}")
+    return problems
+
+
+def whisper_costs(runs: list[PlannedRun]) -> list[str]:
+    """For every Whisper speech encoder and corpus of the grid: what its 30 s window costs."""
+    from ..config import config_from_dict
+    from ..features.extract import read_all_clips, window_cost
+    from ..models.speech_families import speech_spec
+    seen, lines = set(), []
+    for run in runs:
+        model = run.config["model"]
+        name = model["speech"]["name"]
+        key = json.dumps([name, run.config["data"]], sort_keys=True, default=str)
+        if "audio" not in model["modalities"] or key in seen:
+            continue
+        seen.add(key)
+        if speech_spec(name).family == "whisper":
+            lines.append(window_cost(read_all_clips(config_from_dict(run.config)), name))
+    return lines
 
 
 def where(path: str | Path) -> str:
@@ -175,7 +226,12 @@ def describe(lp: LaunchPlan, verbose: bool = False) -> str:
         lines.append("first: a data-preparation job (decodes the audio once into data.prepared_dir)")
     if lp.features:
         lines.append(f"then: a features job, {lp.features} task(s) (each frozen backbone pair runs once over the "
-                     "corpus into data.features_dir; train.features=cached)")
+                     "corpus into data.features_dir, one task per shard of data.features_shard_hours; "
+                     "train.features=cached)")
+    if lp.stores:
+        lines.append("feature stores (projected: frames x hidden states held x width x 2 B, per view):")
+        lines += [f"  {'ready' if s.complete else 'to extract'}: {s.projection.describe()}" for s in lp.stores]
+    lines += lp.window_costs
     alone: dict[str, int] = {}
     for why in filter(None, (needs_own_forward(r.config) for r in lp.runs)):
         alone[why] = alone.get(why, 0) + 1

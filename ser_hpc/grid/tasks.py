@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -96,18 +97,39 @@ def feature_groups(plan: dict) -> list[list[dict]]:
     return [[cached[i] for i in g] for g in group_runs([run["config"] for run in cached], ignore)]
 
 
-def needs_features(plan: dict, groups: list[list[dict]] | None = None) -> bool:
-    """True when some cached-feature run has no complete store for its heads yet."""
-    from ..features.extract import find_store, read_all_clips, store_spec
-    for group in feature_groups(plan) if groups is None else groups:
-        # The store depends on the group's shared settings and the layers each head reads:
-        # one Config per distinct layer choice, not one per run.
-        distinct = {(run["config"]["model"]["speech"]["layers"], run["config"]["model"]["text"]["layers"]): run
-                    for run in group}
-        cfgs = [config_from_dict(group[0]["config"])] + [config_from_dict(run["config"]) for run in distinct.values()]
-        if find_store(cfgs[0], store_spec(cfgs, read_all_clips(cfgs[0]))) is None:
-            return True
-    return False
+@dataclass
+class StorePlan:
+    """One feature store a grid reads: whether it is complete, what it will take, its shards."""
+    group: int
+    complete: bool
+    projection: "Projection"
+    shards: int
+
+
+def _group_configs(group: list[dict]) -> list:
+    """The store depends on the group's shared settings and the layers each head reads:
+    one Config per distinct layer choice, not one per run."""
+    distinct = {json.dumps([run["config"]["model"]["speech"]["layers"], run["config"]["model"]["text"]["layers"]]): run
+                for run in group}
+    return [config_from_dict(group[0]["config"])] + [config_from_dict(run["config"]) for run in distinct.values()]
+
+
+def store_plans(plan: dict, groups: list[list[dict]] | None = None) -> list[StorePlan]:
+    """Every feature store of the plan's cached runs, with its projected size (no weights loaded)."""
+    from ..features.extract import find_store, project, read_all_clips, shard_plan, store_spec
+    out = []
+    for k, group in enumerate(feature_groups(plan) if groups is None else groups):
+        cfgs = _group_configs(group)
+        corpus = read_all_clips(cfgs[0])
+        complete = find_store(cfgs[0], store_spec(cfgs, corpus)) is not None
+        out.append(StorePlan(k, complete, project(cfgs, corpus),
+                             len(shard_plan(corpus, cfgs[0].data.features_shard_hours))))
+    return out
+
+
+def feature_tasks(stores: list[StorePlan]) -> list[list[int]]:
+    """The features array: one task per shard of every store not yet complete, as [group, shard]."""
+    return [[s.group, k] for s in stores if not s.complete for k in range(s.shards)]
 
 
 def needs_preparation(plan: dict) -> bool:
@@ -124,18 +146,22 @@ def needs_preparation(plan: dict) -> bool:
     return False
 
 
-def run_features(plan_path: str, group: int | None = None) -> list[str]:
-    """The features job (before the training array): each frozen backbone pair runs once
-    over the corpus into data.features_dir; ``group`` = one array task, None = all groups."""
+def run_features(plan_path: str, task: int | None = None) -> list[str]:
+    """The features job (before the training array): each frozen backbone pair runs once over
+    the corpus into data.features_dir. ``task``: one array task (one shard of one store, from
+    plan.json's feature_tasks), None: every store in turn."""
     from ..features.extract import extract
     plan = _job_start(plan_path)
     groups = feature_groups(plan)
+    tasks = plan.get("feature_tasks") or [[g, None] for g in range(len(groups))]
     folders = []
-    for k in range(len(groups)) if group is None else [group]:
-        cfgs = [config_from_dict(run["config"], f"plan run {run['run_id']}") for run in groups[k]]
-        store = extract(cfgs)
-        folders.append(str(store.folder))
-        log.info("feature group %d (%d run(s)): %s", k, len(cfgs), store.folder)
+    for group, shard in tasks if task is None else [tasks[task]]:
+        cfgs = [config_from_dict(run["config"], f"plan run {run['run_id']}") for run in groups[group]]
+        store = extract(cfgs, shard=shard)
+        where = "complete" if store is not None else "shard written; other shards pending"
+        log.info("feature group %d%s (%d run(s)): %s", group, "" if shard is None else f" shard {shard}", len(cfgs),
+                 where if store is None else store.folder)
+        folders.append(str(store.folder) if store is not None else where)
     return folders
 
 

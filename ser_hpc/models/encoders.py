@@ -77,19 +77,23 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def unfreeze_top_layers(model: nn.Module, n: int) -> list[str]:
+def unfreeze_top_layers(model: nn.Module, n: int, layers: nn.ModuleList | None = None,
+                        final_norm: nn.Module | None = None) -> list[str]:
     """Make the top ``n`` transformer layers trainable (and a final encoder LayerNorm after
-    them, as in pre-LN XLS-R); returns the names of the unfrozen parameters."""
+    them, as in pre-LN XLS-R, or ``final_norm``); returns the names of the unfrozen parameters.
+    ``layers``: the model's layer list when it is not ``model.encoder.layers`` (Whisper's encoder)."""
     if n <= 0:
         return []
     encoder = getattr(model, "encoder", None)
-    layers = getattr(encoder, "layers", None) or getattr(encoder, "layer", None)
+    layers = layers if layers is not None else getattr(encoder, "layers", None) or getattr(encoder, "layer", None)
     if layers is None:
         raise BackboneError(f"cannot find the transformer layers of {type(model).__name__} to fine-tune")
     if n > len(layers):
         raise BackboneError(f"finetune_top_layers={n} but {type(model).__name__} has {len(layers)} layers")
     modules = list(layers[-n:])
-    if getattr(encoder, "layer_norm", None) is not None and getattr(model.config, "do_stable_layer_norm", False):
+    if final_norm is not None:
+        modules.append(final_norm)
+    elif getattr(encoder, "layer_norm", None) is not None and getattr(model.config, "do_stable_layer_norm", False):
         modules.append(encoder.layer_norm)
     for module in modules:
         for p in module.parameters():
@@ -98,7 +102,8 @@ def unfreeze_top_layers(model: nn.Module, n: int) -> list[str]:
 
 
 class SpeechEncoder(nn.Module):
-    """wav2vec 2.0 / XLS-R, WavLM, HuBERT: waveform -> every layer's frame features."""
+    """The wav2vec2 family (wav2vec 2.0 / XLS-R, WavLM, HuBERT, data2vec-audio): waveform ->
+    every layer's frame features. Other families: speech_families.py."""
 
     def __init__(self, name: str, finetune_top_layers: int = 0):
         super().__init__()
@@ -118,6 +123,7 @@ class SpeechEncoder(nn.Module):
         self.accepts_padding_mask = getattr(config, "feat_extract_norm", "layer") == "layer"
         self.width = config.hidden_size
         self.num_states = config.num_hidden_layers + 1
+        self.frame_rule = {"conv_kernel": list(config.conv_kernel), "conv_stride": list(config.conv_stride)}
         self.tuned = unfreeze_top_layers(self.backbone, finetune_top_layers)
 
     def train(self, mode: bool = True):  # the backbone stays in eval mode (no dropout)
@@ -208,7 +214,8 @@ class FrozenBackbones(nn.Module):
     def __init__(self, speech_name: str | None, text_name: str | None, max_text_tokens: int = 128,
                  speech_finetune: int = 0, text_finetune: int = 0):
         super().__init__()
-        self.speech = SpeechEncoder(speech_name, speech_finetune) if speech_name else None
+        from .speech_families import speech_encoder  # the family's encoder (it builds on this module)
+        self.speech = speech_encoder(speech_name, speech_finetune) if speech_name else None
         self.text = TextEncoder(text_name, max_text_tokens, text_finetune) if text_name else None
 
     @property

@@ -13,21 +13,34 @@ so K heads can share one backbone forward (or read cached features).
 
 Layer choice (``model.<speech|text>.layers``): ``weighted`` learns softmax weights over the
 transformer layers only, as the authors do (hidden_states[1:]); ``weighted_all`` also
-weights hidden_states[0] (the CNN / embedding output); ``last`` takes the top layer.
+weights hidden_states[0] (the CNN / embedding output); ``last`` takes the top layer;
+``every_N`` and a list of indices (``[6, 12, 18, 24]``) learn weights over those layers, and
+a feature store then holds only them.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from .dropout import RowDropout, attention
 from .encoders import BackboneOutput
 from .pooling import build_pooling
 
 
-def layers_used(mode: str, num_states: int) -> list[int]:
-    """Absolute hidden-state indices a layer mode reads (0 = CNN / embedding output)."""
+def layers_used(mode: str | list[int], num_states: int, key: str = "layers") -> list[int]:
+    """Absolute hidden-state indices a layer choice reads (0 = CNN / embedding output):
+    ``last``; ``weighted`` (the transformer layers 1..L); ``weighted_all`` (0..L);
+    ``every_N`` (N, 2N, ... up to L); or a list of indices."""
+    if isinstance(mode, list):
+        bad = [i for i in mode if not 0 <= i < num_states]
+        if bad:
+            raise ConfigError(f"{key} {mode} names hidden states {bad}, but the encoder has {num_states} "
+                              f"(0 = embedding output, 1..{num_states - 1} = its layers)")
+        return sorted(set(mode))
+    if mode.startswith("every_"):
+        step = int(mode[len("every_"):])
+        return list(range(step, num_states, step)) or [num_states - 1]
     if mode == "last":
         return [num_states - 1]
     if mode == "weighted_all" or num_states == 1:
@@ -55,9 +68,9 @@ class LayerMix(nn.Module):
 class ModalityInput(nn.Module):
     """One modality's states -> [B, T, E]: layer choice/mix, projection if needed, LayerNorm."""
 
-    def __init__(self, num_states: int, width: int, common: int, layers: str):
+    def __init__(self, num_states: int, width: int, common: int, layers: str | list[int], key: str = "layers"):
         super().__init__()
-        self.used = layers_used(layers, num_states)
+        self.used = layers_used(layers, num_states, key)
         self.mix = LayerMix(len(self.used)) if layers != "last" else None
         self.proj = nn.Linear(width, common) if width != common else nn.Identity()
         self.norm = nn.LayerNorm(common)
@@ -88,8 +101,9 @@ class EmotionHead(nn.Module):
             raise ValueError("the head needs at least one modality")
         self.fusion = cfg.fusion
         common = cfg.fusion_dim or max(width for _, width in used)
-        self.speech = ModalityInput(*speech_shape, common, cfg.speech.layers) if speech_shape else None
-        self.text = ModalityInput(*text_shape, common, cfg.text.layers) if text_shape else None
+        self.speech = (ModalityInput(*speech_shape, common, cfg.speech.layers, "model.speech.layers")
+                       if speech_shape else None)
+        self.text = ModalityInput(*text_shape, common, cfg.text.layers, "model.text.layers") if text_shape else None
         n_seq = 1 if cfg.fusion == "early" else len(used)  # sequences that are attended and pooled
         self.attention = (nn.ModuleList(nn.MultiheadAttention(common, cfg.fusion_attention_heads, dropout=cfg.dropout,
                                                               batch_first=True) for _ in range(n_seq))

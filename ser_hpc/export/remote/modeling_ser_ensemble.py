@@ -41,8 +41,14 @@ HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revis
 
 
 # ----------------------------------------------------------------------------- the heads
-def layers_used(mode: str, num_states: int) -> list[int]:
-    """Hidden-state indices a layer mode reads (0 = CNN / embedding output); always a range."""
+def layers_used(mode, num_states: int) -> list[int]:
+    """Hidden-state indices a layer choice reads (0 = CNN / embedding output): last, weighted,
+    weighted_all, every_N, or a list of indices (as ser_hpc.models.head.layers_used)."""
+    if isinstance(mode, list):
+        return sorted(set(mode))
+    if mode.startswith("every_"):
+        step = int(mode[len("every_"):])
+        return list(range(step, num_states, step)) or [num_states - 1]
     if mode == "last":
         return [num_states - 1]
     if mode == "weighted_all" or num_states == 1:
@@ -61,7 +67,7 @@ class LayerMix(nn.Module):
 
 
 class ModalityInput(nn.Module):
-    def __init__(self, num_states: int, width: int, common: int, layers: str):
+    def __init__(self, num_states: int, width: int, common: int, layers):
         super().__init__()
         self.used = layers_used(layers, num_states)
         self.mix = LayerMix(len(self.used)) if layers != "last" else None
@@ -73,7 +79,8 @@ class ModalityInput(nn.Module):
         if self.mix is None:
             h = states[self.used[-1]]
         else:
-            h = self.mix(states[self.used[0]: self.used[-1] + 1])
+            h = self.mix(states[self.used[0]: self.used[-1] + 1] if self.used == list(range(self.used[0], self.used[-1] + 1))
+                         else states[self.used])
         return self.norm(self.proj(h))
 
 
