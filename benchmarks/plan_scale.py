@@ -87,6 +87,61 @@ def write_grid(folder: Path, runs: int) -> Path:
     return path
 
 
+def write_speech_configs(folder: Path) -> list[dict]:
+    """Five speech checkpoints as config files only (no weights: the dry run reads shapes from
+    configs and reports the missing weights as problems): the shapes of XLS-R 300M, WavLM
+    Large, HuBERT Large, wav2vec2-base and Whisper large-v3."""
+    from transformers import (HubertConfig, Wav2Vec2Config, Wav2Vec2FeatureExtractor, WavLMConfig, WhisperConfig,
+                              WhisperFeatureExtractor)
+    large = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+    models = {"xlsr-300m": Wav2Vec2Config(**large, feat_extract_norm="layer", do_stable_layer_norm=True),
+              "wavlm-large": WavLMConfig(**large), "hubert-large": HubertConfig(**large),
+              "wav2vec2-base": Wav2Vec2Config(),
+              "whisper-large-v3": WhisperConfig(d_model=1280, encoder_layers=32, num_mel_bins=128)}
+    pairs = []
+    for name, cfg in models.items():
+        cfg.save_pretrained(folder / name)
+        fe = WhisperFeatureExtractor(feature_size=128) if name.startswith("whisper") else \
+            Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True)
+        fe.save_pretrained(folder / name)
+        pairs.append({"name": name, "speech": str(folder / name)})
+    return pairs
+
+
+def write_benchmark_grid(folder: Path, corpora: int = 10) -> Path:
+    """A benchmark grid of ``corpora`` corpora x 5 speech encoders x 5 folds x 8 head settings
+    (2,000 runs for 10 corpora): manifests with speakers, folds generated, audio only, cached."""
+    import yaml
+    import numpy as np
+    import soundfile as sf
+    pairs = write_speech_configs(folder / "models")
+    entries = []
+    for c in range(corpora):
+        root = folder / f"corpus{c}"
+        (root / "audio").mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(c)
+        rows = ["path,emotion,speaker"]
+        for i in range(40):
+            sf.write(root / "audio" / f"c{i:03d}.wav", (0.1 * rng.standard_normal(8000)).astype("float32"), 16000)
+            rows.append(f"c{i:03d}.wav,{LABELS[i % 4]},spk{i % 10}")
+        (root / "manifest.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+        entries.append({"name": f"corpus{c}", "folds": [1, 2, 3, 4, 5], "data": {
+            "format": "manifest", "manifest": str(root / "manifest.csv"), "audio_dir": str(root / "audio"),
+            "columns": {"audio": "path", "label": "emotion", "speaker": "speaker"}, "folds": 5,
+            "dev_fraction": 0.2}})
+    base = {"data": {"crop_seconds": 0.0, "features_dir": str(folder / "features")},
+            "model": {"modalities": "audio", "head_width": 64, "fusion": "late"},
+            "train": {"features": "cached", "max_steps": 100, "eval_every": 50}}
+    (folder / "base.yaml").write_text(yaml.safe_dump(base), encoding="utf-8")
+    grid = {"name": "benchmark2000", "run_config": "base.yaml", "corpora": entries, "backbone_pairs": pairs,
+            "axes": {"model.hidden_layers": [1, 2], "model.dropout": [0.1, 0.2], "train.lr": [1e-3, 3e-3]},
+            "cross_corpus": {"train": ["corpus0", "corpus1"], "test": [e["name"] for e in entries]},
+            "pack_size": 8, "results_dir": str(folder / "results")}
+    path = folder / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False), encoding="utf-8")
+    return path
+
+
 # Runs in a fresh interpreter, so the peak memory is this grid's alone.
 CHILD = r"""
 import json, resource, sys, time, logging
@@ -111,6 +166,8 @@ text = L.describe(lp)
 t_describe = time.perf_counter() - t
 if prof:
     profiler.disable(); profiler.dump_stats(prof)
+if len(sys.argv) > 4 and sys.argv[4] == "show":
+    print(text + "\n" + L.describe_problems(lp), file=sys.stderr)
 print(json.dumps({"runs": len(lp.runs), "packs": len(lp.packs), "problems": len(lp.problems),
                   "import_s": t_import, "plan_s": t_plan, "write_s": t_write, "describe_s": t_describe,
                   "describe_lines": text.count("\n") + 1, "import_rss_mb": rss_import,
@@ -118,16 +175,19 @@ print(json.dumps({"runs": len(lp.runs), "packs": len(lp.packs), "problems": len(
 """
 
 
-def measure(runs: int, work: Path, profile: str | None) -> dict:
-    folder = work / f"grid{runs}"
+def measure(runs: int, work: Path, profile: str | None, benchmark: bool = False) -> dict:
+    folder = work / (f"benchmark{runs}" if benchmark else f"grid{runs}")
     folder.mkdir(parents=True, exist_ok=True)
-    path = write_grid(folder, runs)
-    res = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(path), profile or ""], capture_output=True,
-                         text=True, cwd=ROOT)
+    path = write_benchmark_grid(folder, runs // 200) if benchmark else write_grid(folder, runs)
+    res = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(path), profile or "",
+                          "show" if benchmark else ""], capture_output=True, text=True, cwd=ROOT)
+    if benchmark:
+        print(res.stderr, flush=True)
     if res.returncode:
         raise SystemExit(f"planning {runs} runs failed:\n{res.stderr[-4000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    out["plan_mb"] = (folder / "results" / f"scale{runs}" / "plan.json").stat().st_size / 1e6
+    name = "benchmark2000" if benchmark else f"scale{runs}"
+    out["plan_mb"] = (folder / "results" / name / "plan.json").stat().st_size / 1e6
     return out
 
 
@@ -136,13 +196,18 @@ def main() -> int:
     parser.add_argument("--runs", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--profile", help="write a cProfile of the largest size's planning here")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="a benchmark grid instead: corpora (runs / 200 of them) x 5 speech encoders x 5 folds x "
+                             "8 head settings, cached features; prints its dry run")
     args = parser.parse_args()
+    if args.benchmark:
+        args.runs = [r for r in args.runs if r % 200 == 0] or [2000]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         print(f"{'runs':>6} {'packs':>6} {'plan':>8} {'plan.json':>9} {'describe':>8} {'total':>7} "
               f"{'peak RSS':>9} {'(imports)':>9} {'plan size':>9} {'summary lines':>13}")
         for n in args.runs:
-            r = measure(n, work, args.profile if n == max(args.runs) else None)
+            r = measure(n, work, args.profile if n == max(args.runs) else None, args.benchmark)
             total = r["plan_s"] + r["write_s"] + r["describe_s"]
             print(f"{r['runs']:>6} {r['packs']:>6} {r['plan_s']:>7.2f}s {r['write_s']:>8.2f}s "
                   f"{r['describe_s']:>7.2f}s {total:>6.2f}s {r['peak_rss_mb']:>7.0f}MB {r['import_rss_mb']:>7.0f}MB {r['plan_mb']:>7.1f}MB "

@@ -185,3 +185,58 @@ def generate_corpus(out_dir, n_train: int = 720, n_test: int = 180, seed: int = 
     }
     write_json(out_dir / MANIFEST, manifest)  # last: marks the corpus complete
     return _with_paths(out_dir, manifest)
+
+
+# A second corpus for benchmark grids: another class set (4 of the 6, under raw codes that a
+# label map names), other speakers, balanced classes, a manifest with a speaker column (so
+# folds can be generated speaker-independently), FLAC at 22.05 kHz.
+VARIANTS = {"acted": {"codes": {"A": "anger", "H": "joy", "N": "neutral", "S": "sadness"}, "speakers": 8,
+                      "seed_offset": 7919, "format": "flac", "sample_rate": 22050}}
+
+
+def generate_variant_corpus(out_dir, variant: str = "acted", n_per_class: int = 60, seed: int = 1234,
+                            progress: bool = True, workers: int | None = None) -> dict:
+    """Write (or reuse) a variant corpus in ``out_dir``: manifest.csv (path,emotion,text,speaker)
+    and audio/. Returns its manifest plus absolute paths (``manifest_path``, ``audio_dir``) and
+    the label map from its raw codes to class names."""
+    spec = VARIANTS[variant]
+    out_dir = Path(out_dir)
+    params = {"variant": variant, "n_per_class": n_per_class, "seed": seed, "generator_version": GENERATOR_VERSION}
+    done = _load_complete(out_dir, params)
+    if done is not None:
+        return {**_with_paths(out_dir, done), "manifest_path": str(out_dir / "manifest.csv"),
+                "label_map": spec["codes"]}
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    audio_dir = out_dir / "audio"
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed + spec["seed_offset"])
+    speakers = make_speakers(rng, spec["speakers"])
+    plan = []
+    for code, label in spec["codes"].items():
+        for k in range(n_per_class):
+            text, ambiguous = make_sentence(rng, label)
+            plan.append({"id": f"{variant}-{code}-{k:03d}.{spec['format']}", "label": label, "code": code,
+                         "transcription": text, "ambiguous_text": ambiguous, "split": "all",
+                         "speaker": k % spec["speakers"], "duration_s": round(float(rng.uniform(*DURATION_S)), 3),
+                         "channels": 1, "seed": int(rng.integers(2**31))})
+    jobs = [(c, speakers[c["speaker"]], seed, spec["sample_rate"], spec["format"], str(audio_dir)) for c in plan]
+    bar = tqdm(total=len(jobs), desc=f"{variant} corpus -> {out_dir}", unit="clip", disable=not progress)
+    workers = workers or _default_workers()
+    if workers == 1 or len(jobs) < 40:
+        for job in jobs:
+            _render_clip(job)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for _ in pool.map(_render_clip, jobs, chunksize=4):
+                bar.update()
+    bar.close()
+    _write_csv(out_dir / "manifest.csv", ["path", "emotion", "text", "speaker"],
+               [[c["id"], c["code"], c["transcription"], f"spk{c['speaker']}"] for c in plan])
+    manifest = {"params": params, "files": {"manifest": "manifest.csv"},
+                "counts": {"all": {label: n_per_class for label in spec["codes"].values()}},
+                "clips": {c["id"]: {k: c[k] for k in ("split", "label", "duration_s", "channels", "speaker",
+                                                      "ambiguous_text")} for c in plan}}
+    write_json(out_dir / MANIFEST, manifest)  # last: marks the corpus complete
+    return {**_with_paths(out_dir, manifest), "manifest_path": str(out_dir / "manifest.csv"),
+            "label_map": spec["codes"]}

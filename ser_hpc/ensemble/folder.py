@@ -81,7 +81,7 @@ def verify(folder: Path) -> None:
     """Every member file a new ensemble.json names is there and loads (fold ensembles: each
     fold's); raises AggregateError naming what is not, before the folder is published."""
     meta = json.loads((folder / "ensemble.json").read_text(encoding="utf-8"))
-    for sub in meta.get("fold_ensembles") or []:
+    for sub in (meta.get("fold_ensembles") or []) + list((meta.get("ensembles") or {}).values()):  # folds, corpora
         verify(folder / sub)
     problems = []
     for m in meta.get("members") or []:

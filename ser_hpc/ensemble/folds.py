@@ -36,10 +36,9 @@ from typing import Any, Sequence
 import yaml
 
 from ser_hpc.atomic_io import write_json, write_text
-from ser_hpc.ensemble.aggregate import build_ensemble
+from ser_hpc.ensemble.build import build_ensemble
 from ser_hpc.ensemble.collect import AggregateError, RunRecord
 from ser_hpc.ensemble.configurations import SEED_KEY, group_configurations
-from ser_hpc.ensemble.folder import build_and_publish
 from ser_hpc.ensemble.leaderboard import rank_runs, render_csv, render_md
 from ser_hpc.ensemble.stats import mean_std
 from ser_hpc.run_status import RunStatus
@@ -187,10 +186,10 @@ def fold_leaderboard_md(configs: Sequence[FoldConfiguration], folds: Sequence[in
 
 # ----------------------------------------------------------------------------- the job
 
-def aggregate_folds(results_dir: Path, plan: dict[str, Any], grid_name: str, records: list[RunRecord],
-                    folds: dict[int, list[RunRecord]], k: int, method: str, selection: str) -> dict[str, Any]:
-    """Write results_dir/ensemble/{fold_K/..., ensemble.json, leaderboard.*, report.md}; return
-    the top-level ensemble.json content. Raises AggregateError when no fold ensemble was built."""
+def fold_steps(results_dir: Path, plan: dict[str, Any], grid_name: str, records: list[RunRecord],
+               folds: dict[int, list[RunRecord]], k: int, method: str, selection: str):
+    """The steps (steps.py) that write {fold_K/..., ensemble.json, leaderboard.*, report.md}; the
+    build raises AggregateError when no fold ensemble was built."""
     from ser_hpc.ensemble.report import write_fold_report
     ranked_all = rank_runs(records)
     others = [r for r in records if r.status != RunStatus.DONE]
@@ -301,7 +300,7 @@ def aggregate_folds(results_dir: Path, plan: dict[str, Any], grid_name: str, rec
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
-    return build_and_publish(results_dir, build, finish)
+    return build, finish
 
 
 def _summary(results_dir: Path, records: Sequence[RunRecord], result: dict | None, notes: list[str]) -> str:

@@ -1,4 +1,5 @@
-"""Confusion-matrix figure (raw counts and row-normalised, side by side) and reliability diagram.
+"""The figure setup of every plot in the results tree (``figure``, ``save``), the
+confusion-matrix figure (raw counts and row-normalised, side by side) and the reliability diagram.
 
 Uses matplotlib's object API with the Agg canvas instead of pyplot: no display is needed
 on compute nodes, and no global backend state is changed for whoever imports us.  The
@@ -17,14 +18,28 @@ from matplotlib.figure import Figure
 from ser_hpc.atomic_io import write_bytes
 
 
+def figure(width: float, height: float, constrained: bool = True) -> Figure:
+    """A figure on the Agg canvas (the one figure setup of every plot in the results tree)."""
+    fig = Figure(figsize=(width, height), layout="constrained" if constrained else None)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(fig: Figure, path: Path) -> None:
+    """PNG rendered to memory, written atomically; no Software/date metadata, so a rerun
+    writes the same bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    write_bytes(path, buf.getvalue())
+
+
 def plot_confusion(cm: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str = "") -> None:
     counts = np.asarray(cm, dtype=np.int64)
     totals = counts.sum(axis=1, keepdims=True)
     # Rows with no true example (a class absent from the split) stay at 0 instead of NaN.
     norm = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=float), where=totals > 0)
 
-    fig = Figure(figsize=(13, 5.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = figure(13, 5.5)
     for ax, data, sub, fmt in [(fig.add_subplot(1, 2, 1), counts, "counts", "{:d}"),
                                (fig.add_subplot(1, 2, 2), norm, "row-normalised", "{:.2f}")]:
         vmax = max(float(data.max()), 1e-9)
@@ -42,10 +57,7 @@ def plot_confusion(cm: Sequence[Sequence[int]], labels: Sequence[str], path: Pat
                         va="center", fontsize=9, color="white" if value > 0.6 * vmax else "black")
     if title:
         fig.suptitle(title)
-    buf = io.BytesIO()
-    # No Software/date metadata, so a rerun writes the same bytes.
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    write_bytes(path, buf.getvalue())
+    save(fig, path)
 
 
 def plot_reliability(splits: dict[str, dict], path: Path, title: str = "") -> None:
@@ -56,9 +68,8 @@ def plot_reliability(splits: dict[str, dict], path: Path, title: str = "") -> No
     confidence; narrow dark bars at the bottom show the share of items in each bin.
     """
     # Fixed margins instead of constrained layout: the layout pass would double the cost.
-    fig = Figure(figsize=(5 * len(splits), 5))
+    fig = figure(5 * len(splits), 5, constrained=False)
     fig.subplots_adjust(left=0.1 / len(splits), right=1 - 0.03 / len(splits), bottom=0.11, top=0.86, wspace=0.25)
-    FigureCanvasAgg(fig)
     for k, (name, rel) in enumerate(splits.items(), 1):
         ax = fig.add_subplot(1, len(splits), k)
         edges = np.asarray(rel["edges"])
@@ -80,6 +91,4 @@ def plot_reliability(splits: dict[str, dict], path: Path, title: str = "") -> No
             ax.legend(fontsize=8, loc="upper left")
     if title:
         fig.suptitle(title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    write_bytes(path, buf.getvalue())
+    save(fig, path)

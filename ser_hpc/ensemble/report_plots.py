@@ -6,32 +6,17 @@ on the same tree writes the same bytes.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from ser_hpc.atomic_io import write_bytes
-
-
-def _save(fig: Figure, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    write_bytes(path, buf.getvalue())
-
-
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+from ser_hpc.ensemble.plots import figure, save
 
 
 def pair_bars(names: Sequence[str], dev_f1: Sequence[float], path: Path, title: str) -> None:
     """Horizontal bars, best pair on top, each labelled with its macro-F1 in %."""
-    fig = _figure(8, max(2.5, 1.2 + 0.5 * len(names)))
+    fig = figure(8, max(2.5, 1.2 + 0.5 * len(names)))
     ax = fig.add_subplot(1, 1, 1)
     values = 100 * np.asarray(dev_f1, dtype=float)
     y = np.arange(len(names))[::-1]
@@ -42,7 +27,7 @@ def pair_bars(names: Sequence[str], dev_f1: Sequence[float], path: Path, title: 
     ax.set_xlim(0, max(100.0, float(values.max(initial=0)) * 1.15))
     ax.set_xlabel("best dev macro-F1 (%)")
     ax.set_title(title)
-    _save(fig, path)
+    save(fig, path)
 
 
 def training_curves(series: Sequence[dict], path: Path, title: str) -> None:
@@ -51,7 +36,7 @@ def training_curves(series: Sequence[dict], path: Path, title: str) -> None:
     ``series``: dicts with label, step, dev_macro_f1, train_loss, dev_loss (lists; None
     where a value is missing). One colour per run across both panels.
     """
-    fig = _figure(13, 5)
+    fig = figure(13, 5)
     f1_ax, loss_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     colors = [f"C{i % 10}" for i in range(len(series))]
     for s, color in zip(series, colors):
@@ -68,12 +53,12 @@ def training_curves(series: Sequence[dict], path: Path, title: str) -> None:
     for ax in (f1_ax, loss_ax):
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    _save(fig, path)
+    save(fig, path)
 
 
 def per_class_bars(classes: Sequence[str], splits: dict[str, Sequence[float]], path: Path, title: str) -> None:
     """Grouped bars: per-class F1 (%) for each split (dev, and test when known)."""
-    fig = _figure(9, 4.5)
+    fig = figure(9, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(classes))
     width = 0.8 / max(1, len(splits))
@@ -86,4 +71,4 @@ def per_class_bars(classes: Sequence[str], splits: dict[str, Sequence[float]], p
     ax.set_ylabel("F1 (%)")
     ax.legend()
     ax.set_title(title)
-    _save(fig, path)
+    save(fig, path)

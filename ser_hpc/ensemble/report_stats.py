@@ -37,6 +37,13 @@ def summary(result: dict) -> str:
     """The headline sentence: the ensemble's figures with intervals, beside chance."""
     if result.get("kind") == "folds":
         return folds_headline(result)
+    if result.get("kind") == "benchmark":
+        figures = result.get("ensemble_figures") or {}
+        return "Benchmark of {} corpora; each corpus's ensemble on its test split: {}.".format(
+            len(result["corpora"]), "; ".join(
+                f"{c} macro-F1 {100 * f['macro_f1']:.2f}" + (f" ± {100 * f['macro_f1_std']:.2f}"
+                                                            if f.get("macro_f1_std") is not None else "")
+                for c, f in figures.items() if f.get("macro_f1") is not None))
     sel = result.get("selection", "topk")
     rule = (f"the top {result['top_k']} runs by dev macro-F1" if sel == "topk"
             else "a greedy forward selection with replacement on dev (Caruana et al. 2004)")

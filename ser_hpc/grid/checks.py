@@ -83,6 +83,25 @@ def check_data(runs: list[PlannedRun], quick: bool = False, problems: list[str] 
     return len(seen), f"audio: {result}"
 
 
+def check_cross_corpus(runs: list[PlannedRun], cross: dict | None, problems: list[str]) -> None:
+    """Each cross-corpus pair must share a class (by name, after each corpus's label map)."""
+    from ..ensemble.cross_corpus import shared_classes
+    if not cross:
+        return
+    labels: dict[str, list[str]] = {}
+    for run in runs:
+        if run.corpus not in labels:
+            try:
+                labels[run.corpus] = list(load_splits(config_from_dict(run.config).data, open_audio=False).labels)
+            except (CorpusError, AudioError, ConfigError):
+                labels[run.corpus] = []  # the data check names the problem
+    for a in cross["train"]:
+        for b in cross["test"]:
+            if a != b and labels.get(a) and labels.get(b) and not shared_classes(labels[a], labels[b]):
+                problems.append(f"cross_corpus: {a} ({', '.join(labels[a])}) and {b} ({', '.join(labels[b])}) share "
+                                "no class: map the labels onto common names (data.label_map) or drop the pair")
+
+
 MIN_FREE_GB = 1.0  # a grid writes checkpoints, probabilities and reports into its results folder
 
 

@@ -24,7 +24,7 @@ from ..models.encoders import BackboneError
 from ..run_status import RunStatus
 from ..train.packing import needs_own_forward
 from . import manifest, snapshot
-from .checks import check_backbones, check_data, check_results_dir
+from .checks import check_backbones, check_cross_corpus, check_data, check_results_dir
 from .cluster import DEFAULT_MAX_ARRAY_SIZE, ClusterProfile, job_env_lines, load_profile, max_array_size
 from .plan import GridSpec, PlannedRun, build_plan, expand, load_grid, make_packs, read_plan, run_states, write_plan
 from .submit import (Chain, Submission, compress, render_sbatch, run_here, sbatch_arrays, sbatch_commands, shell_words,
@@ -124,13 +124,16 @@ def plan_launch(grid_path: str, overrides: list[str], cluster: str | None = None
     # Every check reports its problem and goes on, so a dry run shows the whole plan and then
     # everything that needs fixing, not the first error.
     lp.results_check = check_results_dir(spec.out_dir, lp.problems)
+    before = len(lp.problems)
     n_data, lp.audio_check = check_data(runs, quick=quick_check, problems=lp.problems)
+    data_ok = len(lp.problems) == before
     n_models = check_backbones(runs, grid_path, lp.problems)
+    check_cross_corpus(runs, spec.cross_corpus, lp.problems)
     log.info("checked %d data config(s) and %d backbone(s)", n_data, n_models)
     plan = lp.refresh()
-    if lp.to_run and not lp.problems:  # both read the corpus, which the checks above found usable
+    if lp.to_run and data_ok:  # both read the corpus, which the checks above found usable
         try:
-            lp.prepare, lp.stores = needs_preparation(plan), store_plans(plan)
+            lp.prepare, lp.stores = needs_preparation(plan), store_plans(plan, lp.problems)
             lp.feature_tasks = feature_tasks(lp.stores)
             lp.features = len(lp.feature_tasks)
             lp.problems += store_limits(lp.stores)
@@ -197,6 +200,18 @@ def describe(lp: LaunchPlan, verbose: bool = False) -> str:
     lines = [f"grid {lp.spec.name}: {len(lp.runs)} runs in {len(lp.packs)} packs -> {where(lp.spec.out_dir)}",
              f"executor {lp.profile.executor}, profile {lp.profile.name}"]
     big = len(lp.runs) > LIST_ALL_UP_TO
+    if lp.spec.corpora:
+        lines += ["", f"corpora ({len(lp.spec.corpora)}):"]
+        for c in lp.spec.corpora:
+            runs = [r for r in lp.runs if r.corpus == c.name]
+            stores = [s for s in lp.stores if s.corpus == c.name]
+            size = sum(s.projection.bytes for s in stores if not s.complete) / 1e9
+            lines.append(f"  {c.name}: {len(runs)} run(s) in {len({r.pack for r in runs})} pack(s)"
+                         + (f", folds {c.folds}" if c.folds else "")
+                         + (f", {len(stores)} feature store(s), {size:.2f} GB to extract" if stores else ""))
+        if lp.spec.cross_corpus:
+            lines.append(f"  cross-corpus: each of {', '.join(lp.spec.cross_corpus['train'])} on "
+                         f"{', '.join(lp.spec.cross_corpus['test'])} (shared classes), in the aggregation job")
     by_pair: dict[str, list[PlannedRun]] = {}
     for r in lp.runs:
         by_pair.setdefault(r.pair, []).append(r)
@@ -230,7 +245,8 @@ def describe(lp: LaunchPlan, verbose: bool = False) -> str:
                      "train.features=cached)")
     if lp.stores:
         lines.append("feature stores (projected: frames x hidden states held x width x 2 B, per view):")
-        lines += [f"  {'ready' if s.complete else 'to extract'}: {s.projection.describe()}" for s in lp.stores]
+        lines += [f"  {'ready' if s.complete else 'to extract'}: " + (f"[{s.corpus}] " if s.corpus else "")
+                  + s.projection.describe() for s in lp.stores]
     lines += lp.window_costs
     alone: dict[str, int] = {}
     for why in filter(None, (needs_own_forward(r.config) for r in lp.runs)):
@@ -373,5 +389,6 @@ def summary(out_dir: Path) -> str:
     ens = out_dir / "ensemble" / "ensemble.json"
     if not ens.exists():
         return text
-    board = out_dir / "ensemble" / "leaderboard.md"
-    return f"{text}\n{ensemble_summary(atomic_io.read_json(ens))}\nleaderboard: {board}"
+    result = atomic_io.read_json(ens)
+    board = out_dir / "ensemble" / ("benchmark.md" if result.get("kind") == "benchmark" else "leaderboard.md")
+    return f"{text}\n{ensemble_summary(result)}\n{board.stem}: {board}"

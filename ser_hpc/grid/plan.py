@@ -17,6 +17,11 @@ pack_size: 4                        # at most this many head-only variants train
 ensemble: {top_k: 3, method: mean}
 cluster: configs/cluster/local.yaml # default cluster profile (relative to the working directory)
 results_dir: results
+# Benchmark mode (optional): several corpora in one grid, crossed with the pairs and axes.
+corpora:                            # each: a name, its data keys (over the run config's), folds
+  - {name: emospeech, data: {train_csv: ..., audio_dir: ...}}
+  - {name: emodb, data: {format: emobox, root: ..., audio_dir: ...}, folds: [1, 2, 3, 4, 5]}
+cross_corpus: {train: [emospeech], test: [emodb]}   # each train corpus's ensemble on each test corpus
 ```
 
 A run id is a readable slug plus a short hash of the resolved run config, so the same
@@ -48,7 +53,8 @@ from ..train.run_folder import RunFolder
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 GRID_KEYS = {"name", "run_config", "overrides", "backbone_pairs", "axes", "pack_size", "ensemble",
-             "cluster", "results_dir", "description"}
+             "cluster", "results_dir", "description", "corpora", "cross_corpus"}
+CORPUS_KEYS = {"name", "data", "folds"}
 PAIR_KEYS = {"name", "speech", "text"}
 ENSEMBLE_METHODS, SELECTIONS = ("mean", "vote"), ("topk", "greedy")
 MAPPING_KEYS = ("data.label_map.", "data.columns.")  # data.label_map.exc=happy sets one entry
@@ -67,6 +73,15 @@ class BackbonePair:
 
 
 @dataclass
+class CorpusEntry:
+    """One corpus of a benchmark grid: its data keys (dotted, over the run config's) and the
+    fold axis of this corpus alone (None: its own splits)."""
+    name: str
+    data: dict[str, Any]
+    folds: list[int] | None = None
+
+
+@dataclass
 class GridSpec:
     """The grid file as read: base run config, overrides, pairs and axes (validated)."""
     name: str
@@ -79,6 +94,8 @@ class GridSpec:
     ensemble: dict[str, Any] = field(default_factory=lambda: {"top_k": 3, "method": "mean"})
     cluster: str | None = None
     results_dir: str = "results"
+    corpora: list[CorpusEntry] = field(default_factory=list)    # benchmark mode; empty: the run config's corpus
+    cross_corpus: dict[str, list[str]] | None = None            # {"train": [...], "test": [...]}
 
     @property
     def out_dir(self) -> Path:
@@ -89,7 +106,9 @@ class GridSpec:
         return {"name": self.name, "source": str(self.path), "base_run_config": self.base,
                 "overrides": self.overrides, "backbone_pairs": [{"name": p.name, **p.overrides} for p in self.pairs],
                 "axes": self.axes, "pack_size": self.pack_size, "ensemble": self.ensemble,
-                "cluster": self.cluster, "results_dir": self.results_dir}
+                "cluster": self.cluster, "results_dir": self.results_dir,
+                **({"corpora": [{"name": c.name, "data": c.data, "folds": c.folds} for c in self.corpora],
+                    "cross_corpus": self.cross_corpus} if self.corpora else {})}
 
 
 @dataclass
@@ -101,6 +120,7 @@ class PlannedRun:
     pack: int
     overrides: dict[str, Any]   # the grid's choices for this run (pair keys + axis values)
     config: dict[str, Any]      # the full resolved run config
+    corpus: str | None = None   # the corpus of a benchmark grid
 
 
 # ------------------------------------------------------------------ the grid file
@@ -201,6 +221,15 @@ def load_grid(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> 
         if len(pair.encoders) == 1:
             _one_encoder(path, i, pair, tree, base, cli, axes)
     _check_overrides(path, flatten(tree.get("overrides") or {}), cli, pairs, axes)
+    corpora = _corpora(path, tree, base, overrides)
+    if corpora and "data.fold" in axes:
+        raise ConfigError(f"{path}: with corpora, give each corpus its own folds (folds: [1, 2, 3] in its entry) "
+                          "instead of the axis data.fold")
+    cross = _cross_corpus(path, tree.get("cross_corpus"), corpora)
+    for c in corpora:
+        for key in set(c.data) & set(cli):
+            raise ConfigError(f"the override {key}={cli[key]!r} would be ignored: corpus {c.name!r} in {path} sets "
+                              f"{key}. Change it in the corpus's entry in the grid file.")
     pack_size = tree.get("pack_size", 1)
     if not isinstance(pack_size, int) or pack_size < 1:
         raise ConfigError(f"{path}: pack_size must be an integer >= 1, got {pack_size!r}")
@@ -213,7 +242,60 @@ def load_grid(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> 
         if bad:
             raise ConfigError(f"{path}: {problem}, got {tree.get('ensemble')!r}")
     return GridSpec(name, path, base, overrides, pairs, axes, pack_size, ensemble, tree.get("cluster"),
-                    str(tree.get("results_dir") or "results"))
+                    str(tree.get("results_dir") or "results"), corpora, cross)
+
+
+def _corpora(path: Path, tree: dict, base: dict, overrides: dict) -> list[CorpusEntry]:
+    """The ``corpora:`` entries, checked: names, data keys, folds only where the corpus has any."""
+    raw = tree.get("corpora") or []
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: 'corpora' must be a list of {{name, data, folds}} entries")
+    out: list[CorpusEntry] = []
+    for i, entry in enumerate(raw):
+        where = f"{path}: corpora[{i}]"
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"{where}: each corpus is a mapping with a 'name' (and 'data', optional 'folds')")
+        unknown = set(entry) - CORPUS_KEYS
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: name, data, folds")
+        name = str(entry["name"])
+        if not NAME_RE.match(name):
+            raise ConfigError(f"{where}: corpus name {name!r} must be 1-64 letters, digits, '.', '_', '+' or '-'")
+        if name in {c.name for c in out}:
+            raise ConfigError(f"{path}: two corpora are named {name!r}; each corpus needs its own name")
+        data = {f"data.{k}": v for k, v in flatten(entry.get("data") or {}).items()}
+        _check_keys(data, f"{where} ({name}): data")
+        folds = entry.get("folds")
+        if folds is not None:
+            if not isinstance(folds, list) or not folds or any(type(f) is not int or f < 1 for f in folds):
+                raise ConfigError(f"{where} ({name}): folds must be a list of fold numbers >= 1, got {folds!r}")
+            effective = {**flatten({"data": base.get("data") or {}}), **{k: v for k, v in overrides.items()
+                                                                          if k.startswith("data.")}, **data}
+            fmt, generated = effective.get("data.format", "emospeech"), effective.get("data.folds") or 0
+            if fmt == "emospeech" or (fmt == "manifest" and not generated):
+                raise ConfigError(f"{where} ({name}): folds {folds} but this corpus has none (data.format {fmt}"
+                                  + (", no data.folds" if fmt == "manifest" else "") + "): drop 'folds', or "
+                                  "give the manifest data.folds: K to generate K folds")
+            if fmt == "manifest" and max(folds) > generated:
+                raise ConfigError(f"{where} ({name}): folds {folds} but data.folds is {generated}")
+        out.append(CorpusEntry(name, data, folds))
+    return out
+
+
+def _cross_corpus(path: Path, raw: Any, corpora: list[CorpusEntry]) -> dict[str, list[str]] | None:
+    if raw is None:
+        return None
+    names = [c.name for c in corpora]
+    if not isinstance(raw, dict) or set(raw) != {"train", "test"}:
+        raise ConfigError(f"{path}: cross_corpus must be {{train: [corpus, ...], test: [corpus, ...]}}, got {raw!r}")
+    for side in ("train", "test"):
+        if not isinstance(raw[side], list) or not raw[side]:
+            raise ConfigError(f"{path}: cross_corpus.{side} must be a non-empty list of corpus names")
+        unknown = [str(n) for n in raw[side] if str(n) not in names]
+        if unknown:
+            raise ConfigError(f"{path}: cross_corpus.{side} names {', '.join(unknown)}, which is not a corpus of this "
+                              f"grid (corpora: {', '.join(names) or 'none'})")
+    return {side: [str(n) for n in raw[side]] for side in ("train", "test")}
 
 
 # ------------------------------------------------------------------ runs and packs
@@ -247,26 +329,34 @@ def expand(spec: GridSpec) -> list[PlannedRun]:
     short = [k.split(".")[-1] for k in axis_keys]
     sections = [f.name for f in dataclasses.fields(Config)]
     touched = {k.split(".")[0] for k in axis_keys} | {"run"}  # run.name is set for every run
+    if any(c.folds for c in spec.corpora):
+        touched.add("data")  # a corpus's fold axis sets data.fold
     runs, seen = [], {}
     runs_dir = str(spec.out_dir / "runs")
     base = apply_tree(Config(), spec.base, f"{spec.path}: run_config")
-    for pair in spec.pairs:
+    for corpus, pair in itertools.product(spec.corpora or [None], spec.pairs):
         pair_cfg = None
         # An entry that sets an axis key pins it: the axis does not vary for that entry's runs.
         pair_axes = [[pair.overrides[k]] if k in pair.overrides else spec.axes[k] for k in axis_keys]
+        if corpus is not None and corpus.folds:  # this corpus's fold axis
+            pair_axes, keys, names = pair_axes + [corpus.folds], axis_keys + ["data.fold"], short + ["fold"]
+        else:
+            keys, names = axis_keys, short
+        prefix = [corpus.name, pair.name] if corpus is not None else [pair.name]
         for values in itertools.product(*pair_axes):
             labels = [_fmt(v) for v in values]
-            name = " ".join([pair.name] + [f"{k}={v}" for k, v in zip(short, labels)])
+            name = " ".join(prefix + [f"{k}={v}" for k, v in zip(names, labels)])
             where = f"{spec.path}: run '{name}'"
             if pair_cfg is None:  # errors name the pair's first run
                 pair_cfg = copy_config(base)
-                for key, value in {**spec.overrides, **pair.overrides}.items():
+                data = corpus.data if corpus is not None else {}
+                for key, value in {**spec.overrides, **data, **pair.overrides}.items():
                     set_key(pair_cfg, key, value, where)
             cfg = object.__new__(Config)  # sections no axis sets are shared with the pair (read only)
             for section in sections:
                 value = getattr(pair_cfg, section)
                 object.__setattr__(cfg, section, copy_config(value) if section in touched else value)
-            for key, value in zip(axis_keys, values):
+            for key, value in zip(keys, values):
                 set_key(cfg, key, value, where)
             cfg.run.name = name
             tree = config_tree(cfg)
@@ -275,13 +365,13 @@ def expand(spec: GridSpec) -> list[PlannedRun]:
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
             digest = config_hash(tree)
-            run_id = f"{_slug('.'.join([pair.name] + [f'{k}{v}' for k, v in zip(short, labels)]))}-{digest}"
+            run_id = f"{_slug('.'.join(prefix + [f'{k}{v}' for k, v in zip(names, labels)]))}-{digest}"
             if digest in seen:
                 raise ConfigError(f"{spec.path}: runs '{seen[digest]}' and '{name}' resolve to the same config")
             seen[digest] = name
             tree["run"]["dir"] = f"{runs_dir}{os.sep}{run_id}"  # = str(spec.out_dir / "runs" / run_id)
-            runs.append(PlannedRun(run_id, name, pair.name, -1, {**pair.overrides, **dict(zip(axis_keys, values))},
-                                   tree))
+            runs.append(PlannedRun(run_id, name, pair.name, -1, {**pair.overrides, **dict(zip(keys, values))},
+                                   tree, corpus.name if corpus is not None else None))
     return runs
 
 
@@ -309,7 +399,9 @@ def build_plan(spec: GridSpec, runs: list[PlannedRun], packs: list[list[PlannedR
             "results_dir": str(spec.out_dir), "ensemble": spec.ensemble,
             "packs": [[r.run_id for r in pack] for pack in packs],
             "runs": [{"run_id": r.run_id, "name": r.name, "pair": r.pair, "pack": r.pack,
-                      "overrides": r.overrides, "config": r.config} for r in runs]}
+                      "overrides": r.overrides, "config": r.config, **({"corpus": r.corpus} if r.corpus else {})}
+                     for r in runs],
+            **({"corpora": [c.name for c in spec.corpora], "cross_corpus": spec.cross_corpus} if spec.corpora else {})}
 
 
 def write_plan(plan: dict[str, Any], out_dir: Path) -> Path:

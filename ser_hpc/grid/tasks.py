@@ -76,7 +76,8 @@ def prepared_data_configs(plan: dict) -> list:
     for run in plan["runs"]:
         if not run["config"]["data"].get("prepared_dir"):
             continue
-        key = json.dumps(run["config"]["data"], sort_keys=True, default=str)
+        # every clip of the corpus is prepared, whatever the test fold
+        key = json.dumps({**run["config"]["data"], "fold": 0}, sort_keys=True, default=str)
         if key not in seen:  # a Config only for each distinct data section
             seen.add(key)
             out.append(config_from_dict(run["config"]).data)
@@ -90,7 +91,8 @@ def feature_groups(plan: dict) -> list[list[dict]]:
     from ..train.packing import HEAD_KEYS, group_runs
     ignore = HEAD_KEYS | {"train.seed", "train.lr", "train.max_steps", "train.epochs", "train.eval_every",
                           "train.batch_size", "data.crop_seconds", "data.augment_prob", "data.split_seed",
-                          "data.dev_fraction", "train.log_every", "train.checkpoint_every"}
+                          "data.dev_fraction", "train.log_every", "train.checkpoint_every",
+                          "data.fold"}  # a store holds every clip of the corpus, whatever the test fold
     cached = [run for run in plan["runs"] if run["config"]["train"]["features"] == "cached"]
     # A one-modality run joins the fused group of its encoder: it reads the fused store
     # (find_store), so the features job extracts that encoder once.
@@ -104,6 +106,7 @@ class StorePlan:
     complete: bool
     projection: "Projection"
     shards: int
+    corpus: str | None = None
 
 
 def _group_configs(group: list[dict]) -> list:
@@ -114,16 +117,26 @@ def _group_configs(group: list[dict]) -> list:
     return [config_from_dict(group[0]["config"])] + [config_from_dict(run["config"]) for run in distinct.values()]
 
 
-def store_plans(plan: dict, groups: list[list[dict]] | None = None) -> list[StorePlan]:
-    """Every feature store of the plan's cached runs, with its projected size (no weights loaded)."""
+def store_plans(plan: dict, problems: list[str] | None = None) -> list[StorePlan]:
+    """Every feature store of the plan's cached runs, with its projected size (configs, no
+    weights). A store that cannot be projected (its encoder's config unreadable) goes to
+    ``problems`` (raised without it)."""
     from ..features.extract import find_store, project, read_all_clips, shard_plan, store_spec
+    from ..features.store import FeatureStoreError
+    from ..models.encoders import BackboneError
     out = []
-    for k, group in enumerate(feature_groups(plan) if groups is None else groups):
+    for k, group in enumerate(feature_groups(plan)):
         cfgs = _group_configs(group)
-        corpus = read_all_clips(cfgs[0])
-        complete = find_store(cfgs[0], store_spec(cfgs, corpus)) is not None
-        out.append(StorePlan(k, complete, project(cfgs, corpus),
-                             len(shard_plan(corpus, cfgs[0].data.features_shard_hours))))
+        try:
+            corpus = read_all_clips(cfgs[0])
+            complete = find_store(cfgs[0], store_spec(cfgs, corpus)) is not None
+            out.append(StorePlan(k, complete, project(cfgs, corpus),
+                                 len(shard_plan(corpus, cfgs[0].data.features_shard_hours)), group[0].get("corpus")))
+        except (BackboneError, FeatureStoreError, OSError) as exc:
+            if problems is None:
+                raise
+            if str(exc) not in problems:
+                problems.append(str(exc))
     return out
 
 
@@ -173,7 +186,8 @@ def run_prepare(plan_path: str) -> list[dict]:
     summaries = []
     for data in prepared_data_configs(plan):
         summary = prepare_for_data_config(data, workers=min(workers, 8))
-        log.info("prepared audio for %s in %s: %s", data.train_csv, data.prepared_dir, summary.as_dict())
+        log.info("prepared audio for %s in %s: %s", data.train_csv or data.manifest or data.root, data.prepared_dir,
+                 summary.as_dict())
         summaries.append(summary.as_dict())
     return summaries
 

@@ -167,10 +167,17 @@ def _load_tuned(backbones: FrozenBackbones, path: Path) -> None:
         raise EnsembleError(f"{path}: {len(unexpected)} weight(s) do not fit the backbones, e.g. {unexpected[0]}")
 
 
+def _not_a_benchmark(folder: Path, meta: dict) -> None:
+    if meta.get("kind") == "benchmark":
+        raise EnsembleError(f"{folder} holds one ensemble per corpus of a benchmark grid "
+                            f"({', '.join(meta.get('corpora') or [])}): give {folder}/<corpus>")
+
+
 def ensemble_labels(folder: str | Path, meta: dict | None = None) -> tuple[str, ...]:
     """The ensemble's classes, in probability-column order, from ensemble.json."""
     folder = Path(folder).expanduser().resolve()
     meta = _read_json(folder / "ensemble.json") if meta is None else meta
+    _not_a_benchmark(folder, meta)
     labels = meta.get("labels")
     if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
         raise EnsembleError(f"{folder / 'ensemble.json'}: 'labels' must list the class names, got {labels!r}")
@@ -187,6 +194,7 @@ def load_ensemble(folder: str | Path, device: torch.device | str = "cpu",
     folder = Path(folder).expanduser().resolve()
     device = torch.device(device)
     meta = _read_json(folder / "ensemble.json")
+    _not_a_benchmark(folder, meta)
     labels = ensemble_labels(folder, meta)
     method = meta.get("method", "mean")
     if method not in METHODS:
@@ -238,6 +246,7 @@ def fold_ensemble_dirs(folder: str | Path, fold: int | None = None) -> list[Path
     ensemble, or only fold ``fold``. Checks that every fold ensemble has the top level's classes."""
     folder = Path(folder).expanduser().resolve()
     meta = _read_json(folder / "ensemble.json")
+    _not_a_benchmark(folder, meta)
     dirs = meta.get("fold_ensembles")
     if not dirs:
         if fold is not None:

@@ -164,7 +164,9 @@ class WhisperSpeech(nn.Module):
         windows = [(i, start, min(self.window, int(n) - start)) for i, n in enumerate(wave_lengths.tolist())
                    for start in range(0, max(int(n), 1), self.window)]
         audio = [waves[i, s:s + n].float().cpu().numpy() for i, s, n in windows]
-        mel = self.features(audio, sampling_rate=self.sample_rate, return_tensors="pt").input_features
+        # The log-mel of each window (padded to 30 s), computed where the encoder runs.
+        mel = self.features(audio, sampling_rate=self.sample_rate, return_tensors="pt",
+                            device=waves.device.type).input_features
         dtype = next(self.backbone.parameters()).dtype
         with torch.set_grad_enabled(bool(self.tuned) and torch.is_grad_enabled()):
             hidden = self.backbone(mel.to(waves.device, dtype), output_hidden_states=True).hidden_states
