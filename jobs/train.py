@@ -12,7 +12,6 @@ host, pid and Slurm job, or waits for it with --wait.
 Exit status: 0 done, 1 the run failed, 2 bad input, 3 the run folder is in use.
 """
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from ser_hpc.config import ConfigError, key_help, load_config  # noqa: E402
 from ser_hpc.data.audio import AudioError  # noqa: E402
 from ser_hpc.data.corpus import CorpusError  # noqa: E402
 from ser_hpc.grid.tasks import run_pack  # noqa: E402
-from ser_hpc.locks import LockHeld, hold_run_folders  # noqa: E402
+from ser_hpc.locks import LockHeld  # noqa: E402
 from ser_hpc.logs import setup_logging  # noqa: E402
 from ser_hpc.models.encoders import BackboneError  # noqa: E402
 from ser_hpc.run_status import RunStatus  # noqa: E402
@@ -36,17 +35,6 @@ from ser_hpc.train.loop import train_pack  # noqa: E402
 
 def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0"
-
-
-def _plan_locks(plan_path: str, pack: int, wait: bool):
-    """With --wait: wait for the pack's run folders before run_pack takes them (re-entrant)."""
-    if not wait:
-        return contextlib.nullcontext()
-    from ser_hpc.grid.plan import read_plan, run_folder
-    plan = read_plan(plan_path)
-    by_id = {r["run_id"]: r for r in plan["runs"]}
-    runs = [by_id[i] for i in plan["packs"][pack]] if 0 <= pack < len(plan["packs"]) else []
-    return hold_run_folders([run_folder(plan, r).path for r in runs], wait=True, enabled=_is_main())
 
 
 def main(argv=None) -> int:
@@ -69,9 +57,8 @@ def main(argv=None) -> int:
         if args.items:  # they would be silently ignored: the plan holds every run's resolved config
             parser.error(f"--plan takes no config files or key=value overrides (got {' '.join(args.items)}); "
                          "relaunch the grid with the overrides instead")
-        try:
-            with _plan_locks(args.plan, int(pack), args.wait):
-                statuses = run_pack(args.plan, int(pack))
+        try:  # the trainer locks the pack's run folders (and waits for them with --wait)
+            statuses = run_pack(args.plan, int(pack), wait=args.wait)
         except LockHeld as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 3
@@ -84,8 +71,7 @@ def main(argv=None) -> int:
     overrides = [a for a in args.items if "=" in a]
     try:
         cfg = load_config(files, overrides)
-        with hold_run_folders([cfg.run.dir] if cfg.run.dir else [], wait=args.wait, enabled=_is_main()):
-            final = train_pack([cfg])[0]  # takes the same lock again (re-entrant)
+        final = train_pack([cfg], wait=args.wait)[0]  # locks the run folder (waits for it with --wait)
     except LockHeld as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -33,9 +33,10 @@ Why a lock *file* with a heartbeat, and not ``fcntl``/``flock`` or ``filelock``:
   lock that someone else has taken over from it. A holder whose lock was taken over (it
   stalled for longer than ``stale_after_s``) logs that loudly and stops its heartbeat.
 
-Locks are re-entrant within one process: acquiring a folder this process already holds
-just counts, so an entry point can take a run's lock early (``jobs/train.py --wait``) and
-the trainer take it again.
+A lock is taken once, by the code that writes the folder: a run's by the trainer
+(``train_pack``, whose ``wait`` argument is ``jobs/train.py --wait``), a grid's by the
+launcher. Locks are not re-entrant: a second acquire of a held folder, in this process or
+another, is refused like any other holder's (or waits, with ``wait``).
 
 ``SER_HPC_LOCK_HEARTBEAT_S`` and ``SER_HPC_LOCK_STALE_S`` change the two intervals (tests
 shorten them).
@@ -243,11 +244,6 @@ def _guard(lock_path: Path, timeout: float = 60.0) -> Iterator[None]:
             guard.unlink()
 
 
-# This process's locks: path -> FolderLock (re-entrancy).
-_HELD: dict[str, "FolderLock"] = {}
-_HELD_LOCK = threading.Lock()
-
-
 class FolderLock:
     """An exclusive lock on ``folder`` (file ``folder/name``); see the module docstring.
 
@@ -264,10 +260,8 @@ class FolderLock:
         self.stale_after_s = stale_after() if stale_after_s is None else stale_after_s
         self.record: dict | None = None
         self.lost = False
-        self._count = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._outer: FolderLock | None = None  # the instance that really holds it (re-entrant use)
 
     # ---- staleness ----------------------------------------------------------------------
     def stale_reason(self, holder: dict | None, mtime: float | None) -> str | None:
@@ -296,13 +290,6 @@ class FolderLock:
     # ---- acquire / release --------------------------------------------------------------
     def acquire(self, wait: bool | float = False, poll_s: float | None = None) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)
-        key = str(self.path.resolve())
-        with _HELD_LOCK:
-            outer = _HELD.get(key)
-            if outer is not None and not outer.lost:
-                outer._count += 1  # this process holds it already
-                self._outer, self.record = outer, outer.record
-                return self
         deadline = None if wait is True else (time.monotonic() + float(wait) if wait else time.monotonic())
         poll = poll_s if poll_s is not None else min(2.0, max(0.05, self.heartbeat_s / 4))
         announced = False
@@ -322,13 +309,10 @@ class FolderLock:
                 log.warning("waiting for %s: held by %s", self.path, describe_holder(holder or {}))
                 announced = True
             time.sleep(poll)
-        self.record, self._count, self.lost = record, 1, False
+        self.record, self.lost = record, False
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name=f"lock-heartbeat {self.path}", daemon=True)
         self._thread.start()
-        with _HELD_LOCK:
-            _HELD[key] = self
-        self._key = key
         return self
 
     def _take_over(self, holder: dict | None, reason: str) -> bool:
@@ -363,21 +347,11 @@ class FolderLock:
                 log.warning("lock heartbeat on %s failed: %s", self.path, exc)
 
     def release(self) -> None:
-        if self._outer is not None:
-            self._outer._count -= 1
-            self._outer = None
-            return
         if self.record is None:
-            return
-        self._count -= 1
-        if self._count > 0:
             return
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        with _HELD_LOCK:
-            if _HELD.get(getattr(self, "_key", "")) is self:
-                del _HELD[self._key]
         try:
             with _guard(self.path):
                 if self.owned():
@@ -392,7 +366,7 @@ class FolderLock:
         self.record = None
 
     def __enter__(self) -> "FolderLock":
-        return self.acquire() if self.record is None and self._outer is None else self
+        return self.acquire() if self.record is None else self
 
     def __exit__(self, *exc) -> None:
         self.release()
@@ -410,13 +384,17 @@ def launch_lock(grid_dir: str | Path, purpose: str = "launching the grid") -> Fo
 def hold_run_folders(run_dirs: list[str | Path], wait: bool | float = False, enabled: bool = True,
                      purpose: str = "training") -> Iterator[list[FolderLock]]:
     """Lock every run folder of a pack (in a fixed order, so two packs cannot deadlock);
-    on refusal the ones already taken are released and nothing was written."""
+    on refusal the ones already taken are released and nothing was written. ``wait``: as
+    ``FolderLock.acquire``. A folder named twice (two spellings of one path) is locked once."""
     locks: list[FolderLock] = []
     if not enabled:
         yield locks
         return
+    folders: dict[str, str] = {}  # resolved path -> the folder as named
+    for d in sorted({str(Path(d)) for d in run_dirs}):
+        folders.setdefault(str(Path(d).resolve()), d)
     try:
-        for d in sorted({str(Path(d)) for d in run_dirs}):
+        for _, d in sorted(folders.items()):
             lock = run_lock(d, purpose)
             try:
                 lock.acquire(wait=wait)

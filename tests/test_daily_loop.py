@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -231,13 +232,54 @@ def test_wait_blocks_until_the_holder_releases(tmp_path):
     lock.release()
 
 
-def test_reentrant_within_one_process(tmp_path):
-    outer = run_lock(tmp_path / "run").acquire()
-    inner = run_lock(tmp_path / "run").acquire()  # e.g. jobs/train.py --wait, then train_pack
-    inner.release()
-    assert outer.owned()
-    outer.release()
+def test_a_second_acquire_in_the_same_process_is_refused_like_any_other(tmp_path):
+    """Locks are not re-entrant: a run's lock is taken once, by train_pack."""
+    first = run_lock(tmp_path / "run").acquire()
+    with pytest.raises(LockHeld) as err:
+        run_lock(tmp_path / "run").acquire()
+    assert f"pid {os.getpid()}" in str(err.value) and err.value.holder["token"] == first.record["token"]
+    assert first.owned()  # the refused attempt left the holder's lock alone
+    first.release()
     assert not (tmp_path / "run" / RUN_LOCK).exists()
+
+
+HOLD_UNTIL = ("import pathlib, sys, time; from ser_hpc.locks import run_lock; lock = run_lock(sys.argv[1]).acquire(); "
+              "print('held', flush=True)\nwhile not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.05)\n"
+              "lock.release()")
+
+
+def test_a_pack_of_a_plan_is_refused_or_waits_for_a_held_run_folder(tiny, tmp_path, monkeypatch, capsys):
+    """jobs/train.py --plan: exit 3 naming the holder; with --wait, trained once the holder is gone
+    (the lock is taken by train_pack alone; --wait travels down through run_pack)."""
+    monkeypatch.chdir(tmp_path)
+    tree = run_tree(tiny, **{"train.max_steps": 1, "run.dir": "runs/r0", "run.name": "r0"})
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"launch_dir": str(tmp_path), "packs": [["r0"]],
+                                "runs": [{"run_id": "r0", "name": "r0", "config": tree}]}))
+    run, go = tmp_path / "runs" / "r0", tmp_path / "release"
+    holder = subprocess.Popen([PY, "-c", HOLD_UNTIL, str(run), str(go)], env=ENV, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+
+    class ReleaseWhenWaiting(logging.Handler):  # the holder lets go only once the waiter waits
+        def emit(self, record):
+            if record.getMessage().startswith("waiting for"):
+                go.touch()
+    waiting = ReleaseWhenWaiting()
+    logging.getLogger("ser_hpc.locks").addHandler(waiting)
+    try:
+        assert job("train").main(["--plan", str(plan), "--pack", "0"]) == 3
+        err = capsys.readouterr().err
+        assert "run folder runs/r0 is in use" in err and f"pid {holder.pid}" in err
+        assert not (run / "config.yaml").exists() and not go.exists()
+        assert job("train").main(["--plan", str(plan), "--pack", "0", "--wait"]) == 0
+        assert go.exists() and holder.wait(timeout=30) == 0  # it waited for the holder's release
+    finally:
+        logging.getLogger("ser_hpc.locks").removeHandler(waiting)
+        holder.kill()
+        holder.wait()
+        close_tracking()
+    assert json.loads((run / "final.json").read_text())["status"] == "done"
+    assert not (run / RUN_LOCK).exists()
 
 
 # ---------------------------------------------------------------------------- 1, 3, 5, 7 with jobs/train.py
@@ -367,6 +409,37 @@ def test_missing_backbone_then_corrected_config_in_the_same_folder(tiny, tmp_pat
     assert not (run / "config.yaml").exists()
     final = train_pack([_cfg(tiny, run, **{"train.max_steps": 1})])[0]
     assert final["status"] == "done" and len(list((run / "attempts").iterdir())) == 1
+
+
+def test_training_leaves_the_callers_configs_unchanged(tiny, tmp_path):
+    """setup and train_pack work on copies: the caller's config keeps data.labels null, while
+    the heads and config.yaml carry the resolved classes; the same config again is the same
+    run (skipped), another config is refused."""
+    import torch
+
+    from ser_hpc.data.sources import load_splits
+    from ser_hpc.train import distributed as D
+    from ser_hpc.train.loop import setup, train_pack
+    run = tmp_path / "run"
+    cfg = _cfg(tiny, run, **{"train.max_steps": 1})
+    before = cfg.to_yaml()
+    assert cfg.data.labels is None
+    final = train_pack([cfg])[0]
+    assert final["status"] == "done" and cfg.to_yaml() == before
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert recorded["data"]["labels"] == final["labels"] and len(final["labels"]) == 6
+    assert recorded == {**yaml.safe_load(before), "data": {**yaml.safe_load(before)["data"], "labels": final["labels"]}}
+    again = train_pack([cfg])[0]  # relaunch: the same run, skipped
+    assert again == json.loads((run / "final.json").read_text()) and again["status"] == "done"
+    assert cfg.to_yaml() == before
+    with pytest.raises(ConfigError, match="a finished run with a different config"):
+        train_pack([_cfg(tiny, run, **{"train.max_steps": 1, "train.lr": 1e-4})])
+    splits = load_splits(cfg.data)
+    others = [_cfg(tiny, tmp_path / "other", **{"train.max_steps": 1})]
+    _, heads = setup([cfg, *others], splits, D.DistEnv(), torch.device("cpu"))
+    assert cfg.to_yaml() == before and others[0].data.labels is None
+    assert all(h.cfg is not c and h.cfg.data.labels == list(splits.labels) for h, c in zip(heads, [cfg, *others]))
+    close_tracking()
 
 
 # ---------------------------------------------------------------------------- 1, 5, 7 with jobs/launch_grid.py

@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 from sklearn.metrics import f1_score
 
-from ser_hpc.config import ConfigError, config_from_dict
+from ser_hpc.config import ConfigError, config_from_dict, copy_config
 from ser_hpc.data.corpus import CorpusError
 from ser_hpc.models.encoders import BackboneError
 from ser_hpc.train.loop import train_pack
@@ -50,7 +50,10 @@ def test_end_to_end_run_beats_chance_and_writes_its_folder(demo_assets, tmp_path
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == list(range(50, 301, 50))
     assert max(l["dev_macro_f1"] for l in lines) == pytest.approx(final["dev_macro_f1"])
-    assert (run / "config.yaml").read_text() == cfg.to_yaml()
+    # config.yaml: the run's config with its resolved classes; the caller's config is left as it was.
+    resolved = copy_config(cfg)
+    resolved.data.labels = final["labels"]
+    assert (run / "config.yaml").read_text() == resolved.to_yaml() and cfg.data.labels is None
     # The checkpoint holds the head only, never a frozen backbone weight.
     weights = load_file(run / "best_head.safetensors")
     assert weights and not any("backbone" in k for k in weights)

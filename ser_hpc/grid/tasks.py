@@ -39,7 +39,7 @@ def _job_start(plan_path: str) -> dict:
     return plan
 
 
-def run_pack(plan_path: str, pack_index: int) -> dict[str, str]:
+def run_pack(plan_path: str, pack_index: int, wait: bool | float = False) -> dict[str, str]:
     """Train every run of one pack in this process, on one shared backbone forward.
 
     Returns run_id -> status. A run that diverges fails alone. Raises at the end if any
@@ -56,7 +56,7 @@ def run_pack(plan_path: str, pack_index: int) -> dict[str, str]:
     # Our handler replaces submitit's: it only sets a flag; the loop checkpoints at the next step.
     with PreemptionFlag() as flag:
         try:
-            finals = train_pack(cfgs, flag)
+            finals = train_pack(cfgs, flag, wait=wait)
         except Preempted as exc:
             handle_preemption(exc, cfgs[0], plan, runs)  # requeues (and waits to be stopped) or fails the runs
             raise RuntimeError(f"pack {pack_index}: stopped at step {exc.step}") from None

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, copy_config
 from ..data.sources import load_splits
 from ..locks import hold_run_folders
 from ..metrics import score
@@ -44,7 +44,7 @@ from .schedule import lr_factor
 log = logging.getLogger("ser_hpc.train")
 
 
-def train_pack(cfgs: list[Config], flag: PreemptionFlag | None = None) -> list[dict]:
+def train_pack(cfgs: list[Config], flag: PreemptionFlag | None = None, wait: bool | float = False) -> list[dict]:
     """Train a pack of runs (a single run is a pack of one), each into its own ``run.dir``;
     returns their final records (also written as final.json).
 
@@ -53,9 +53,11 @@ def train_pack(cfgs: list[Config], flag: PreemptionFlag | None = None) -> list[d
     diverged run ends as failed alone. On a preemption signal every run checkpoints and
     ``Preempted`` is raised; calling again resumes.
 
-    Every run folder is locked first (``ser_hpc.locks``; the main rank holds the locks): while
-    another live process trains one of them, ``LockHeld`` is raised before anything is
-    written. A folder is claimed (config.yaml) only once the data and backbones checked out.
+    Every run folder is locked first, here and nowhere else (``ser_hpc.locks``; the main rank
+    holds the locks): while another live process trains one of them, ``LockHeld`` is raised
+    before anything is written, or with ``wait`` (True, or seconds) this waits for it. A
+    folder is claimed (config.yaml) only once the data and backbones checked out. The
+    caller's configs are not changed.
     """
     for cfg in cfgs:
         if not cfg.run.dir:
@@ -64,7 +66,7 @@ def train_pack(cfgs: list[Config], flag: PreemptionFlag | None = None) -> list[d
             log.warning("run.dir %s is the folder %s", cfg.run.dir, Path(cfg.run.dir).resolve())
     check_pack(cfgs)  # a pack that cannot be is refused before any folder (or lock) is made
     env = D.detect()
-    with hold_run_folders([c.run.dir for c in cfgs], enabled=env.is_main):
+    with hold_run_folders([c.run.dir for c in cfgs], wait=wait, enabled=env.is_main):
         try:
             return _claim_and_train(cfgs, flag, env)
         finally:
@@ -95,8 +97,8 @@ def _claim_and_train(cfgs: list[Config], flag: PreemptionFlag | None, env: D.Dis
             splits = load_splits(cfgs[0].data, needs_text=any("text" in c.model.modalities for c in cfgs))
             inputs, heads = setup([cfgs[i] for i in todo], splits, env, device, [folders[i] for i in todo])
             if env.is_main:  # claimed only now that the data and backbones checked out
-                for i in todo:
-                    folders[i].claim(cfgs[i])
+                for i, h in zip(todo, heads):
+                    folders[i].claim(h.cfg)  # the run's config with its resolved classes
             for i, record in zip(todo, _train(heads, inputs, env, flag)):
                 finals[i] = record
         except Preempted:
@@ -122,9 +124,12 @@ def _seed_everything(seed: int) -> None:
 
 def setup(cfgs: list[Config], splits, env: D.DistEnv, device: torch.device,
           folders: list[RunFolder] | None = None) -> tuple[PackInputs, list[Head]]:
-    """The pack's shared inputs and one head per run."""
+    """The pack's shared inputs and one head per run. Each head's ``cfg`` is a copy of its
+    run's config with the resolved classes (``data.labels``, recorded in config.yaml); the
+    caller's configs are not changed."""
+    cfgs = [copy_config(c) for c in cfgs]
     for c in cfgs:
-        c.data.labels = list(splits.labels)  # the resolved classes travel in config.yaml
+        c.data.labels = list(splits.labels)
     _seed_everything(cfgs[0].train.seed)
     inputs = PackInputs(cfgs, splits, env, device)
     if inputs.store is not None:
