@@ -596,6 +596,7 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[4])
 import ser_hpc.ensemble.aggregate as agg
+import ser_hpc.ensemble.build as build
 import ser_hpc.ensemble.folder as folder
 root, marker, point = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 
@@ -603,7 +604,7 @@ def pause(*args, **kwargs):
     marker.write_text("reached")  # the parent kills -9 from here on
     time.sleep(300)
 
-setattr(agg if hasattr(agg, point) else folder, point, pause)
+setattr(build if hasattr(build, point) else folder, point, pause)
 agg.aggregate(root, top_k=1)
 """
 

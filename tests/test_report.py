@@ -16,7 +16,7 @@ import yaml
 from matplotlib.image import imread
 
 from ser_hpc.data.labels import EMOSPEECH_LABELS as LABELS
-from ser_hpc.ensemble import aggregate as aggregate_module
+from ser_hpc.ensemble import build as build_module
 from ser_hpc.ensemble.aggregate import AggregateError, aggregate
 from ser_hpc.ensemble.report import REPORT_FILES, hidden_size
 from ser_hpc.ensemble.stats import chance_macro_f1
@@ -76,7 +76,8 @@ def test_report_of_a_trained_grid(trained_grid, demo_assets):  # noqa: F811
 
     # The poster's first table: best dev macro-F1 per pair, models and their output dims.
     bb = demo_assets["backbones"]
-    dim = {k: json.loads((Path(v) / "config.json").read_text())["hidden_size"] for k, v in bb.items()}
+    configs = {k: json.loads((Path(v) / "config.json").read_text()) for k, v in bb.items()}
+    dim = {k: c.get("hidden_size", c.get("d_model")) for k, c in configs.items()}
     expect = {"w2v+roberta": ("roberta-tiny", "wav2vec2-tiny", [dim["wav2vec2-tiny"], dim["roberta-tiny"]]),
               "wavlm+bert": ("bert-tiny", "wavlm-tiny", [dim["wavlm-tiny"], dim["bert-tiny"]]),
               "w2v-audio": ("—", "wav2vec2-tiny", [dim["wav2vec2-tiny"]]),
@@ -262,7 +263,7 @@ def test_a_failing_report_does_not_lose_the_ensemble(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts on this node")
 
-    monkeypatch.setattr(aggregate_module, "write_report", broken)
+    monkeypatch.setattr(build_module, "write_report", broken)
     res = aggregate(root)
     assert any("report.md not written: RuntimeError: no fonts on this node" in n for n in res["notes"])
     assert (root / "ensemble" / "ensemble.json").exists() and not (root / "ensemble" / "report.md").exists()

@@ -77,7 +77,8 @@ def run_info(record: RunRecord, entry: dict) -> RunInfo:
 
 
 def hidden_size(name: str | None, launch_dir: str | None) -> int | None:
-    """``hidden_size`` from the model's config.json: a local folder, or the HF cache (offline)."""
+    """The encoder's width from its config.json (``hidden_size``; Whisper's ``d_model``): a local
+    folder, or the HF cache (offline)."""
     if not name:
         return None
     resolved = resolve_backbone(name, launch_dir)
@@ -92,9 +93,10 @@ def hidden_size(name: str | None, launch_dir: str | None) -> int | None:
             return None
         path = Path(cached)
     try:
-        size = json.loads(path.read_text(encoding="utf-8")).get("hidden_size")
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
+    size = config.get("hidden_size") or config.get("d_model")  # d_model: Whisper
     return size if isinstance(size, int) else None
 
 
