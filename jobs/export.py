@@ -33,7 +33,6 @@ offline, an existing DEST, a member the export cannot reproduce), naming the fil
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     setup_logging()
     try:
         if args.plan:
-            from ser_hpc.grid.tasks import run_features
+            from ser_hpc.features.job import run_features
             print("\n".join(run_features(args.plan, args.task)))
             return 0
         files = [a for a in args.items if "=" not in a]

@@ -36,7 +36,6 @@ ensemble folder, the CSV, a backbone, or transcriptions that the members need).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     progress = not args.no_progress
     try:
         if args.plan:
-            from ser_hpc.grid.tasks import run_prepare
+            from ser_hpc.data.prepare_job import run_prepare
             for summary in run_prepare(args.plan):
                 print(summary)
             return 0

@@ -9,7 +9,7 @@ import logging
 import pytest
 import yaml
 
-from ser_hpc.config import Config, ConfigError, DataConfig, config_from_dict, load_config
+from ser_hpc.config import ConfigError, DataConfig, config_from_dict, load_config
 from ser_hpc.data.clips import CorpusError
 from ser_hpc.data.sources import all_clips, load_splits
 from ser_hpc.data.split import class_weights

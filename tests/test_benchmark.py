@@ -23,7 +23,7 @@ def acted(tmp_path_factory):
         return generate_variant_corpus(root, "acted", n_per_class=16, progress=False)
 
 
-def _grid(tmp_path, assets, acted, name="bench", corpora=None, **extra) -> "Path":
+def _grid(tmp_path, assets, acted, name="bench", corpora=None, **extra):
     base = run_config_tree(assets, "unused", **{"train.features": "cached", "data.features_dir": str(tmp_path / "feat"),
                                                 "train.max_steps": 6, "train.eval_every": 3, "data.crop_seconds": 0.0})
     del base["run"]

@@ -4,7 +4,6 @@ results folder that cannot be written, prefetch of impossible names, an EmoBox c
 reached through a symlink."""
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys

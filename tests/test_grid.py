@@ -208,7 +208,7 @@ def test_requeue_budget_ends_the_run_as_failed(demo_assets, tmp_path, monkeypatc
     """After train.max_requeues time-limit warnings the run fails with the reason (no scontrol call)."""
     import signal as sig
     from ser_hpc.config import config_from_dict
-    from ser_hpc.grid.tasks import handle_preemption
+    from ser_hpc.train.pack_task import handle_preemption
     from ser_hpc.train.preemption import Preempted
     runs = []
     for name in ("r1", "r2", "r3"):
@@ -388,7 +388,7 @@ def test_sbatch_path_splits_arrays_passes_offsets_and_skips_finished_packs(tmp_p
     rendered chain is what the dry run shows."""
     import os
     from ser_hpc.grid.launch import describe, emit_sbatch, plan_launch
-    from ser_hpc.grid.plan import run_folder
+    from ser_hpc.plan_file import run_folder
     _no_scontrol(tmp_path, monkeypatch)
     prof = tmp_path / "slurm.yaml"
     prof.write_text(yaml.safe_dump({"executor": "slurm", "array_parallelism": 2, "max_array_size": 3}))

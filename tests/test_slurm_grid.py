@@ -189,14 +189,14 @@ def test_a_queued_job_runs_the_code_submitted_not_the_code_on_disk(slurm_cluster
     out = tmp_path / "results" / "snap"
     launch = json.loads((out / "manifest.json").read_text())["launches"][0]
     code = Path(launch["code"]["dir"])
-    assert code.parent == out.resolve() / "code" and (code / "ser_hpc" / "grid" / "tasks.py").is_file()
+    assert code.parent == out.resolve() / "code" and (code / "ser_hpc" / "train" / "pack_task.py").is_file()
     train = launch["job_ids"]["train_array"]
     assert slurm_cluster.states(train).get(train, "PENDING") == "PENDING"
     # The edit: every pack task of the checkout would now fail.
-    tasks = checkout / "ser_hpc" / "grid" / "tasks.py"
-    tasks.write_text(tasks.read_text().replace('    plan = _job_start(plan_path)\n    if not 0 <= pack_index',
+    tasks = checkout / "ser_hpc" / "train" / "pack_task.py"
+    tasks.write_text(tasks.read_text().replace('    plan = job_start(plan_path)\n    if not 0 <= pack_index',
                                                '    raise RuntimeError("the edited checkout ran")\n'
-                                               '    plan = _job_start(plan_path)\n    if not 0 <= pack_index', 1))
+                                               '    plan = job_start(plan_path)\n    if not 0 <= pack_index', 1))
     assert "the edited checkout ran" in tasks.read_text()
     slurm_cluster.run("scontrol", "release", train)
     assert slurm_cluster.wait(launch["job_ids"]["aggregate"], timeout=600) == "COMPLETED"

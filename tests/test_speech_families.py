@@ -4,8 +4,6 @@ feature store written in shards that a killed extraction resumes."""
 from __future__ import annotations
 
 import csv
-import json
-import shutil
 import subprocess
 import sys
 
@@ -69,12 +67,12 @@ def test_families_are_detected_from_the_checkpoint_and_others_refused(demo_asset
 
 
 def test_emotion2vec_folder_is_a_speech_backbone(tmp_path):
-    from ser_hpc.grid.checks import check_backbone
+    from ser_hpc.models.availability import check_available
     from ser_hpc.models.emotion2vec import save_random_emotion2vec
     folder = save_random_emotion2vec(tmp_path / "e2v", depth=2, embed_dim=32)
     spec = speech_spec(str(folder))
     assert (spec.family, spec.num_states, spec.width) == ("emotion2vec", 3, 32)
-    check_backbone(str(folder), "speech")  # the launcher accepts it
+    check_available(str(folder), "speech")  # the launcher accepts it
     backbones = FrozenBackbones(str(folder), None)
     states, mask = backbones.speech(torch.randn(2, SR), torch.tensor([SR, SR // 2]))
     assert states.shape[:2] == (3, 2) and mask.sum(1).tolist() == backbones.speech.frame_lengths(

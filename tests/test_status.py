@@ -210,7 +210,7 @@ def test_real_slurm_failed_running_pending_requeued(slurm_cluster, tmp_path, mon
     array = slurm_cluster.sbatch("--array=0-2%1", "--mem=50M", "--time=5", f"--output={tmp_path}/%A_%a.out",
                                  str(script))
     try:
-        ids = make_grid(root, ["pending"] * 3, pack_size=1,
+        make_grid(root, ["pending"] * 3, pack_size=1,
                         launch={"executor": "slurm", "job_ids": {"train_array": array, "aggregate": None},
                                 "tasks": {str(p): {"task_id": f"{array}_{p}", "log": None} for p in range(3)}})
         _wait_for(slurm_cluster, array, {f"{array}_0": "FAILED", f"{array}_1": "RUNNING"})

@@ -55,3 +55,10 @@ def aggregate(results_dir: str | Path, top_k: int | None = None, method: str | N
     records = collect_runs(results_dir, plan)
     steps = benchmark_steps if plan.get("corpora") else ensemble_steps
     return build_and_publish(results_dir, *steps(results_dir, plan, grid_name, records, k, method, selection))
+
+
+def run_aggregation(results_dir: str) -> dict:
+    """The dependent job: leaderboard and ensemble of whatever finished."""
+    from ser_hpc.logs import setup_logging
+    setup_logging()
+    return aggregate(Path(results_dir).resolve())

@@ -1,4 +1,5 @@
-"""Everything the launcher checks before it submits anything, and the prefetch of backbones.
+"""Everything the launcher checks before it submits anything, and the prefetch of a grid's
+backbones (each checkpoint's own check and download: models/availability.py).
 
 A grid of hundreds of GPU jobs must not fail one by one an hour later on a typo: the data
 of every distinct data config is read and checked, and every backbone must resolve
@@ -10,20 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from ..config import ConfigError, config_from_dict
 from ..data.audio import AudioError
 from ..data.corpus import CorpusError
 from ..data.sources import load_splits
+from ..models.availability import check_available, fetch
 from ..models.encoders import BackboneError, missing_model
 from .plan import PlannedRun, expand, load_grid
 
 log = logging.getLogger("ser_hpc.grid")
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
 
 class CheckError(ValueError):
     """A pre-submission check failed; nothing was submitted."""
@@ -144,8 +142,8 @@ def check_backbones(runs: list[PlannedRun], grid_path: str, problems: list[str])
         try:
             if error is not None:
                 raise error
-            check_backbone(name, kind)
-        except (BackboneError, CheckError) as exc:
+            check_available(name, kind)
+        except BackboneError as exc:
             problems.append(str(exc))
             not_cached += error is None and not Path(name).expanduser().exists()
     if not_cached:
@@ -178,77 +176,14 @@ def layer_problems(runs: list[PlannedRun], readable: set[tuple[str, str]]) -> li
     return problems
 
 
-def _resolve_offline(name: str, filename: str) -> str | None:
-    """Path of ``filename`` for a local folder or a hub id in the local cache, or None."""
-    local = Path(name).expanduser()
-    if local.is_dir():
-        return str(local / filename) if (local / filename).is_file() else None
-    from huggingface_hub import try_to_load_from_cache
-    found = try_to_load_from_cache(name, filename)
-    return found if isinstance(found, str) else None
-
-
-def check_backbone(name: str, kind: str) -> None:
-    """The checkpoint must load with no network: config, weights, and the preprocessor; a
-    speech checkpoint must be of a supported family (speech_families.py)."""
-    from ..models.speech_families import _is_emotion2vec, speech_spec
-    if kind == "speech" and _is_emotion2vec(name):
-        speech_spec(name)  # its config.yaml parses
-        return
-    if _resolve_offline(name, "config.json") is None:
-        where = "folder" if Path(name).expanduser().exists() or name.startswith(("/", ".")) else "hub cache"
-        hint = ("" if where == "folder" else
-                f" (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}); run jobs/prefetch_models.py on the login node")
-        raise CheckError(f"{kind} model {name!r}: no config.json in the {where}{hint}")
-    if kind == "speech":
-        speech_spec(name)  # BackboneError naming the family when it is not one ser_hpc can use
-    if not any(_resolve_offline(name, f) for f in WEIGHT_FILES):
-        raise CheckError(f"{kind} model {name!r}: no weights ({', '.join(WEIGHT_FILES)}) available offline")
-    if kind == "text":
-        from transformers import AutoTokenizer
-        try:
-            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise CheckError(f"text model {name!r}: tokenizer does not load offline: {exc}") from None
-        if len(tok) < 100:
-            raise CheckError(f"text model {name!r}: tokenizer has only {len(tok)} tokens; the tokenizer files "
-                             "were probably not found")
-
-
-# What a frozen encoder needs; skips other frameworks' weights (tf, flax, onnx) to save space.
-PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model", "merges.txt", "vocab.*", "*.py"]
-# A speech encoder reads its config, its preprocessor's and its weights: no tokenizer, vocabulary or
-# generation config (a Whisper checkpoint's are several MB, and its decoder is never run).
-SPEECH_PATTERNS = ["config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json",
-                   "pytorch_model*.bin", "pytorch_model.bin.index.json"]
-
-
-def download_patterns(kind: str) -> list[str]:
-    """The files prefetch downloads for a backbone of this kind."""
-    return SPEECH_PATTERNS if kind == "speech" else PATTERNS
-
-
 def prefetch(grid_path: str) -> list[tuple[str, str, str]]:
     """Download every backbone of a grid, then prove each loads offline. Returns (kind, name,
     outcome) per backbone; raises CheckError naming every one that cannot be had."""
     results, errors = [], []
     for kind, name in backbones_used(expand(load_grid(grid_path))):
-        missing = missing_model(kind, name)  # a folder that does not exist, or not a possible hub id
-        if missing is not None:
-            errors.append(str(missing))
-            continue
-        if Path(name).expanduser().exists():
-            outcome = "local folder"
-        else:
-            from huggingface_hub import snapshot_download
-            try:
-                outcome = f"downloaded to {snapshot_download(name, allow_patterns=download_patterns(kind))}"
-            except Exception as exc:  # offline, unknown repo, gated model, ...
-                errors.append(f"{kind} model {name!r}: download failed: {exc}")
-                continue
         try:
-            check_backbone(name, kind)
-        except CheckError as exc:
+            outcome = fetch(kind, name)
+        except BackboneError as exc:
             errors.append(str(exc))
             continue
         log.info("%s model %s: %s, loads offline", kind, name, outcome)

@@ -4,7 +4,6 @@ write the plan and submit or run the packs that are not finished (``launch``, or
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import platform
 import shutil
@@ -18,6 +17,8 @@ from .. import atomic_io
 from ..config import parse_override
 from ..data.audio import AudioError
 from ..ensemble.report_stats import summary as ensemble_summary
+from ..data.prepare_job import needs_preparation
+from ..features.job import feature_tasks, store_limits, store_plans, whisper_costs
 from ..features.store import FeatureStoreError
 from ..locks import launch_lock
 from ..models.encoders import BackboneError
@@ -26,10 +27,10 @@ from ..train.packing import needs_own_forward
 from . import manifest, snapshot
 from .checks import check_backbones, check_cross_corpus, check_data, check_results_dir
 from .cluster import DEFAULT_MAX_ARRAY_SIZE, ClusterProfile, job_env_lines, load_profile, max_array_size
-from .plan import GridSpec, PlannedRun, build_plan, expand, load_grid, make_packs, read_plan, run_states, write_plan
+from ..plan_file import read_plan, run_states
+from .plan import GridSpec, PlannedRun, build_plan, expand, load_grid, make_packs, write_plan
 from .submit import (Chain, Submission, compress, render_sbatch, run_here, sbatch_arrays, sbatch_commands, shell_words,
                      split_by_index, submit_slurm)
-from .tasks import feature_tasks, needs_preparation, store_plans
 
 log = logging.getLogger("ser_hpc.grid")
 REPO = Path(__file__).resolve().parents[2]
@@ -141,47 +142,6 @@ def plan_launch(grid_path: str, overrides: list[str], cluster: str | None = None
         except (FeatureStoreError, AudioError, BackboneError) as exc:  # a torn store names its fix
             lp.problems.append(str(exc))
     return lp
-
-
-def store_limits(stores: list) -> list[str]:
-    """Refuse feature stores over data.features_max_gb, or over the free space where they go."""
-    problems, need_by_fs = [], {}
-    shrink = ("store fewer layers (model.speech.layers: [6, 12, 18, 24] or every_2; model.text.layers: last), "
-              "fewer augmented views (data.cached_augment_copies), or point data.features_dir at a larger file system")
-    for s in (s for s in stores if not s.complete):
-        p = s.projection
-        if p.limit_gb and p.bytes > p.limit_gb * 1e9:
-            problems.append(f"feature store {p.folder} would take {p.bytes / 1e9:.1f} GB, over data.features_max_gb="
-                            f"{p.limit_gb:g}: {shrink} (or raise data.features_max_gb)")
-        device = p.folder.parent
-        while not device.exists():
-            device = device.parent
-        key = device.stat().st_dev
-        need, free, where = need_by_fs.get(key, (0, p.free_bytes, device))
-        need_by_fs[key] = (need + p.bytes, free, where)
-    for need, free, where in need_by_fs.values():
-        if need > 0.95 * free:
-            problems.append(f"the feature stores to extract need {need / 1e9:.1f} GB but {where} has "
-                            f"{free / 1e9:.1f} GB free: {shrink}")
-    return problems
-
-
-def whisper_costs(runs: list[PlannedRun]) -> list[str]:
-    """For every Whisper speech encoder and corpus of the grid: what its 30 s window costs."""
-    from ..config import config_from_dict
-    from ..features.extract import read_all_clips, window_cost
-    from ..models.speech_families import speech_spec
-    seen, lines = set(), []
-    for run in runs:
-        model = run.config["model"]
-        name = model["speech"]["name"]
-        key = json.dumps([name, run.config["data"]], sort_keys=True, default=str)
-        if "audio" not in model["modalities"] or key in seen:
-            continue
-        seen.add(key)
-        if speech_spec(name).family == "whisper":
-            lines.append(window_cost(read_all_clips(config_from_dict(run.config)), name))
-    return lines
 
 
 def where(path: str | Path) -> str:

@@ -47,9 +47,7 @@ from typing import Any
 from .. import atomic_io
 from ..config import (Config, ConfigError, apply_tree, config_tree, copy_config, flatten, read_yaml, set_key,
                       valid_keys, validate)
-from ..run_status import RunStatus
 from ..train.packing import group_runs, needs_own_forward
-from ..train.run_folder import RunFolder
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 GRID_KEYS = {"name", "run_config", "overrides", "backbone_pairs", "axes", "pack_size", "ensemble",
@@ -414,22 +412,3 @@ def write_plan(plan: dict[str, Any], out_dir: Path) -> Path:
     path = Path(out_dir) / "plan.json"
     atomic_io.write_text(path, "{\n" + ",\n".join(f"{json.dumps(k)}: {value(k, v)}" for k, v in plan.items()) + "\n}\n")
     return path
-
-
-def read_plan(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    path = path / "plan.json" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"no plan at {path}: launch the grid first (jobs/launch_grid.py)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def run_folder(plan: dict[str, Any], run: dict[str, Any]) -> RunFolder:
-    """A run's folder, wherever the current directory is (configs hold launch-relative paths)."""
-    path = Path(run["config"]["run"]["dir"])
-    return RunFolder(path if path.is_absolute() else Path(plan["launch_dir"]) / path)
-
-
-def run_states(plan: dict[str, Any]) -> dict[str, RunStatus]:
-    """run_id -> done, failed or missing, from the runs' final.json files."""
-    return {run["run_id"]: RunStatus.of_final(run_folder(plan, run).read_final()) for run in plan["runs"]}

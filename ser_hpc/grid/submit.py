@@ -31,7 +31,10 @@ from pathlib import Path
 
 from . import snapshot
 from .cluster import ClusterProfile, JobResources, job_env, job_env_lines, sbatch_flags, slurm_options
-from .tasks import run_aggregation, run_features, run_pack, run_prepare
+from ..data.prepare_job import run_prepare
+from ..ensemble.aggregate import run_aggregation
+from ..features.job import run_features
+from ..train.pack_task import run_pack
 
 log = logging.getLogger("ser_hpc.grid")
 
@@ -239,7 +242,7 @@ def render_sbatch(chain: Chain, launch_id: str) -> str:
     lines = ["#!/bin/bash", f"# The job chain of {out.name}, rendered by jobs/launch_grid.py --emit-sbatch "
              f"from plan.json and the cluster profile {chain.profile.name}.", "set -euo pipefail",
              f"export SER_HPC_JOB_SETUP={shlex.quote(str(out / 'job_setup.sh'))}",
-             f"# every job of this launch runs this code (sbatch passes the variable on)",
+             "# every job of this launch runs this code (sbatch passes the variable on)",
              f"export {snapshot.ENV}={shlex.quote(str(chain.code_dir))}",
              'submit() { local id; id=$(sbatch --parsable "$@"); echo "${id%%;*}"; }',
              f'record() {{ PYTHONPATH="${snapshot.ENV}" "${{SER_HPC_PYTHON:-python3}}" -m ser_hpc.grid.manifest '

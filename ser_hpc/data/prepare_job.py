@@ -1,0 +1,54 @@
+"""The grid's data-preparation job: every clip its runs read, decoded once into
+data.prepared_dir (idempotent), and whether a plan still needs it."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from ..config import config_from_dict
+from ..plan_file import job_start
+
+log = logging.getLogger("ser_hpc.data")
+
+
+def prepared_data_configs(plan: dict) -> list:
+    """The distinct data configs of a plan that read prepared audio."""
+    seen, out = set(), []
+    for run in plan["runs"]:
+        if not run["config"]["data"].get("prepared_dir"):
+            continue
+        # every clip of the corpus is prepared, whatever the test fold
+        key = json.dumps({**run["config"]["data"], "fold": 0}, sort_keys=True, default=str)
+        if key not in seen:  # a Config only for each distinct data section
+            seen.add(key)
+            out.append(config_from_dict(run["config"]).data)
+    return out
+
+
+def needs_preparation(plan: dict) -> bool:
+    """True when a data config reads prepared audio that is not all there yet."""
+    from ..data.prepared import PreparedAudio
+    from ..data.prepared_format import PreparedAudioError
+    from ..data.sources import load_splits
+    for data in prepared_data_configs(plan):
+        splits = load_splits(data)
+        try:
+            PreparedAudio(data.prepared_dir, data.sample_rate).check(splits.train + splits.dev + splits.test)
+        except PreparedAudioError:
+            return True
+    return False
+
+
+def run_prepare(plan_path: str) -> list[dict]:
+    """The grid's first job: decode every clip once into data.prepared_dir (idempotent)."""
+    from ..data.prepare import prepare_for_data_config
+    plan = job_start(plan_path)
+    workers = int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
+    summaries = []
+    for data in prepared_data_configs(plan):
+        summary = prepare_for_data_config(data, workers=min(workers, 8))
+        log.info("prepared audio for %s in %s: %s", data.train_csv or data.manifest or data.root, data.prepared_dir,
+                 summary.as_dict())
+        summaries.append(summary.as_dict())
+    return summaries
