@@ -23,9 +23,11 @@ import numpy as np
 
 from ser_hpc.atomic_io import write_json, write_text
 from ser_hpc.ensemble.collect import AggregateError, RunRecord, read_probs
+from ser_hpc.ensemble import leaderboard
 from ser_hpc.ensemble.combine import stack
 from ser_hpc.ensemble.stats import (bootstrap_distribution, chance_macro_f1, mean_std, percentile_ci,
                                     stratified_resamples)
+from ser_hpc.ensemble.plots import plot_heatmap
 from ser_hpc.ensemble.steps import ensemble_steps
 from ser_hpc.metrics import score
 from ser_hpc.run_status import RunStatus
@@ -34,7 +36,7 @@ FIGURES = ("macro_f1", "ua", "wa")
 
 
 def pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
+    return leaderboard.pct(x, missing="-")  # an absent cell of the benchmark table
 
 
 def configuration(name: str) -> str:
@@ -163,26 +165,6 @@ def render_csv(rows: list[dict]) -> str:
     for r in rows:
         w.writerow({**r, "macro_f1_ci95_low": r["macro_f1_ci95"][0], "macro_f1_ci95_high": r["macro_f1_ci95"][1]})
     return buf.getvalue()
-
-
-def plot_heatmap(matrix: np.ndarray, rows: list[str], cols: list[str], path: Path, title: str,
-                 xlabel: str = "corpus") -> None:
-    from ser_hpc.ensemble.plots import figure, save
-    fig = figure(max(4.0, 1.4 * len(cols) + 3), max(2.5, 0.45 * len(rows) + 1.5))
-    ax = fig.add_subplot(1, 1, 1)
-    shown = np.ma.masked_invalid(100 * matrix)
-    im = ax.imshow(shown, cmap="viridis", aspect="auto", vmin=0, vmax=100)
-    for i in range(len(rows)):
-        for j in range(len(cols)):
-            if np.isfinite(matrix[i, j]):
-                ax.text(j, i, f"{100 * matrix[i, j]:.1f}", ha="center", va="center",
-                        color="white" if matrix[i, j] < 0.6 else "black", fontsize=8)
-    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
-    ax.set_yticks(range(len(rows)), rows, fontsize=7)
-    ax.set_xlabel(xlabel)
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="macro-F1 (%)")
-    save(fig, path)
 
 
 def _ensemble_figures(result: dict) -> dict:

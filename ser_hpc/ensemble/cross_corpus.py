@@ -216,7 +216,7 @@ def render_md(cross: list[dict], order: list[str]) -> list[str]:
 
 
 def plot(cross: list[dict], order: list[str], path: Path, grid: str) -> None:
-    from ser_hpc.ensemble.benchmark import plot_heatmap
+    from ser_hpc.ensemble.plots import plot_heatmap
     trains, tests = _axes(cross, order)
     by = {(c["train"], c["test"]): c["macro_f1"] for c in cross}
     matrix = np.array([[by.get((t, s), np.nan) for s in tests] for t in trains], dtype=float)

@@ -81,8 +81,8 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:.2f}"
+def pct(x: float | None, missing: str = "") -> str:
+    return missing if x is None else f"{100 * x:.2f}"
 
 
 def pct_ci(ci: Sequence[float] | None) -> str:

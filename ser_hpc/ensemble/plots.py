@@ -1,5 +1,6 @@
 """The figure setup of every plot in the results tree (``figure``, ``save``), the
-confusion-matrix figure (raw counts and row-normalised, side by side) and the reliability diagram.
+confusion-matrix figure (raw counts and row-normalised, side by side), the reliability diagram and the
+heatmap of the benchmark and cross-corpus tables.
 
 Uses matplotlib's object API with the Agg canvas instead of pyplot: no display is needed
 on compute nodes, and no global backend state is changed for whoever imports us.  The
@@ -91,4 +92,23 @@ def plot_reliability(splits: dict[str, dict], path: Path, title: str = "") -> No
             ax.legend(fontsize=8, loc="upper left")
     if title:
         fig.suptitle(title)
+    save(fig, path)
+
+
+def plot_heatmap(matrix: np.ndarray, rows: list[str], cols: list[str], path: Path, title: str,
+                 xlabel: str = "corpus") -> None:
+    fig = figure(max(4.0, 1.4 * len(cols) + 3), max(2.5, 0.45 * len(rows) + 1.5))
+    ax = fig.add_subplot(1, 1, 1)
+    shown = np.ma.masked_invalid(100 * matrix)
+    im = ax.imshow(shown, cmap="viridis", aspect="auto", vmin=0, vmax=100)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            if np.isfinite(matrix[i, j]):
+                ax.text(j, i, f"{100 * matrix[i, j]:.1f}", ha="center", va="center",
+                        color="white" if matrix[i, j] < 0.6 else "black", fontsize=8)
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="macro-F1 (%)")
     save(fig, path)

@@ -22,8 +22,9 @@ from ser_hpc.atomic_io import write_text
 from ser_hpc.ensemble import report_stats
 from ser_hpc.ensemble.collect import RunRecord
 from ser_hpc.ensemble.configurations import Configuration
-from ser_hpc.ensemble.leaderboard import pct_ci
+from ser_hpc.ensemble.leaderboard import pct, pct_ci
 from ser_hpc.ensemble.members import resolve_backbone
+from ser_hpc.ensemble.report_stats import table
 from ser_hpc.ensemble.report_plots import pair_bars, per_class_bars, training_curves
 from ser_hpc.run_status import RunStatus
 from ser_hpc.train.run_folder import RunFolder
@@ -110,16 +111,6 @@ def _output_dim(info: RunInfo, launch_dir: str | None) -> str:
     return " / ".join("?" if d is None else str(d) for d in dims)
 
 
-def _pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:.2f}"
-
-
-def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
-
-
 def _pairs_section(out: Path, ranked: Sequence[RunRecord], infos: dict[str, RunInfo],
                    launch_dir: str | None, written: set[str], run_ci: dict) -> list[str]:
     best: dict[str, RunRecord] = {}
@@ -133,8 +124,8 @@ def _pairs_section(out: Path, ranked: Sequence[RunRecord], infos: dict[str, RunI
         info = infos[r.run_id]
         dim = _output_dim(info, launch_dir)
         ci = run_ci.get(r.run_id) or {}
-        rows.append([pair, short(info.text, launch_dir), short(info.speech, launch_dir), dim, _pct(r.dev_macro_f1),
-                     _pct(r.test_macro_f1), count[pair], pct_ci(ci.get("dev")),
+        rows.append([pair, short(info.text, launch_dir), short(info.speech, launch_dir), dim, pct(r.dev_macro_f1),
+                     pct(r.test_macro_f1), count[pair], pct_ci(ci.get("dev")),
                      pct_ci(ci.get("test")) if r.test_macro_f1 is not None else "—"])
         names.append(pair)
         values.append(r.dev_macro_f1)
@@ -143,7 +134,7 @@ def _pairs_section(out: Path, ranked: Sequence[RunRecord], infos: dict[str, RunI
              "Output dimension: the encoders' `hidden_size` (audio / text when they differ). "
              "Test macro-F1 is that of the pair's best run; 95 % CIs are that run's (stratified bootstrap). "
              "The best of several runs is an optimistic pick on dev.", ""]
-    lines += _table(["pair", "text model", "audio model", "output dim", "best dev macro-F1",
+    lines += table(["pair", "text model", "audio model", "output dim", "best dev macro-F1",
                      "test macro-F1", "runs done", "dev 95% CI", "test 95% CI"], rows)
     if best:
         pair_bars(names, values, out / PAIRS_PNG, "Best dev macro-F1 per backbone pair")
@@ -160,18 +151,18 @@ def _head_grid_section(ranked: Sequence[RunRecord], infos: dict[str, RunInfo], r
         info = infos[r.run_id]
         ci = run_ci.get(r.run_id) or {}
         rows.append([f"{rank}{' *' if r.run_id in members else ''}", r.name, info.pair, info.hidden_layers,
-                     info.weight_decay, _pct(r.dev_macro_f1), _pct(r.test_macro_f1), pct_ci(ci.get("dev")),
+                     info.weight_decay, pct(r.dev_macro_f1), pct(r.test_macro_f1), pct_ci(ci.get("dev")),
                      pct_ci(ci.get("test")) if r.test_macro_f1 is not None else "—"])
     what = (f"{result['method']} of the top {result['n_members']}" if result.get("selection", "topk") == "topk"
             else f"{result['method']} of {result['n_members']} (greedy)")
-    rows.append(["ensemble", what, "", "", "", _pct(result["dev_macro_f1"]), _pct(result.get("test_macro_f1")),
+    rows.append(["ensemble", what, "", "", "", pct(result["dev_macro_f1"]), pct(result.get("test_macro_f1")),
                  pct_ci(result.get("dev_macro_f1_ci95")),
                  pct_ci(result.get("test_macro_f1_ci95")) if result.get("test_macro_f1") is not None else "—"])
     more = f" ({len(ranked) - TOP_RUNS} more in [leaderboard.md](leaderboard.md))" if len(ranked) > TOP_RUNS else ""
     return (["## Head grid", "",
              f"Top {min(TOP_RUNS, len(ranked))} runs by dev macro-F1 (%){more}; `*` marks ensemble members. "
              f"{report_stats.BOOT}; the ensemble's dev figure is selection-biased (see Ensemble selection).", ""]
-            + _table(["rank", "run", "pair", "hidden layers", "weight decay", "dev macro-F1", "test macro-F1",
+            + table(["rank", "run", "pair", "hidden layers", "weight decay", "dev macro-F1", "test macro-F1",
                       "dev 95% CI", "test 95% CI"], rows))
 
 
@@ -196,27 +187,27 @@ def _confusion_tables(cm: list[list[int]], labels: list[str]) -> list[str]:
     norm = [["**" + labels[i] + "**", *(f"{v / sum(row):.2f}" if sum(row) else "—" for v in row)]
             for i, row in enumerate(cm)]
     head = ["true \\ predicted", *labels]
-    return (["Counts:", ""] + _table(head, counts) + ["", "Normalised by true class (recall on the diagonal):", ""]
-            + _table(head, norm))
+    return (["Counts:", ""] + table(head, counts) + ["", "Normalised by true class (recall on the diagonal):", ""]
+            + table(head, norm))
 
 
 def _ensemble_section(out: Path, result: dict, written: set[str]) -> list[str]:
     lines = ["## Ensemble: confusion matrix and per-class F1", "",
              f"{result['method']} of {result['n_members']}: "
              + report_stats.bag_text([m["run_id"] for m in result["members"]]) + ".", "",
-             f"### Dev (macro-F1 {_pct(result['dev_macro_f1'])})", ""]
+             f"### Dev (macro-F1 {pct(result['dev_macro_f1'])})", ""]
     labels = result["labels"]
     lines += _confusion_tables(result["confusion_matrix_dev"], labels)
     lines += ["", "![Dev confusion matrix](confusion_matrix.png)"]
     splits = {"dev": [result["per_class_f1_dev"][c] for c in labels]}
     if result.get("confusion_matrix_test"):
-        lines += ["", f"### Test (macro-F1 {_pct(result['test_macro_f1'])})", ""]
+        lines += ["", f"### Test (macro-F1 {pct(result['test_macro_f1'])})", ""]
         lines += _confusion_tables(result["confusion_matrix_test"], labels)
         lines += ["", "![Test confusion matrix](confusion_matrix_test.png)"]
         splits["test"] = [result["per_class_f1_test"][c] for c in labels]
-    rows = [[c, *(_pct(v[k]) if v[k] is not None else "absent" for v in splits.values())]
+    rows = [[c, *(pct(v[k]) if v[k] is not None else "absent" for v in splits.values())]
             for k, c in enumerate(labels)]
-    lines += ["", "### Per-class F1 (%)", ""] + _table(["class", *splits], rows)
+    lines += ["", "### Per-class F1 (%)", ""] + table(["class", *splits], rows)
     for split in ("dev", "test"):
         absent = result.get(f"absent_{split}") or []
         if absent:
@@ -277,24 +268,24 @@ def fold_section(result: dict) -> list[str]:
     rows = []
     for rank, c in enumerate(configs, 1):
         per = {f["fold"]: f for f in c["folds"]}
-        cells = [("—" if f not in per else f"{_pct(per[f]['dev_macro_f1'])} / {_pct(per[f]['test_macro_f1']) or '—'}")
+        cells = [("—" if f not in per else f"{pct(per[f]['dev_macro_f1'])} / {pct(per[f]['test_macro_f1']) or '—'}")
                  for f in folds]
         rows.append([f"{rank}{' *' if c['name'] in top else ''}", c["name"], *cells,
                      mean_pm(c["dev_mean"], c["dev_std"]), mean_pm(c["test_mean"], c["test_std"]) or "—"])
-    lines += _table(["rank", "configuration", *(f"fold {f} dev / test" for f in folds),
+    lines += table(["rank", "configuration", *(f"fold {f} dev / test" for f in folds),
                      "dev (mean ± std)", "test (mean ± std)"], rows)
     lines += ["", "## Ensemble per fold", "",
               f"{result['method']} of every seed of the top {result['top_k']} configurations, built per fold "
               "from that fold's runs (details, members and intervals in each fold_K/report.md). Dev figures are "
               "selection-biased.", ""]
-    rows = [[f"[{b['fold']}]({b['dir']}/report.md)", b["n_members"], _pct(b["dev_macro_f1"]),
-             _pct(b["test_macro_f1"]) or "—", _pct(b["test_ua"]) or "—", _pct(b["test_wa"]) or "—"]
+    rows = [[f"[{b['fold']}]({b['dir']}/report.md)", b["n_members"], pct(b["dev_macro_f1"]),
+             pct(b["test_macro_f1"]) or "—", pct(b["test_ua"]) or "—", pct(b["test_wa"]) or "—"]
             for b in result["folds"]]
     m, s = result.get("mean") or {}, result.get("std") or {}
     dev, dev_s = result.get("dev_mean") or {}, result.get("dev_std") or {}
     rows.append(["**mean ± std**", "", mean_pm(dev.get("macro_f1"), dev_s.get("macro_f1")),
                  *(mean_pm(m.get(k), s.get(k)) or "—" for k in ("macro_f1", "ua", "wa"))])
-    lines += _table(["fold", "members", "dev macro-F1", "test macro-F1", "test UA", "test WA"], rows)
+    lines += table(["fold", "members", "dev macro-F1", "test macro-F1", "test UA", "test WA"], rows)
     return lines
 
 

@@ -103,8 +103,3 @@ def all_gather(obj: Any, env: DistEnv) -> list[Any]:
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()
-
-
-def shutdown(env: DistEnv) -> None:
-    if env.enabled and dist.is_initialized():
-        dist.destroy_process_group()
