@@ -126,10 +126,13 @@ def whisper_costs(runs: list) -> list[str]:
     for run in runs:
         model = run.config["model"]
         name = model["speech"]["name"]
-        key = json.dumps([name, run.config["data"]], sort_keys=True, default=str)
+        # every fold reads the same clips (read_all_clips): one line per encoder and corpus
+        data = {k: v for k, v in run.config["data"].items() if k != "fold"}
+        key = json.dumps([name, data], sort_keys=True, default=str)
         if "audio" not in model["modalities"] or key in seen:
             continue
         seen.add(key)
         if speech_spec(name).family == "whisper":
-            lines.append(window_cost(read_all_clips(config_from_dict(run.config)), name))
+            line = window_cost(read_all_clips(config_from_dict(run.config)), name)
+            lines.append(line if run.corpus is None else f"{run.corpus}: {line}")
     return lines
