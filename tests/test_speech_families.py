@@ -4,6 +4,7 @@ feature store written in shards that a killed extraction resumes."""
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 
@@ -168,3 +169,22 @@ def test_the_launcher_refuses_an_unsupported_family_and_prints_sizes(demo_assets
     res = subprocess.run([sys.executable, str(REPO / "jobs" / "launch_grid.py"), str(small), "--dry-run",
                           "--cluster", "local", "--quick-check"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "names hidden states [9], but the encoder has 5" in res.stderr, res.stderr[-2000:]
+
+
+def test_one_checkpoint_under_two_names_is_one_feature_store(demo_assets, tmp_path):
+    """Stores are keyed by checkpoint content: two pairs naming copies of one checkpoint read one
+    store, so the dry run lists (and the features array extracts) it once."""
+    bb = demo_assets["backbones"]
+    copy = tmp_path / "copy-of-wav2vec2"
+    shutil.copytree(bb["wav2vec2-tiny"], copy)
+    grid = write_grid(tmp_path, demo_assets, name="twice", overrides={
+        "train.features": "cached", "data.features_dir": str(tmp_path / "feat"), "train.max_steps": 2},
+        pairs=[{"name": "original", "speech": str(bb["wav2vec2-tiny"]), "text": str(bb["roberta-tiny"])},
+               {"name": "copy", "speech": str(copy), "text": str(bb["roberta-tiny"])}],
+        axes={"model.hidden_layers": [1]})
+    res = subprocess.run([sys.executable, str(REPO / "jobs" / "launch_grid.py"), str(grid), "--dry-run",
+                          "--cluster", "local", "--quick-check"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    stores = [x for x in res.stdout.splitlines() if x.startswith("  to extract:")]
+    assert len(stores) == 1, res.stdout
+    assert "a features job, 1 task(s)" in res.stdout, res.stdout

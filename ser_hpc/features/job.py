@@ -51,15 +51,20 @@ def store_plans(plan: dict, problems: list[str] | None = None) -> list[StorePlan
     """Every feature store of the plan's cached runs, with its projected size (configs, no
     weights). A store that cannot be projected (its encoder's config unreadable) goes to
     ``problems`` (raised without it)."""
-    from ..features.extract import find_store, project, read_all_clips, shard_plan, store_spec
+    from ..features.extract import find_store, project, read_all_clips, shard_plan, store_folder, store_spec
     from ..features.store import FeatureStoreError
     from ..models.encoders import BackboneError
-    out = []
+    out, folders = [], set()
     for k, group in enumerate(feature_groups(plan)):
         cfgs = _group_configs(group)
         try:
             corpus = read_all_clips(cfgs[0])
-            complete = find_store(cfgs[0], store_spec(cfgs, corpus)) is not None
+            spec = store_spec(cfgs, corpus)
+            folder = store_folder(cfgs[0], spec)
+            if folder in folders:  # stores are keyed by checkpoint content: one checkpoint under two names
+                continue
+            folders.add(folder)
+            complete = find_store(cfgs[0], spec) is not None
             out.append(StorePlan(k, complete, project(cfgs, corpus),
                                  len(shard_plan(corpus, cfgs[0].data.features_shard_hours)), group[0].get("corpus")))
         except (BackboneError, FeatureStoreError, OSError) as exc:
