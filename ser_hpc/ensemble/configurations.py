@@ -36,19 +36,23 @@ class Configuration:
         return [r.overrides.get(SEED_KEY) for r in self.runs]
 
 
-def config_key(record: RunRecord) -> str:
-    """The overrides without the seed; a run without a seed override is its own configuration."""
-    if SEED_KEY not in record.overrides:
+def config_key(record: RunRecord, without: Sequence[str] = (SEED_KEY,), alone_if_unset: bool = True) -> str:
+    """The overrides without the keys in ``without`` (the seed; for fold ensembles also the
+    fold); with ``alone_if_unset``, a run that sets none of them is its own configuration."""
+    if alone_if_unset and not any(k in record.overrides for k in without):
         return "run:" + record.run_id
-    rest = {k: v for k, v in record.overrides.items() if k != SEED_KEY}
+    rest = {k: v for k, v in record.overrides.items() if k not in without}
     return json.dumps(rest, sort_keys=True, default=str)
 
 
-def config_name(record: RunRecord) -> str:
-    """The run's name without its ``seed=...`` part (grid run names are "pair key=value ...")."""
-    if SEED_KEY not in record.overrides:
+def config_name(record: RunRecord, without: Sequence[str] = (SEED_KEY,)) -> str:
+    """The run's name without the ``seed=...`` (and ``fold=...``) words of the keys in ``without``
+    (grid run names are "pair key=value ...", a word named by the key's last part)."""
+    if not any(k in record.overrides for k in without):
         return record.name
-    return re.sub(r"\s*\bseed=\S+", "", record.name).strip() or record.name
+    words = [k.rsplit(".", 1)[-1] for k in without]
+    pattern = r"\s*\b(" + "|".join(map(re.escape, words)) + r")=\S+"
+    return re.sub(pattern, "", record.name).strip() or record.name
 
 
 def group_configurations(ranked: Sequence[RunRecord]) -> list[Configuration]:

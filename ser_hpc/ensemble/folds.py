@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,7 +37,7 @@ import yaml
 from ser_hpc.atomic_io import write_json, write_text
 from ser_hpc.ensemble.build import build_ensemble
 from ser_hpc.ensemble.collect import AggregateError, RunRecord
-from ser_hpc.ensemble.configurations import SEED_KEY, group_configurations
+from ser_hpc.ensemble.configurations import SEED_KEY, config_key, config_name, group_configurations
 from ser_hpc.ensemble.leaderboard import rank_runs, render_csv, render_md
 from ser_hpc.ensemble.stats import mean_std
 from ser_hpc.run_status import RunStatus
@@ -86,16 +85,6 @@ def fold_groups(records: Sequence[RunRecord]) -> dict[int, list[RunRecord]] | No
 
 # ----------------------------------------------------------------------------- configurations
 
-def fold_config_key(record: RunRecord) -> str:
-    rest = {k: v for k, v in record.overrides.items() if k not in (FOLD_KEY, SEED_KEY)}
-    return json.dumps(rest, sort_keys=True, default=str)
-
-
-def fold_config_name(record: RunRecord) -> str:
-    """The run's name without its ``fold=...`` and ``seed=...`` parts."""
-    return re.sub(r"\s*\b(fold|seed)=\S+", "", record.name).strip() or record.name
-
-
 @dataclass
 class FoldConfiguration:
     key: str
@@ -126,8 +115,8 @@ def rank_fold_configurations(folds: dict[int, list[RunRecord]]) -> list[FoldConf
     configs: dict[str, FoldConfiguration] = {}
     for fold, records in folds.items():
         for c in group_configurations(rank_runs(records)):  # per fold: seeds grouped, best first
-            key = fold_config_key(c.runs[0])
-            fc = configs.setdefault(key, FoldConfiguration(key, fold_config_name(c.runs[0])))
+            key = config_key(c.runs[0], (FOLD_KEY, SEED_KEY), alone_if_unset=False)  # json: to_json reads it back
+            fc = configs.setdefault(key, FoldConfiguration(key, config_name(c.runs[0], (FOLD_KEY, SEED_KEY))))
             if fold in fc.per_fold:  # two per-fold groups with one key (runs without a seed override)
                 runs = fc.per_fold[fold]["runs"] + c.runs
                 runs.sort(key=lambda r: -r.dev_macro_f1)
