@@ -246,7 +246,7 @@ def peak_memory(device: torch.device) -> int:
 def run(args) -> dict:
     from ser_hpc.config import Config
     from ser_hpc.data.labels import EMOSPEECH_LABELS
-    from ser_hpc.models.encoders import FrozenBackbones
+    from ser_hpc.models.backbones import FrozenBackbones
     from ser_hpc.models.head import build_head
     from ser_hpc.train import distributed as D
     from ser_hpc.train.heads import new_head

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ser_hpc.config import ModelConfig
-from ser_hpc.models.encoders import BackboneError, FrozenBackbones, SpeechEncoder, TextEncoder
+from ser_hpc.models.backbones import FrozenBackbones
+from ser_hpc.models.encoders import BackboneError, SpeechEncoder, TextEncoder
 from ser_hpc.models.head import build_head
 
 

@@ -136,7 +136,7 @@ def test_predictions_reproduce_the_ensemble_dev_probs(audio_dir, trained_grid, d
 def test_members_sharing_a_pair_share_one_backbone_forward(audio_dir, ensemble, dev_table, monkeypatch):
     from ser_hpc.inference.inputs import InputRow
     from ser_hpc.inference.predictor import predict
-    from ser_hpc.models.encoders import FrozenBackbones
+    from ser_hpc.models.backbones import FrozenBackbones
 
     # w2v+roberta hosts its own 2 heads and the 2 audio-only w2v heads; wavlm+bert its 2;
     # each fine-tuned run brings its own backbone weights, so it runs alone.

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from ser_hpc.config import ConfigError, config_from_dict
-from ser_hpc.models.encoders import BackboneError, FrozenBackbones
+from ser_hpc.models.backbones import FrozenBackbones
+from ser_hpc.models.encoders import BackboneError
 from ser_hpc.models.speech_families import WhisperSpeech, frames_for, speech_encoder, speech_spec
 from tests.conftest import REPO, run_config_tree
 from tests.test_grid import write_grid

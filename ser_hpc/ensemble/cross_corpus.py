@@ -76,7 +76,7 @@ class _Features:
         from ser_hpc.data.prepared import audio_loader_for
         from ser_hpc.features.dataset import CachedClips, FeatureCollate
         from ser_hpc.features.extract import find_store, read_all_clips, store_spec
-        from ser_hpc.models.encoders import FrozenBackbones
+        from ser_hpc.models.backbones import FrozenBackbones
         store = None
         if cfg.data.features_dir:
             try:

@@ -288,7 +288,7 @@ def extract(cfgs: list[Config], device: torch.device | None = None, progress_eve
 
     ``only``: a store of just these clips, without augmented views (online training's
     evaluation cache: dev and test clips, memory-mapped instead of held in RAM)."""
-    from ..models.encoders import FrozenBackbones
+    from ..models.backbones import FrozenBackbones
     cfg = _primary(cfgs)
     if not cfg.data.features_dir:
         from ..config import ConfigError

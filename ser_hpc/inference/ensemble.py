@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from ser_hpc.config import Config, ConfigError, config_from_dict
 from ser_hpc.ensemble.combine import METHODS
-from ser_hpc.models.encoders import FrozenBackbones
+from ser_hpc.models.backbones import FrozenBackbones
 from ser_hpc.models.head import EmotionHead, build_head
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError
-from ..models.encoders import FrozenBackbones
+from ..models.backbones import FrozenBackbones
 from . import distributed as D
 
 log = logging.getLogger("ser_hpc.train")

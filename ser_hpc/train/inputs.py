@@ -21,7 +21,8 @@ from ..data.sources import Splits
 from ..features.dataset import CachedClips, CachedCrops, FeatureBatch, FeatureCollate
 from ..features.extract import extract as extract_features
 from ..features.store import FeatureStore
-from ..models.encoders import BackboneOutput, FrozenBackbones
+from ..models.backbones import FrozenBackbones
+from ..models.encoders import BackboneOutput
 from . import distributed as D
 from .eval_cache import EvalFeatureCache
 from .packing import needs_own_forward
