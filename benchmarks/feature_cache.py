@@ -15,7 +15,6 @@ prints the break-even point: the epochs x heads beyond which extraction pays for
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess

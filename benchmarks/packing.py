@@ -37,10 +37,10 @@ if str(ROOT) not in sys.path:
 import yaml  # noqa: E402
 
 from ser_hpc.config import config_from_dict  # noqa: E402
+from ser_hpc.data.prepare_job import run_prepare  # noqa: E402
 from ser_hpc.demo.backbones import build_base_sized_backbones  # noqa: E402
 from ser_hpc.demo.corpus import generate_corpus  # noqa: E402
 from ser_hpc.grid.plan import build_plan, expand, load_grid, make_packs, write_plan  # noqa: E402
-from ser_hpc.data.prepare_job import run_prepare  # noqa: E402
 from ser_hpc.logs import setup_logging  # noqa: E402
 
 GOAL_PACK, GOAL_EVAL = 6.0, 10.0

@@ -25,12 +25,12 @@ offline_by_default()  # backbones from local folders or the prefetched cache: a 
 from ser_hpc.config import ConfigError, key_help, load_config  # noqa: E402
 from ser_hpc.data.audio import AudioError  # noqa: E402
 from ser_hpc.data.corpus import CorpusError  # noqa: E402
-from ser_hpc.train.pack_task import run_pack  # noqa: E402
 from ser_hpc.locks import LockHeld  # noqa: E402
 from ser_hpc.logs import setup_logging  # noqa: E402
 from ser_hpc.models.encoders import BackboneError  # noqa: E402
 from ser_hpc.run_status import RunStatus  # noqa: E402
 from ser_hpc.train.loop import train_pack  # noqa: E402
+from ser_hpc.train.pack_task import run_pack  # noqa: E402
 
 
 def _is_main() -> bool:

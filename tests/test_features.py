@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from ser_hpc.config import ConfigError, config_from_dict
 from ser_hpc.features.dataset import CachedCrops, crop_frames

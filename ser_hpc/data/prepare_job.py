@@ -2,12 +2,12 @@
 data.prepared_dir (idempotent), and whether a plan still needs it."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 from ..config import config_from_dict
 from ..plan_file import job_start
+from .sources import clips_key
 
 log = logging.getLogger("ser_hpc.data")
 
@@ -18,8 +18,7 @@ def prepared_data_configs(plan: dict) -> list:
     for run in plan["runs"]:
         if not run["config"]["data"].get("prepared_dir"):
             continue
-        # every clip of the corpus is prepared, whatever the test fold
-        key = json.dumps({**run["config"]["data"], "fold": 0}, sort_keys=True, default=str)
+        key = clips_key(run["config"]["data"])  # every clip of the corpus, whatever the test fold
         if key not in seen:  # a Config only for each distinct data section
             seen.add(key)
             out.append(config_from_dict(run["config"]).data)

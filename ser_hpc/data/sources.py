@@ -12,6 +12,7 @@ that each audio file exists, opens and is not empty.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -182,6 +183,12 @@ def _check_disjoint(train: list[Example], dev: list[Example], test: list[Example
     train_ids = [e.id for e in train]
     check_leakage(train_ids, [e.id for e in test], f"{name}: train and test")
     check_leakage(train_ids, [e.id for e in dev], f"{name}: train and dev")
+
+
+def clips_key(data: dict) -> str:
+    """What identifies the clips a data section (as a dict) reads: all of it but the test fold,
+    since every fold of a corpus reads the same clips (all_clips)."""
+    return json.dumps({k: v for k, v in data.items() if k != "fold"}, sort_keys=True, default=str)
 
 
 def all_clips(data: DataConfig) -> tuple[list[RawClip], set[str]]:

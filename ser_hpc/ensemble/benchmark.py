@@ -25,6 +25,8 @@ from ser_hpc.atomic_io import write_json, write_text
 from ser_hpc.ensemble.collect import AggregateError, RunRecord, read_probs
 from ser_hpc.ensemble import leaderboard
 from ser_hpc.ensemble.combine import stack
+from ser_hpc.ensemble.configurations import SEED_KEY, config_name
+from ser_hpc.ensemble.folds import FOLD_KEY
 from ser_hpc.ensemble.stats import (bootstrap_distribution, chance_macro_f1, mean_std, percentile_ci,
                                     stratified_resamples)
 from ser_hpc.ensemble.plots import plot_heatmap
@@ -39,10 +41,9 @@ def pct(x: float | None) -> str:
     return leaderboard.pct(x, missing="-")  # an absent cell of the benchmark table
 
 
-def configuration(name: str) -> str:
+def configuration(record: RunRecord) -> str:
     """A run's name without its corpus (first word), fold and seed: the same configuration on every corpus."""
-    words = name.split()[1:]
-    return " ".join(w for w in words if not w.startswith(("fold=", "seed=")))
+    return " ".join(config_name(record, (FOLD_KEY, SEED_KEY)).split()[1:])
 
 
 @dataclass
@@ -91,8 +92,9 @@ def table_rows(by_corpus: dict[str, list[RunRecord]]) -> list[dict[str, Any]]:
         for r in records:
             if r.status != RunStatus.DONE:
                 continue
-            cell = cells.setdefault((configuration(r.name), corpus), Cell(configuration(r.name), corpus))
-            fold = next((int(w.split("=")[1]) for w in r.name.split() if w.startswith("fold=")), 0)
+            config = configuration(r)
+            cell = cells.setdefault((config, corpus), Cell(config, corpus))
+            fold = int(r.overrides.get(FOLD_KEY) or 0)  # the corpus's fold axis; 0: its own splits
             cell.folds.setdefault(fold, []).append(r)
     return [c.figures() for c in cells.values()]
 

@@ -82,19 +82,15 @@ def hidden_size(name: str | None, launch_dir: str | None) -> int | None:
     folder, or the HF cache (offline)."""
     if not name:
         return None
-    resolved = resolve_backbone(name, launch_dir)
-    path = Path(resolved) / "config.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-            cached = try_to_load_from_cache(resolved, "config.json")
-        except Exception:  # not a valid repo id, or no hub library: unknown, not an error
-            return None
-        if not isinstance(cached, str):
-            return None
-        path = Path(cached)
+    from ser_hpc.models.availability import resolve_offline
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        found = resolve_offline(resolve_backbone(name, launch_dir), "config.json")
+    except Exception:  # not a valid repo id, or no hub library: unknown, not an error
+        return None
+    if found is None:
+        return None
+    try:
+        config = json.loads(Path(found).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
     size = config.get("hidden_size") or config.get("d_model")  # d_model: Whisper

@@ -31,11 +31,10 @@ def feature_groups(plan: dict) -> list[list[dict]]:
 
 @dataclass
 class StorePlan:
-    """One feature store a grid reads: whether it is complete, what it will take, its shards."""
+    """One feature store a grid reads: whether it is complete, what it will take (its shards too)."""
     group: int
     complete: bool
     projection: "Projection"
-    shards: int
     corpus: str | None = None
 
 
@@ -51,7 +50,7 @@ def store_plans(plan: dict, problems: list[str] | None = None) -> list[StorePlan
     """Every feature store of the plan's cached runs, with its projected size (configs, no
     weights). A store that cannot be projected (its encoder's config unreadable) goes to
     ``problems`` (raised without it)."""
-    from ..features.extract import find_store, project, read_all_clips, shard_plan, store_folder, store_spec
+    from ..features.extract import find_store, project, read_all_clips, store_spec
     from ..features.store import FeatureStoreError
     from ..models.encoders import BackboneError
     out, folders = [], set()
@@ -59,14 +58,12 @@ def store_plans(plan: dict, problems: list[str] | None = None) -> list[StorePlan
         cfgs = _group_configs(group)
         try:
             corpus = read_all_clips(cfgs[0])
-            spec = store_spec(cfgs, corpus)
-            folder = store_folder(cfgs[0], spec)
-            if folder in folders:  # stores are keyed by checkpoint content: one checkpoint under two names
+            projection = project(cfgs, corpus)
+            if projection.folder in folders:  # stores are keyed by checkpoint content: one checkpoint, two names
                 continue
-            folders.add(folder)
-            complete = find_store(cfgs[0], spec) is not None
-            out.append(StorePlan(k, complete, project(cfgs, corpus),
-                                 len(shard_plan(corpus, cfgs[0].data.features_shard_hours)), group[0].get("corpus")))
+            folders.add(projection.folder)
+            complete = find_store(cfgs[0], store_spec(cfgs, corpus)) is not None
+            out.append(StorePlan(k, complete, projection, group[0].get("corpus")))
         except (BackboneError, FeatureStoreError, OSError) as exc:
             if problems is None:
                 raise
@@ -77,7 +74,7 @@ def store_plans(plan: dict, problems: list[str] | None = None) -> list[StorePlan
 
 def feature_tasks(stores: list[StorePlan]) -> list[list[int]]:
     """The features array: one task per shard of every store not yet complete, as [group, shard]."""
-    return [[s.group, k] for s in stores if not s.complete for k in range(s.shards)]
+    return [[s.group, k] for s in stores if not s.complete for k in range(s.projection.shards)]
 
 
 def run_features(plan_path: str, task: int | None = None) -> list[str]:
@@ -126,14 +123,13 @@ def whisper_costs(runs: list) -> list[str]:
     """For every Whisper speech encoder and corpus of the grid: what its 30 s window costs."""
     from ..config import config_from_dict
     from ..features.extract import read_all_clips, window_cost
+    from ..data.sources import clips_key
     from ..models.speech_families import speech_spec
     seen, lines = set(), []
     for run in runs:
         model = run.config["model"]
         name = model["speech"]["name"]
-        # every fold reads the same clips (read_all_clips): one line per encoder and corpus
-        data = {k: v for k, v in run.config["data"].items() if k != "fold"}
-        key = json.dumps([name, data], sort_keys=True, default=str)
+        key = (name, clips_key(run.config["data"]))  # one line per encoder and corpus, not per fold
         if "audio" not in model["modalities"] or key in seen:
             continue
         seen.add(key)

@@ -16,18 +16,18 @@ import yaml
 from .. import atomic_io
 from ..config import parse_override
 from ..data.audio import AudioError
-from ..ensemble.report_stats import summary as ensemble_summary
 from ..data.prepare_job import needs_preparation
+from ..ensemble.report_stats import summary as ensemble_summary
 from ..features.job import feature_tasks, store_limits, store_plans, whisper_costs
 from ..features.store import FeatureStoreError
 from ..locks import launch_lock
 from ..models.encoders import BackboneError
+from ..plan_file import read_plan, run_states
 from ..run_status import RunStatus
 from ..train.packing import needs_own_forward
 from . import manifest, snapshot
 from .checks import check_backbones, check_cross_corpus, check_data, check_results_dir
 from .cluster import DEFAULT_MAX_ARRAY_SIZE, ClusterProfile, job_env_lines, load_profile, max_array_size
-from ..plan_file import read_plan, run_states
 from .plan import GridSpec, PlannedRun, build_plan, expand, load_grid, make_packs, write_plan
 from .submit import (Chain, Submission, compress, render_sbatch, run_here, sbatch_arrays, sbatch_commands, shell_words,
                      split_by_index, submit_slurm)

@@ -29,12 +29,13 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import snapshot
-from .cluster import ClusterProfile, JobResources, job_env, job_env_lines, sbatch_flags, slurm_options
+# The job bodies submitit pickles by reference; each lives beside what it runs.
 from ..data.prepare_job import run_prepare
 from ..ensemble.aggregate import run_aggregation
 from ..features.job import run_features
 from ..train.pack_task import run_pack
+from . import snapshot
+from .cluster import ClusterProfile, JobResources, job_env, job_env_lines, sbatch_flags, slurm_options
 
 log = logging.getLogger("ser_hpc.grid")
 
