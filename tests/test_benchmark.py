@@ -51,9 +51,9 @@ def test_bad_benchmark_grids_are_refused_by_name(demo_assets, acted, tmp_path):
         load_grid(_grid(tmp_path, demo_assets, acted, corpora=[demo, demo]))
     with pytest.raises(ConfigError, match="cross_corpus.test names nope, which is not a corpus of this grid"):
         load_grid(_grid(tmp_path, demo_assets, acted, cross_corpus={"train": ["demo"], "test": ["nope"]}))
-    with pytest.raises(ConfigError, match=r"corpora\[0\].*folds \[1, 2\] but this corpus has none \(data.format "
+    with pytest.raises(ConfigError, match=r"run 'demo .*fold=1'.*data.fold=1 but this corpus has no folds \(data.format "
                                           "emospeech"):
-        load_grid(_grid(tmp_path, demo_assets, acted, corpora=[{"name": "demo", "data": {}, "folds": [1, 2]}]))
+        expand(load_grid(_grid(tmp_path, demo_assets, acted, corpora=[{"name": "demo", "data": {}, "folds": [1, 2]}])))
     with pytest.raises(ConfigError, match="give each corpus its own folds"):
         load_grid(_grid(tmp_path, demo_assets, acted, axes={"data.fold": [1, 2]}))
 

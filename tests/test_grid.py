@@ -581,8 +581,8 @@ def test_an_entry_with_one_encoder_trains_that_modality_alone(tmp_path):
 
 def test_an_entry_with_one_encoder_refuses_modalities_that_need_the_other(tmp_path):
     def refused(match, cli=None, **grid):
-        with pytest.raises(ConfigError, match=match):
-            load_grid(_fake_grid(tmp_path, name="r", **grid), cli)
+        with pytest.raises(ConfigError, match=match):  # expansion applies the precedence, and refuses
+            expand(load_grid(_fake_grid(tmp_path, name="r", **grid), cli))
     speech_only = [{"name": "both", "speech": "s0", "text": "t0"}, {"name": "w2v", "speech": "s1"}]
     refused(r"backbone_pairs\[1\] 'w2v' names only a speech encoder, but model\.modalities is 'audio\+text' "
             r"\(run_config base\.yaml\), which needs a text encoder too.*set model\.modalities: audio in the entry",

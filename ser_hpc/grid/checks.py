@@ -35,12 +35,11 @@ def backbones_used(runs: list[PlannedRun]) -> list[tuple[str, str]]:
                                 if modality in r.config["model"]["modalities"].split("+")})]
 
 
-def check_data(runs: list[PlannedRun], quick: bool = False, problems: list[str] | None = None) -> tuple[int, str]:
+def check_data(runs: list[PlannedRun], quick: bool, problems: list[str]) -> tuple[int, str]:
     """Read every distinct data config once (any data.format: files, columns, labels, folds and
     splits) and decode every clip it names (``decode_check``: once per clip content, ever);
-    ``quick`` only checks that the audio files exist. With ``problems``, each failure is
-    appended there instead of raised. Returns how many data configs were read, and what the
-    audio check covered, in words (for the dry run)."""
+    ``quick`` only checks that the audio files exist. Each failure goes to ``problems``.
+    Returns how many data configs were read, and what the audio check covered, in words."""
     from ..data.decode_check import check_decoding
     from ..data.sources import all_clips
     seen: set[str] = set()
@@ -64,8 +63,6 @@ def check_data(runs: list[PlannedRun], quick: bool = False, problems: list[str] 
                 if data.prepared_dir:
                     stores.add((data.prepared_dir, data.sample_rate))
         except (CorpusError, AudioError, CheckError, ConfigError) as exc:
-            if problems is None:
-                raise
             if str(exc) not in problems:  # e.g. one missing corpus folder, named once for all its folds
                 problems.append(str(exc))
     if quick:
@@ -73,11 +70,8 @@ def check_data(runs: list[PlannedRun], quick: bool = False, problems: list[str] 
                            "does not decode fails the preparation or training job that reads it)")
     result = check_decoding(list(clips.items()), sorted(stores))
     if result.errors:
-        error = CheckError(f"{len(result.errors)} audio file(s) do not decode:\n  " + "\n  ".join(result.errors[:20])
-                           + (f"\n  ... and {len(result.errors) - 20} more" if len(result.errors) > 20 else ""))
-        if problems is None:
-            raise error
-        problems.append(str(error))
+        problems.append(f"{len(result.errors)} audio file(s) do not decode:\n  " + "\n  ".join(result.errors[:20])
+                        + (f"\n  ... and {len(result.errors) - 20} more" if len(result.errors) > 20 else ""))
     return len(seen), f"audio: {result}"
 
 

@@ -1,35 +1,12 @@
 """Grid YAML -> runs with stable ids -> packs -> results/<grid>/plan.json.
 
-```yaml
-name: emospeech2024                 # results/<name>/
-run_config: ../run/emospeech2024.yaml   # base run config, relative to this file
-overrides: {train.epochs: 30}       # applied to every run (dotted or nested keys)
-backbone_pairs:                     # one axis whose values set several keys at once
-  - {name: roberta+xlsr, text: llange/xlm-roberta-large-spanish, speech: facebook/wav2vec2-xls-r-300m}
-  - {name: xlsr, speech: facebook/wav2vec2-xls-r-300m, model.modalities: audio, model.fusion: late}
-    # one encoder: its runs train that modality alone (model.modalities=audio is set for it
-    # when nothing sets modalities; here the base run config says audio+text, so the entry says audio).
-    # An entry's key beats an axis of the same key: the axis does not vary for its runs.
-axes:                               # any run-config key; the grid is the cartesian product
-  model.hidden_layers: [2, 3]
-  train.weight_decay: [0.01, 0.1]
-pack_size: 4                        # at most this many head-only variants train in one process
-ensemble: {top_k: 3, method: mean}
-cluster: configs/cluster/local.yaml # default cluster profile (relative to the working directory)
-results_dir: results
-# Benchmark mode (optional): several corpora in one grid, crossed with the pairs and axes.
-corpora:                            # each: a name, its data keys (over the run config's), folds
-  - {name: emospeech, data: {train_csv: ..., audio_dir: ...}}
-  - {name: emodb, data: {format: emobox, root: ..., audio_dir: ...}, folds: [1, 2, 3, 4, 5]}
-cross_corpus: {train: [emospeech], test: [emodb]}   # each train corpus's ensemble on each test corpus
-```
-
-A run id is a readable slug plus a short hash of the resolved run config, so the same
-config always lands in the same folder (a relaunch finds its finished runs) and a changed
-config never overwrites another's results. A pack is the unit of one array task: runs that
-differ only in head settings, trained in one process on one shared backbone forward per
-batch (``ser_hpc.train.packing``). plan.json holds every run's full resolved config, so a
-task never re-reads the grid YAML (which the researcher may have edited since).
+The grid file's keys are described in README.md (sections "Grid YAML" and "Benchmarking
+across corpora"); configs/grid/ has examples. A run id is a readable slug plus a short hash
+of the resolved run config, so the same config always lands in the same folder (a relaunch
+finds its finished runs) and a changed config never overwrites another's results. A pack is
+the unit of one array task: runs that differ only in head settings, trained in one process
+on one shared backbone forward per batch (``ser_hpc.train.packing``). plan.json holds every
+run's full resolved config, so a task never re-reads the grid YAML.
 """
 from __future__ import annotations
 
@@ -57,6 +34,7 @@ PAIR_KEYS = {"name", "speech", "text"}
 ENSEMBLE_METHODS, SELECTIONS = ("mean", "vote"), ("topk", "greedy")
 MAPPING_KEYS = ("data.label_map.", "data.columns.")  # data.label_map.exc=happy sets one entry
 NEEDS = {"speech": "audio", "text": "text"}          # encoder -> the modality it serves
+OTHER = {"speech": "text", "text": "speech"}
 # Run-config keys that the grid sets for each run itself.
 GRID_OWNED = {"run.dir": "the grid gives every run its own folder, <results_dir>/<grid name>/runs/<run_id>; "
                          "to put the results elsewhere set results_dir in the grid file",
@@ -94,6 +72,8 @@ class GridSpec:
     results_dir: str = "results"
     corpora: list[CorpusEntry] = field(default_factory=list)    # benchmark mode; empty: the run config's corpus
     cross_corpus: dict[str, list[str]] | None = None            # {"train": [...], "test": [...]}
+    cli: dict[str, Any] = field(default_factory=dict)           # the command line's part of overrides
+    run_config: str | None = None                               # as the grid file names it
 
     @property
     def out_dir(self) -> Path:
@@ -144,37 +124,11 @@ def _check_overrides(path: Path, yaml_over: dict, cli: dict, pairs: list[Backbon
                 f"every run, to {axes[key]!r}. Change the axis in the grid file (a one-value axis fixes it).")
         # A one-encoder entry clears the other encoder's name, which its runs never use.
         setters = [p.name for p in pairs if key in p.overrides and not (
-            len(p.encoders) == 1 and key == f"model.{'text' if p.encoders[0] == 'speech' else 'speech'}.name")]
+            len(p.encoders) == 1 and key == f"model.{OTHER[p.encoders[0]]}.name")]
         if setters:
             raise ConfigError(
                 f"the override {key}={value!r} would be ignored: backbone pair(s) {', '.join(setters)} in {path} "
                 f"set {key}. Change it in the pair's entry in the grid file.")
-
-
-def _one_encoder(path: Path, index: int, pair: BackbonePair, tree: dict, base: dict, cli: dict, axes: dict) -> None:
-    """An entry naming one encoder (``{name: w2v, speech: PATH}``) trains that modality alone:
-    its runs get model.modalities=audio (or text) and the other encoder's name is cleared, so
-    nothing checks, fetches or hashes it. A modalities setting that needs the other encoder
-    is refused, naming where it was set (entry > axes > overrides > base run config)."""
-    (kind,) = pair.encoders
-    other = "text" if kind == "speech" else "speech"
-    key = "model.modalities"
-    setters = [(pair.overrides, "the entry itself"), (axes, f"the axis {key} in {path}"),
-               (cli, f"the command-line override {key}={cli.get(key)}"),
-               (flatten(tree.get("overrides") or {}), f"overrides in {path}"),
-               (flatten(base), f"run_config {tree.get('run_config')}")]
-    # The first that sets it decides; an axis sets several values.
-    sources = next(([(v, where) for v in (keys[key] if keys is axes else [keys[key]])]
-                    for keys, where in setters if key in keys), [])
-    for value, where in sources:
-        if NEEDS[other] in str(value).split("+"):
-            raise ConfigError(
-                f"{path}: backbone_pairs[{index}] '{pair.name}' names only a {kind} encoder, but {key} is "
-                f"{value!r} ({where}), which needs a {other} encoder too. Give the entry a {other} encoder, or set "
-                f"{key}: {NEEDS[kind]} in the entry.")
-    if not sources:
-        pair.overrides[key] = NEEDS[kind]
-    pair.overrides[f"model.{other}.name"] = ""
 
 
 def load_grid(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> GridSpec:
@@ -215,11 +169,11 @@ def load_grid(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> 
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: axis '{key}' must be a non-empty list of values, got {values!r}")
-    for i, pair in enumerate(pairs):
+    for pair in pairs:  # a one-encoder entry's runs never use the other encoder: nothing checks or hashes it
         if len(pair.encoders) == 1:
-            _one_encoder(path, i, pair, tree, base, cli, axes)
+            pair.overrides[f"model.{OTHER[pair.encoders[0]]}.name"] = ""
     _check_overrides(path, flatten(tree.get("overrides") or {}), cli, pairs, axes)
-    corpora = _corpora(path, tree, base, overrides)
+    corpora = _corpora(path, tree)
     if corpora and "data.fold" in axes:
         raise ConfigError(f"{path}: with corpora, give each corpus its own folds (folds: [1, 2, 3] in its entry) "
                           "instead of the axis data.fold")
@@ -240,11 +194,11 @@ def load_grid(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> 
         if bad:
             raise ConfigError(f"{path}: {problem}, got {tree.get('ensemble')!r}")
     return GridSpec(name, path, base, overrides, pairs, axes, pack_size, ensemble, tree.get("cluster"),
-                    str(tree.get("results_dir") or "results"), corpora, cross)
+                    str(tree.get("results_dir") or "results"), corpora, cross, cli, tree.get("run_config"))
 
 
-def _corpora(path: Path, tree: dict, base: dict, overrides: dict) -> list[CorpusEntry]:
-    """The ``corpora:`` entries, checked: names, data keys, folds only where the corpus has any."""
+def _corpora(path: Path, tree: dict) -> list[CorpusEntry]:
+    """The ``corpora:`` entries, checked: names, data keys, fold lists."""
     raw = tree.get("corpora") or []
     if not isinstance(raw, list):
         raise ConfigError(f"{path}: 'corpora' must be a list of {{name, data, folds}} entries")
@@ -263,19 +217,10 @@ def _corpora(path: Path, tree: dict, base: dict, overrides: dict) -> list[Corpus
             raise ConfigError(f"{path}: two corpora are named {name!r}; each corpus needs its own name")
         data = {f"data.{k}": v for k, v in flatten(entry.get("data") or {}).items()}
         _check_keys(data, f"{where} ({name}): data")
-        folds = entry.get("folds")
-        if folds is not None:
-            if not isinstance(folds, list) or not folds or any(type(f) is not int or f < 1 for f in folds):
-                raise ConfigError(f"{where} ({name}): folds must be a list of fold numbers >= 1, got {folds!r}")
-            effective = {**flatten({"data": base.get("data") or {}}), **{k: v for k, v in overrides.items()
-                                                                          if k.startswith("data.")}, **data}
-            fmt, generated = effective.get("data.format", "emospeech"), effective.get("data.folds") or 0
-            if fmt == "emospeech" or (fmt == "manifest" and not generated):
-                raise ConfigError(f"{where} ({name}): folds {folds} but this corpus has none (data.format {fmt}"
-                                  + (", no data.folds" if fmt == "manifest" else "") + "): drop 'folds', or "
-                                  "give the manifest data.folds: K to generate K folds")
-            if fmt == "manifest" and max(folds) > generated:
-                raise ConfigError(f"{where} ({name}): folds {folds} but data.folds is {generated}")
+        folds = entry.get("folds")  # whether this corpus has them: the run config's validation says
+        if folds is not None and (not isinstance(folds, list) or not folds or any(type(f) is not int or f < 1
+                                                                                   for f in folds)):
+            raise ConfigError(f"{where} ({name}): folds must be a list of fold numbers >= 1, got {folds!r}")
         out.append(CorpusEntry(name, data, folds))
     return out
 
@@ -332,8 +277,8 @@ def expand(spec: GridSpec) -> list[PlannedRun]:
     runs, seen = [], {}
     runs_dir = str(spec.out_dir / "runs")
     base = apply_tree(Config(), spec.base, f"{spec.path}: run_config")
-    for corpus, pair in itertools.product(spec.corpora or [None], spec.pairs):
-        pair_cfg = None
+    for corpus, (index, pair) in itertools.product(spec.corpora or [None], enumerate(spec.pairs)):
+        pair_cfg, set_by = None, {}
         # An entry that sets an axis key pins it: the axis does not vary for that entry's runs.
         pair_axes = [[pair.overrides[k]] if k in pair.overrides else spec.axes[k] for k in axis_keys]
         if corpus is not None and corpus.folds:  # this corpus's fold axis
@@ -346,10 +291,7 @@ def expand(spec: GridSpec) -> list[PlannedRun]:
             name = " ".join(prefix + [f"{k}={v}" for k, v in zip(names, labels)])
             where = f"{spec.path}: run '{name}'"
             if pair_cfg is None:  # errors name the pair's first run
-                pair_cfg = copy_config(base)
-                data = corpus.data if corpus is not None else {}
-                for key, value in {**spec.overrides, **data, **pair.overrides}.items():
-                    set_key(pair_cfg, key, value, where)
+                pair_cfg, set_by = _pair_config(spec, base, corpus, pair, where)
             cfg = object.__new__(Config)  # sections no axis sets are shared with the pair (read only)
             for section in sections:
                 value = getattr(pair_cfg, section)
@@ -357,6 +299,8 @@ def expand(spec: GridSpec) -> list[PlannedRun]:
             for key, value in zip(keys, values):
                 set_key(cfg, key, value, where)
             cfg.run.name = name
+            if len(pair.encoders) == 1:
+                _fits_one_encoder(spec, index, pair, cfg.model.modalities, set_by["model.modalities"])
             tree = config_tree(cfg)
             try:
                 validate(cfg, tree)
@@ -371,6 +315,37 @@ def expand(spec: GridSpec) -> list[PlannedRun]:
             runs.append(PlannedRun(run_id, name, pair.name, -1, {**pair.overrides, **dict(zip(keys, values))},
                                    tree, corpus.name if corpus is not None else None))
     return runs
+
+
+def _pair_config(spec: GridSpec, base: Config, corpus: CorpusEntry | None, pair: BackbonePair,
+                 where: str) -> tuple[Config, dict[str, str]]:
+    """The config a pair's runs start from (before their axis values), and where each key was
+    set: the layers apply lowest precedence first, so the last to set a key decides."""
+    layers = [(f"run_config {spec.run_config}", flatten(spec.base)),  # applied once, as ``base``
+              (f"overrides in {spec.path}", {k: v for k, v in spec.overrides.items() if k not in spec.cli}),
+              ("the command-line override", spec.cli),
+              (f"corpus {corpus.name if corpus else ''} in {spec.path}", corpus.data if corpus else {}),
+              ("the entry itself", pair.overrides)]
+    cfg, set_by = copy_config(base), {}
+    for i, (source, keys) in enumerate(layers):
+        for key, value in keys.items():
+            if i:
+                set_key(cfg, key, value, where)
+            set_by[key] = f"{source} {key}={value}" if source.startswith("the command") else source
+    set_by.update({k: f"the axis {k} in {spec.path}" for k in spec.axes if k not in pair.overrides})
+    if len(pair.encoders) == 1 and "model.modalities" not in set_by:  # one encoder: that modality alone
+        cfg.model.modalities, set_by["model.modalities"] = NEEDS[pair.encoders[0]], "the entry's encoder"
+    return cfg, set_by
+
+
+def _fits_one_encoder(spec: GridSpec, index: int, pair: BackbonePair, modalities: str, source: str) -> None:
+    (kind,) = pair.encoders
+    other = OTHER[kind]
+    if NEEDS[other] in modalities.split("+"):
+        raise ConfigError(
+            f"{spec.path}: backbone_pairs[{index}] '{pair.name}' names only a {kind} encoder, but model.modalities is "
+            f"{modalities!r} ({source}), which needs a {other} encoder too. Give the entry a {other} encoder, or set "
+            f"model.modalities: {NEEDS[kind]} in the entry.")
 
 
 def make_packs(runs: list[PlannedRun], pack_size: int) -> list[list[PlannedRun]]:

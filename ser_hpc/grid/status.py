@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import atomic_io
 from ..run_status import RunStatus
 from ..train.run_folder import RunFolder
-from .manifest import pack_tasks
+from . import manifest
 
 # The states a row can show (a run without final.json is pending, running or requeued here).
 STATES = tuple(s.value for s in RunStatus if s is not RunStatus.MISSING)
@@ -65,15 +65,6 @@ class GridStatus:
 
     def counts(self) -> dict[str, int]:
         return {s: sum(r.state == s for r in self.runs) for s in STATES}
-
-
-def _read_dict(path: Path) -> dict | None:
-    """The file's JSON object; None when it is missing, torn (read mid-write) or not an object."""
-    try:
-        data = atomic_io.read_json(path)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _mtime(path: Path) -> float | None:
@@ -150,7 +141,7 @@ def _age(seconds: float) -> str:
 def _resolve(row: RunRow, folder: RunFolder, task: TaskState | None, now: float) -> None:
     """Set row.state and its details."""
     final_t, metrics_t = _mtime(folder.final), _mtime(folder.metrics)
-    final = _read_dict(folder.final) if final_t is not None else None  # None: missing or unreadable
+    final = atomic_io.read_json(folder.final) if final_t is not None else None  # written whole (temp + rename)
     last_write = None  # set when the tree alone says the run is under way
     if final is not None and final.get("status") == RunStatus.DONE:
         row.state = RunStatus.DONE
@@ -166,10 +157,8 @@ def _resolve(row: RunRow, folder: RunFolder, task: TaskState | None, now: float)
     elif task is None and metrics_t and final_t and metrics_t > final_t:
         # metrics.jsonl newer than the failed final.json: a retry under way.
         row.state, final, last_write = RunStatus.RUNNING, None, metrics_t
-    elif final_t is not None:
+    elif final is not None:
         row.state = RunStatus.FAILED
-        if final is None:
-            row.reason = "unreadable final.json"
     elif task is not None:  # the task ended (or is gone) and the run never wrote final.json
         row.state = RunStatus.FAILED
         row.reason = f"no final.json: Slurm task {task.job_id} ended {task.state}"
@@ -191,10 +180,10 @@ def _resolve(row: RunRow, folder: RunFolder, task: TaskState | None, now: float)
 
 def grid_status(results_dir: str | Path, use_slurm: bool = True) -> GridStatus:
     results_dir = Path(results_dir)
-    plan = _read_dict(results_dir / "plan.json")
-    if plan is None:
-        raise FileNotFoundError(f"{results_dir / 'plan.json'} not found or unreadable: is this a launched grid?")
-    tasks, others = pack_tasks(_read_dict(results_dir / "manifest.json") or {})
+    if not (results_dir / "plan.json").is_file():
+        raise FileNotFoundError(f"{results_dir / 'plan.json'} not found: is this a launched grid?")
+    plan = atomic_io.read_json(results_dir / "plan.json")
+    tasks, others = manifest.pack_tasks(manifest.read(results_dir))
     job_ids = {t.task_id.split("_")[0] for t in tasks.values() if t.task_id} | set(others.values())
     states = query(sorted(job_ids)) if use_slurm else None
     if not use_slurm:
