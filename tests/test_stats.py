@@ -22,8 +22,27 @@ from ser_hpc.ensemble.analysis import Pool, SplitStats
 from ser_hpc.ensemble.collect import ProbTable
 from ser_hpc.ensemble.combine import combine
 from ser_hpc.ensemble.selection import crossfit, greedy, halves, topk
-from ser_hpc.ensemble.stats import (bootstrap_ci, bootstrap_distribution, chance_macro_f1, ece, macro_f1_batch,
-                                    paired_test, reliability, stratified_resamples)
+from ser_hpc.ensemble.stats import (N_RESAMPLES, SEED, bootstrap_ci, bootstrap_distribution, chance_macro_f1, ece,
+                                    macro_f1_batch, paired_p, reliability, stratified_resamples)
+
+
+def paired_test(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, n_classes: int,
+                n_resamples: int = N_RESAMPLES, seed: int = SEED) -> dict:
+    """paired_p on predictions: each side one (n,) vector or a stack (S, n) of seed runs (a helper
+    of these tests only; the library pairs runs through analysis.SplitStats).
+
+    A stack stands for a configuration: its statistic is the mean macro-F1 over its runs,
+    so a configuration is compared by what a typical seed gets, not by its luckiest one.
+    """
+    y = np.asarray(y)
+    idx = stratified_resamples(y, n_resamples, seed)
+
+    def side(pred):
+        pred = np.atleast_2d(np.asarray(pred))
+        return bootstrap_distribution(y, pred, idx, n_classes).mean(0), float(macro_f1_batch(y, pred, n_classes).mean())
+
+    (da, pa), (db, pb) = side(pred_a), side(pred_b)
+    return paired_p(da, db, pa, pb)
 
 
 def sk_macro(y, pred, c):

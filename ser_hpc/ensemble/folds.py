@@ -38,7 +38,7 @@ from ser_hpc.atomic_io import write_json, write_text
 from ser_hpc.ensemble.build import build_ensemble
 from ser_hpc.ensemble.collect import AggregateError, RunRecord
 from ser_hpc.ensemble.configurations import SEED_KEY, config_key, config_name, group_configurations
-from ser_hpc.ensemble.leaderboard import rank_runs, render_csv, render_md
+from ser_hpc.ensemble.leaderboard import rank_runs, render_csv, render_md, run_summary
 from ser_hpc.ensemble.stats import mean_std
 from ser_hpc.run_status import RunStatus
 
@@ -217,7 +217,7 @@ def fold_steps(results_dir: Path, plan: dict[str, Any], grid_name: str, records:
                 log.exception("report not written")
                 notes.append(f"report.md not written: {type(exc).__name__}: {exc}")
             write_json(stage / "ensemble.json", result)
-        print(_summary(results_dir, records, result, notes), flush=True)
+        print(run_summary(results_dir, records, _fold_lines(result), notes, " (grid with folds)"), flush=True)
 
     def build(stage: Path) -> dict:
         labels: list[str] | None = None
@@ -292,19 +292,18 @@ def fold_steps(results_dir: Path, plan: dict[str, Any], grid_name: str, records:
     return build, finish
 
 
-def _summary(results_dir: Path, records: Sequence[RunRecord], result: dict | None, notes: list[str]) -> str:
-    done = sum(r.status == RunStatus.DONE for r in records)
-    lines = [f"[aggregate] {results_dir}: {done} done, {sum(r.status == 'failed' for r in records)} failed, "
-             f"{sum(r.status == 'missing' for r in records)} missing (grid with folds)"]
-    if result:
-        for b in result["folds"]:
-            test = "" if b["test_macro_f1"] is None else f", test macro-F1 {100 * b['test_macro_f1']:.2f}"
-            lines.append(f"[aggregate] fold {b['fold']}: ensemble of {b['n_members']}: dev macro-F1 "
-                         f"{100 * b['dev_macro_f1']:.2f}{test}")
-        if result["mean"]:
-            m, s = result["mean"], result["std"]
-            figs = ", ".join(f"{k} {100 * m[k]:.2f}" + ("" if s[k] is None else f" ± {100 * s[k]:.2f}")
-                             for k in SPLIT_KEYS)
-            lines.append(f"[aggregate] over {result['n_folds']} folds (test): {figs}")
-    lines += [f"[aggregate] note: {n}" for n in notes]
-    return "\n".join(lines)
+def _fold_lines(result: dict | None) -> list[str]:
+    """Each fold's ensemble and the mean over folds, for the aggregation's log."""
+    if not result:
+        return []
+    lines = []
+    for b in result["folds"]:
+        test = "" if b["test_macro_f1"] is None else f", test macro-F1 {100 * b['test_macro_f1']:.2f}"
+        lines.append(f"[aggregate] fold {b['fold']}: ensemble of {b['n_members']}: dev macro-F1 "
+                     f"{100 * b['dev_macro_f1']:.2f}{test}")
+    if result["mean"]:
+        m, s = result["mean"], result["std"]
+        figs = ", ".join(f"{k} {100 * m[k]:.2f}" + ("" if s[k] is None else f" ± {100 * s[k]:.2f}") for k in SPLIT_KEYS)
+        lines.append(f"[aggregate] over {result['n_folds']} folds (test): {figs}")
+    return lines
+

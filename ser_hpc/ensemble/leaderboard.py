@@ -144,3 +144,17 @@ def render_md(ranked: Sequence[RunRecord], others: Sequence[RunRecord], members:
             reason = r.reason or ("no final.json (crashed, cancelled or never ran)" if r.status == RunStatus.MISSING else "")
             lines.append("| " + " | ".join(_md_escape(c) for c in [r.run_id, r.name, r.status, reason]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def run_summary(results_dir: Any, records: Sequence[RunRecord], body: Sequence[str], notes: Sequence[str],
+                what: str = "") -> str:
+    """What an aggregation prints: the runs by state, ``body`` (its rankings and ensembles),
+    then each failure and note."""
+    failed = [r for r in records if r.status == RunStatus.FAILED]
+    missing = [r.run_id for r in records if r.status == RunStatus.MISSING]
+    done = len(records) - len(failed) - len(missing)
+    lines = [f"[aggregate] {results_dir}: {done} done, {len(failed)} failed, {len(missing)} missing{what}", *body]
+    lines += [f"[aggregate] failed: {r.run_id} ({r.reason})" for r in failed]
+    lines += [f"[aggregate] missing (no final.json): {', '.join(missing)}"] if missing else []
+    return "\n".join(lines + [f"[aggregate] note: {n}" for n in notes])
+

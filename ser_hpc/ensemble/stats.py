@@ -84,24 +84,6 @@ def paired_p(dist_a: np.ndarray, dist_b: np.ndarray, point_a: float, point_b: fl
     return {"delta": delta, "p": (1 + hits) / (len(d) + 1), "delta_ci95": list(percentile_ci(d, level))}
 
 
-def paired_test(y: Sequence[int], pred_a: np.ndarray, pred_b: np.ndarray, n_classes: int,
-                n_resamples: int = N_RESAMPLES, seed: int = SEED) -> dict:
-    """paired_p on predictions: each side one (n,) vector or a stack (S, n) of seed runs.
-
-    A stack stands for a configuration: its statistic is the mean macro-F1 over its runs,
-    so a configuration is compared by what a typical seed gets, not by its luckiest one.
-    """
-    y = np.asarray(y)
-    idx = stratified_resamples(y, n_resamples, seed)
-
-    def side(pred):
-        pred = np.atleast_2d(np.asarray(pred))
-        return bootstrap_distribution(y, pred, idx, n_classes).mean(0), float(macro_f1_batch(y, pred, n_classes).mean())
-
-    (da, pa), (db, pb) = side(pred_a), side(pred_b)
-    return paired_p(da, db, pa, pb)
-
-
 def reliability(probs: np.ndarray, y: Sequence[int], n_bins: int = ECE_BINS) -> dict:
     """Per confidence bin ((k/M, (k+1)/M], the first also holds 0): count, mean confidence, accuracy."""
     probs, y = np.asarray(probs, dtype=float), np.asarray(y)

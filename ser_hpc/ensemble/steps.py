@@ -14,7 +14,8 @@ from ser_hpc.ensemble.build import build_ensemble
 from ser_hpc.ensemble.collect import AggregateError, RunRecord
 from ser_hpc.ensemble.configurations import group_configurations
 from ser_hpc.ensemble.folds import fold_groups, fold_steps
-from ser_hpc.ensemble.leaderboard import rank_runs, render_csv, render_md
+from ser_hpc.ensemble.leaderboard import pct, rank_runs, render_csv, render_md, run_summary
+from ser_hpc.ensemble.report_stats import with_ci
 from ser_hpc.run_status import RunStatus
 
 Steps = tuple[Callable[[Path], dict], Callable[[Path, "dict | None"], None]]
@@ -59,33 +60,24 @@ def plain_steps(results_dir: Path, plan: dict[str, Any], grid_name: str, records
         write_text(stage / "leaderboard.csv", render_csv(ranked, others, cis=run_ci, configs=configs))
         if result:
             write_json(stage / "ensemble.json", result)  # last: it describes the files above
-        print(_summary(results_dir, ranked, records, result, notes), flush=True)
+        print(run_summary(results_dir, records, _ranking(ranked, result), notes), flush=True)
 
     return build, finish
 
 
-def _summary(results_dir: Path, ranked: list[RunRecord], records: list[RunRecord],
-             result: dict | None, notes: list[str], rows: int = 5) -> str:
-    failed = [r for r in records if r.status == RunStatus.FAILED]
-    missing = [r for r in records if r.status == RunStatus.MISSING]
-    lines = [f"[aggregate] {results_dir}: {len(ranked)} done, {len(failed)} failed, {len(missing)} missing"]
+def _ranking(ranked: list[RunRecord], result: dict | None, rows: int = 5) -> list[str]:
+    """The best runs and the ensemble, for the aggregation's log."""
+    lines = []
     for rank, r in enumerate(ranked[:rows], 1):
         test = "" if r.test_macro_f1 is None else f"  test {100 * r.test_macro_f1:6.2f}"
         lines.append(f"  {rank:>3}. dev {100 * r.dev_macro_f1:6.2f}{test}  {r.run_id}  {r.name}")
     if len(ranked) > rows:
         lines.append(f"  ... {len(ranked) - rows} more in ensemble/leaderboard.md")
     if result:
-        def fig(split: str) -> str:
-            ci = result[f"{split}_macro_f1_ci95"]
-            value = f"{100 * result[f'{split}_macro_f1']:.2f}"
-            return value + (f" [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else "")
-        test = "" if result["test_macro_f1"] is None else f", test macro-F1 {fig('test')}"
+        test = ("" if result["test_macro_f1"] is None
+                else f", test macro-F1 {with_ci(result['test_macro_f1'], result['test_macro_f1_ci95'])}")
         lines.append(f"[aggregate] ensemble ({result['method']} of {result['n_members']}, {result['selection']}: "
-                     f"{', '.join(m['run_id'] for m in result['members'])}): "
-                     f"dev macro-F1 {fig('dev')} (selection-biased; cross-fitted "
-                     f"{100 * result['dev_macro_f1_crossfit']:.2f}){test}")
-    lines += [f"[aggregate] failed: {r.run_id} ({r.reason})" for r in failed]
-    if missing:
-        lines.append(f"[aggregate] missing (no final.json): {', '.join(r.run_id for r in missing)}")
-    lines += [f"[aggregate] note: {n}" for n in notes]
-    return "\n".join(lines)
+                     f"{', '.join(m['run_id'] for m in result['members'])}): dev macro-F1 "
+                     f"{with_ci(result['dev_macro_f1'], result['dev_macro_f1_ci95'])} (selection-biased; "
+                     f"cross-fitted {pct(result['dev_macro_f1_crossfit'])}){test}")
+    return lines

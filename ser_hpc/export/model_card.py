@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,14 @@ import numpy as np
 import yaml
 
 from ser_hpc.ensemble.collect import read_probs
+from ser_hpc.ensemble.leaderboard import pct
+from ser_hpc.ensemble.report_stats import table, with_ci
 from ser_hpc.ensemble.stats import N_RESAMPLES, SEED, chance_macro_f1, percentile_ci, stratified_resamples
+from ser_hpc.grid.manifest import read as read_manifest
+from ser_hpc.provenance import git_state
 
 from .build import ExportModel
 
-REPO = Path(__file__).resolve().parents[2]
 SPLIT_NAMES = {"dev": "validation", "test": "test"}
 LANGUAGES = {"es": "Spanish", "en": "English", "de": "German", "fr": "French", "it": "Italian", "pt": "Portuguese",
              "zh": "Chinese", "el": "Greek", "ur": "Urdu", "fa": "Persian", "ru": "Russian", "ca": "Catalan"}
@@ -160,41 +162,19 @@ def grid_provenance(folder: Path) -> dict[str, Any]:
     else:
         return {"grid_dir": None}
     out: dict[str, Any] = {"grid_dir": str(grid), "name": grid.name}
-    if (grid / "manifest.json").is_file():
-        try:
-            launches = json.loads((grid / "manifest.json").read_text(encoding="utf-8")).get("launches") or []
-        except ValueError:
-            launches = []
-        if launches:
-            last = launches[-1]
-            out.update(git_commit=last.get("git_commit"), git_dirty=last.get("git_dirty"),
-                       launched=last.get("submitted"), versions=last.get("versions"))
+    launches = read_manifest(grid)["launches"]
+    if launches:
+        last = launches[-1]
+        out.update(git_commit=last.get("git_commit"), git_dirty=last.get("git_dirty"),
+                   launched=last.get("submitted"), versions=last.get("versions"))
     if (grid / "grid.yaml").is_file():
         out["config"] = (grid / "grid.yaml").read_text(encoding="utf-8")
     return out
 
 
-def _git_commit() -> str | None:
-    try:
-        res = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout.strip() or None if res.returncode == 0 else None
-
-
 # ----------------------------------------------------------------------------- the card
 def _pct(v) -> str:
-    return "—" if v is None else f"{100 * v:.2f}"
-
-
-def _ci(v, ci) -> str:
-    return _pct(v) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if v is not None and ci else "")
-
-
-def _table(head, rows) -> list[str]:
-    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + \
-        ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return pct(v, missing="—")
 
 
 def _hub_id(name: str | None) -> bool:
@@ -237,7 +217,7 @@ def card_data(export: ExportModel, fmt: str, language: str | None = None, style:
            "method": sorted({e["method"] for e in ensembles}), "members": members, "backbones": backbones,
            "seeds": sorted({m["seed"] for m in members if m.get("seed") is not None}),
            "grid": grid_provenance(export.folders[0]),
-           "export": {"ser_hpc_commit": _git_commit(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(
+           "export": {"ser_hpc_commit": git_state()[0], "created": _dt.datetime.now(_dt.timezone.utc).isoformat(
                timespec="seconds"), "source": str(export.top), "check_max_abs_diff": export.check_max_diff,
                "notes": export.notes}}
     if top_meta.get("kind") == "folds":
@@ -369,8 +349,8 @@ def render(data: dict) -> str:
                          *((counts or {}).get(k, "—") if counts else "—" for k in data["classes"])])
         lines += ["", f"Clips per split ({head}; the dev split "
                   + (f"is {c['dev_csv']}" if c.get("dev_csv") else f"is a seeded stratified {c.get('dev_fraction')} "
-                     "of the training CSV") + "):", "", *_table(["split", "clips", *data["classes"]], rows)]
-    lines += ["", "## Backbones", "", *_table(
+                     "of the training CSV") + "):", "", *table(["split", "clips", *data["classes"]], rows)]
+    lines += ["", "## Backbones", "", *table(
         ["kind", "source (at training time)", "folder here", "fine-tuned layers"],
         [[b["kind"], b["source"], b["subfolder"] if data["format"] == "hf" else "inside the graphs",
           b["fine_tuned_by"] or "no (frozen)"] for b in data["backbones"]])]
@@ -378,7 +358,7 @@ def render(data: dict) -> str:
               "(mean: mean of the members' probabilities; vote: each member votes for its top class, scores are "
               "vote shares, ties go to the highest mean probability)"
               + ("; the fold ensembles' scores are averaged." if len(ens) > 1 else "."), "",
-              *_table(["run", "ensemble", "modalities", "seed", "pooling", "fusion", "hidden layers",
+              *table(["run", "ensemble", "modalities", "seed", "pooling", "fusion", "hidden layers",
                        "dev macro-F1", "test macro-F1"],
                       [[m["run_id"], m["ensemble"], m["modalities"], m["seed"], m["head"]["pooling"],
                         m["head"]["fusion"], m["head"]["hidden_layers"], _pct(m["dev_macro_f1"]),
@@ -395,12 +375,12 @@ def render(data: dict) -> str:
             if not f:
                 continue
             ch = f.get("chance") or {}
-            rows.append([e["name"], split, f.get("n") or "—", _ci(f.get("macro_f1"), f.get("macro_f1_ci95")),
-                         _ci(f.get("ua"), f.get("ua_ci95")), _ci(f.get("wa"), f.get("wa_ci95")),
+            rows.append([e["name"], split, f.get("n") or "—", with_ci(f.get("macro_f1"), f.get("macro_f1_ci95")),
+                         with_ci(f.get("ua"), f.get("ua_ci95")), with_ci(f.get("wa"), f.get("wa_ci95")),
                          f"{_pct(ch.get('uniform'))} / {_pct(ch.get('majority'))}",
                          f"{_pct(ch.get('ua_uniform'))} / {_pct(ch.get('ua_majority'))}",
                          f"{_pct(ch.get('wa_uniform'))} / {_pct(ch.get('wa_majority'))}", _pct(f.get("ece"))])
-    lines += _table(["ensemble", "split", "clips", "macro-F1", "UA", "WA", "chance macro-F1", "chance UA",
+    lines += table(["ensemble", "split", "clips", "macro-F1", "UA", "WA", "chance macro-F1", "chance UA",
                      "chance WA", "ECE"], rows)
     if data.get("folds_summary") and (data["folds_summary"].get("mean") or {}):
         mean, std = data["folds_summary"]["mean"], data["folds_summary"].get("std") or {}

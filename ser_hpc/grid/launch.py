@@ -23,6 +23,7 @@ from ..features.store import FeatureStoreError
 from ..locks import launch_lock
 from ..models.encoders import BackboneError
 from ..plan_file import read_plan, run_states
+from ..provenance import provenance
 from ..run_status import RunStatus
 from ..train.packing import needs_own_forward
 from . import manifest, snapshot
@@ -261,7 +262,7 @@ def record_launch(lp: LaunchPlan, sub: Submission, overrides: list[str], code: d
     ids = sub.job_ids
     manifest.append_launch(lp.spec.out_dir, {
         "launch_id": launch_id or manifest.new_launch_id(), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": platform.node(), **manifest.provenance(), "code": code,
+        "host": platform.node(), **provenance(), "code": code,
         "executor": sub.executor, "profile": lp.profile.name, "overrides": overrides,
         "job_ids": {"prepare": ids.get("prepare"), "features": ids.get("features"), "train_array": ids.get("train"),
                     "aggregate": ids.get("aggregate")},

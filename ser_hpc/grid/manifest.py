@@ -9,42 +9,18 @@ reads the tasks back with ``pack_tasks``.
 """
 from __future__ import annotations
 
-import platform
-import subprocess
 import sys
 import time
 import uuid
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from .. import atomic_io
 
-REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("torch", "torchaudio", "transformers", "submitit", "deepspeed", "scikit-learn", "numpy", "soundfile")
-KINDS = ("prepare", "features", "train_array", "aggregate")  # the job_ids keys, in chain order
 
 
 def new_launch_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-
-
-def provenance() -> dict:
-    """The checkout and package versions this launch ran with."""
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-    commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"git_commit": commit, "git_dirty": None if dirty is None else bool(dirty), "versions": versions}
 
 
 def read(out_dir: Path) -> dict:
