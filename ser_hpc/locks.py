@@ -55,6 +55,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from . import slurm
+
 log = logging.getLogger("ser_hpc.locks")
 
 RUN_LOCK = ".lock"
@@ -106,16 +108,10 @@ def _pid_alive(pid: int, start: str | None) -> bool:
     return True
 
 
-def slurm_job() -> str | None:
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
 def identity(purpose: str) -> dict:
     """Who holds a lock: written into the lock file."""
     return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
-            "slurm_job": slurm_job(), "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+            "slurm_job": slurm.job_id(), "slurm_restart": slurm.restart_count(),
             "user": os.environ.get("USER") or os.environ.get("LOGNAME"), "purpose": purpose,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "started_epoch": time.time(),
             "token": uuid.uuid4().hex}

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from . import slurm
 from .logs import setup_logging
 from .run_status import RunStatus
 from .train.run_folder import RunFolder
@@ -14,7 +15,7 @@ from .train.run_folder import RunFolder
 
 def read_plan(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    path = path / "plan.json" if path.is_dir() else path
+    path = path if path.suffix == ".json" else path / "plan.json"  # a grid's results folder, or its plan
     if not path.is_file():
         raise FileNotFoundError(f"no plan at {path}: launch the grid first (jobs/launch_grid.py)")
     return json.loads(path.read_text(encoding="utf-8"))
@@ -37,7 +38,7 @@ def job_start(plan_path: str) -> dict:
     (``cluster.job_env``): the hub library reads them when it is imported, before this runs."""
     import torch
     setup_logging()
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SER_HPC_THREADS")
+    cpus = slurm.cpus_per_task() or os.environ.get("SER_HPC_THREADS")
     if cpus:
         torch.set_num_threads(int(cpus))
     plan = read_plan(plan_path)

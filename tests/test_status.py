@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ser_hpc.grid.status import expand_ids, query
 from ser_hpc.grid.status import grid_status, render
+from ser_hpc.slurm import expand_ids, query
 from tests.conftest import REPO
 
 PY = sys.executable

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from .. import slurm
 from ..config import config_from_dict
 from ..plan_file import job_start
 from .sources import clips_key
@@ -43,7 +44,7 @@ def run_prepare(plan_path: str) -> list[dict]:
     """The grid's first job: decode every clip once into data.prepared_dir (idempotent)."""
     from ..data.prepare import prepare_for_data_config
     plan = job_start(plan_path)
-    workers = int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
+    workers = slurm.cpus_per_task() or os.cpu_count() or 1
     summaries = []
     for data in prepared_data_configs(plan):
         summary = prepare_for_data_config(data, workers=min(workers, 8))

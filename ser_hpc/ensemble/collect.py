@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ser_hpc.ensemble.member_files import member_problem
+from ser_hpc.plan_file import read_plan
 from ser_hpc.run_status import RunStatus
 
 
@@ -54,13 +55,7 @@ class ProbTable:
 
 def load_plan(results_dir: Path) -> dict[str, Any]:
     """plan.json, or {} when absent (unit tests, or a results tree built by hand)."""
-    path = Path(results_dir) / "plan.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise AggregateError(f"{path}: not valid JSON ({exc})") from exc
+    return read_plan(results_dir) if (Path(results_dir) / "plan.json").exists() else {}
 
 
 def _finite(x: Any) -> float | None:

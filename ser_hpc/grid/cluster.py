@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from .. import slurm
 from ..config import ConfigError, copy_config, read_yaml, set_key
 from ..offline import OFFLINE_HUB_ENV
 
@@ -23,7 +23,6 @@ OPTION_RE = re.compile(r"^--([a-z][a-z0-9-]*)(?:=(.*))?$")
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SLURM_NAME_RE = re.compile(r"^[A-Za-z0-9_.,-]+$")
 NEWLINE_RE = re.compile(r"[\n\r\0]")  # a newline (or NUL) would add a line to a job script
-MAX_ARRAY_RE = re.compile(r"^\s*MaxArraySize\s*=\s*(\d+)\s*$", re.MULTILINE)
 SECTIONS = ("train", "aggregate", "prepare", "features")
 PLACE = ("partition", "account", "qos")
 COUNTS = ("nodes", "tasks_per_node", "gpus_per_task", "cpus_per_task", "time_min", "signal_delay_s")
@@ -99,21 +98,10 @@ def load_profile(path: str | Path) -> ClusterProfile:
     return profile
 
 
-def scontrol_max_array_size(timeout_s: float = 10) -> int | None:
-    """MaxArraySize from ``scontrol show config``, or None when scontrol is missing, fails
-    (no controller reachable from here) or does not say."""
-    try:
-        res = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=timeout_s)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = MAX_ARRAY_RE.search(res.stdout) if res.returncode == 0 else None
-    return int(m.group(1)) if m and int(m.group(1)) >= 1 else None
-
-
 def max_array_size(profile: ClusterProfile) -> tuple[int, str]:
     """The largest array job Slurm accepts here (indices 0..N-1), and where the number came from:
     ``scontrol show config`` when it answers, else the profile's max_array_size, else Slurm's default."""
-    found = scontrol_max_array_size()
+    found = slurm.max_array_size()
     if found is not None:
         return found, "scontrol show config"
     if profile.max_array_size is not None:

@@ -6,36 +6,19 @@ Slurm, or without an answer from it, the tree alone is used. Only small files ar
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from .. import atomic_io
+from ..plan_file import read_plan
 from ..run_status import RunStatus
+from ..slurm import ACTIVE, RUNNING, TaskState, query
 from ..train.run_folder import RunFolder
 from . import manifest
 
 # The states a row can show (a run without final.json is pending, running or requeued here).
 STATES = tuple(s.value for s in RunStatus if s is not RunStatus.MISSING)
-ACTIVE = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
-                    "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT"})
-RUNNING = frozenset({"RUNNING", "COMPLETING", "CONFIGURING"})
-TIMEOUT_S = 10  # squeue / sacct: a login node that cannot reach the controller must not hang
-
-
-@dataclass
-class TaskState:
-    job_id: str               # "<array>_<task>" or a plain job id
-    state: str                # Slurm's state, first word (CANCELLED by 0 -> CANCELLED)
-    reason: str = ""
-    requeues: int = 0         # earlier attempts of this task (sacct -D records before the last)
-    start: float | None = None  # epoch seconds, when started
-
-    def __str__(self) -> str:  # "12_4 PENDING (Priority)"
-        return f"{self.job_id} {self.state}" + (f" ({self.reason})" if self.reason not in ("", "None") else "")
 
 
 @dataclass
@@ -72,64 +55,6 @@ def _mtime(path: Path) -> float | None:
         return path.stat().st_mtime
     except OSError:
         return None
-
-
-def _epoch(stamp: str) -> float | None:
-    try:
-        return datetime.fromisoformat(stamp).timestamp()
-    except ValueError:  # "Unknown", "N/A", "None"
-        return None
-
-
-def _run(cmd: list[str], n: int) -> list[list[str]] | None:
-    """The first n '|'-separated fields of each line the command prints; None when it does not answer."""
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if res.returncode != 0:
-        # squeue exits 1 when every id is gone from the controller: that is an answer.
-        return [] if "Invalid job id" in res.stderr else None
-    lines = [line.split("|") for line in res.stdout.splitlines()]
-    return [[f.strip() for f in fields[:n]] for fields in lines if len(fields) >= n]
-
-
-def expand_ids(job_id: str) -> list[str]:
-    """``12_[0-3%2]`` / ``12_[1,4-5]`` -> 12_0, 12_1, ...; anything else -> [job_id]."""
-    m = re.fullmatch(r"(\d+)_\[([\d,\-]+)(?:%\d+)?\]", job_id)
-    if not m:
-        return [job_id]
-    bounds = [part.partition("-")[::2] for part in m[2].split(",")]
-    return [f"{m[1]}_{i}" for lo, hi in bounds for i in range(int(lo), int(hi or lo) + 1)]
-
-
-def query(job_ids: list[str]) -> dict[str, TaskState] | None:
-    """Task id -> state for the given (array) job ids; None when neither command answers."""
-    joined = ",".join(sorted({str(j) for j in job_ids if j}))
-    if not joined:
-        return None
-    acct = _run(["sacct", "-n", "-P", "-X", "-D", "-j", joined, "-o", "JobID,State,Start,Reason"], 4)
-    # -O with RestartCnt: a requeue is visible at once, before sacct's records catch up.
-    live = _run(["squeue", "-h", "-r", "-j", joined, "-O", "JobArrayID:|,State:|,Reason:|,StartTime:|,RestartCnt:|"], 5)
-    if acct is None and live is None:
-        return None
-    states: dict[str, TaskState] = {}
-    not_started: dict[str, TaskState] = {}
-    for jid, state, start, reason in acct or []:
-        word = (state.split() or [""])[0]
-        if "[" in jid:  # a range of array tasks not yet started: the weakest evidence, used last
-            not_started.update({tid: TaskState(tid, word, reason) for tid in expand_ids(jid)})
-        else:  # -D: one record per attempt, oldest first
-            prev = states.get(jid)
-            states[jid] = TaskState(jid, word, reason, prev.requeues + 1 if prev else 0, _epoch(start))
-    states = not_started | states  # a task's own record beats its range's
-    for jid, state, reason, start, restarts in live or []:  # squeue has the freshest word
-        prev = states.get(jid)
-        requeues = max(prev.requeues if prev else 0, int(restarts) if restarts.isdigit() else 0)
-        # squeue's start time of a pending job is only an estimate: keep real starts only.
-        started = None if state == "PENDING" else (_epoch(start) or (prev.start if prev else None))
-        states[jid] = TaskState(jid, state, reason, requeues, started)
-    return states
 
 
 def _age(seconds: float) -> str:
@@ -180,9 +105,7 @@ def _resolve(row: RunRow, folder: RunFolder, task: TaskState | None, now: float)
 
 def grid_status(results_dir: str | Path, use_slurm: bool = True) -> GridStatus:
     results_dir = Path(results_dir)
-    if not (results_dir / "plan.json").is_file():
-        raise FileNotFoundError(f"{results_dir / 'plan.json'} not found: is this a launched grid?")
-    plan = atomic_io.read_json(results_dir / "plan.json")
+    plan = read_plan(results_dir)
     tasks, others = manifest.pack_tasks(manifest.read(results_dir))
     job_ids = {t.task_id.split("_")[0] for t in tasks.values() if t.task_id} | set(others.values())
     states = query(sorted(job_ids)) if use_slurm else None

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .. import slurm
 
 log = logging.getLogger("ser_hpc.train")
 
@@ -34,16 +35,6 @@ class DistEnv:
         return self.world > 1
 
 
-def _first_slurm_host() -> str:
-    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost")
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             check=True, timeout=30).stdout.split()
-        return out[0] if out else "localhost"
-    except (OSError, subprocess.SubprocessError):
-        return nodelist.split(",")[0]
-
-
 def detect() -> DistEnv:
     """Ranks from torchrun's variables, else from srun's; one process otherwise."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -51,7 +42,7 @@ def detect() -> DistEnv:
     ntasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or 1)
     if ntasks > 1 and "SLURM_PROCID" in os.environ:
         env = DistEnv(int(os.environ["SLURM_PROCID"]), ntasks, int(os.environ.get("SLURM_LOCALID", 0)))
-        os.environ.setdefault("MASTER_ADDR", _first_slurm_host())
+        os.environ.setdefault("MASTER_ADDR", slurm.first_host())
         # One port per job, so two jobs sharing a node do not collide.
         job = int(os.environ.get("SLURM_JOB_ID", "0"))
         os.environ.setdefault("MASTER_PORT", str(20000 + job % 20000))

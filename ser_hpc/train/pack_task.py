@@ -5,12 +5,10 @@ jobs/train.py --plan --pack) and the local / debug executors."""
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import time
 
+from .. import slurm
 from ..config import config_from_dict
-from ..locks import slurm_job
 from ..plan_file import job_start, run_folder
 from ..run_status import RunStatus
 from .loop import train_pack
@@ -57,12 +55,11 @@ def handle_preemption(exc: Preempted, cfg, plan: dict, runs: list[dict]) -> None
     resume from their checkpoints. A pack that keeps being stopped ends with its unfinished
     runs failed (the rest of the grid goes on).
     """
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    job = slurm_job()
+    restarts, job = slurm.restart_count(), slurm.job_id()
     if exc.wants_requeue and job and restarts < cfg.train.max_requeues:
         log.warning("pack of %d run(s): %s; requeueing Slurm job %s (restart %d of at most %d)", len(runs), exc, job,
                     restarts + 1, cfg.train.max_requeues)
-        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+        slurm.requeue(job)
         time.sleep(600)  # Slurm stops this instance now; never fall through to other work
         raise SystemExit(1)
     if exc.wants_requeue and job:
