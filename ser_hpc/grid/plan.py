@@ -324,14 +324,14 @@ def _pair_config(spec: GridSpec, base: Config, corpus: CorpusEntry | None, pair:
     layers = [(f"run_config {spec.run_config}", flatten(spec.base)),  # applied once, as ``base``
               (f"overrides in {spec.path}", {k: v for k, v in spec.overrides.items() if k not in spec.cli}),
               ("the command-line override", spec.cli),
-              (f"corpus {corpus.name if corpus else ''} in {spec.path}", corpus.data if corpus else {}),
+              (f"corpus {corpus.name} in {spec.path}" if corpus else "", corpus.data if corpus else {}),
               ("the entry itself", pair.overrides)]
     cfg, set_by = copy_config(base), {}
     for i, (source, keys) in enumerate(layers):
         for key, value in keys.items():
             if i:
                 set_key(cfg, key, value, where)
-            set_by[key] = f"{source} {key}={value}" if source.startswith("the command") else source
+            set_by[key] = source
     set_by.update({k: f"the axis {k} in {spec.path}" for k in spec.axes if k not in pair.overrides})
     if len(pair.encoders) == 1 and "model.modalities" not in set_by:  # one encoder: that modality alone
         cfg.model.modalities, set_by["model.modalities"] = NEEDS[pair.encoders[0]], "the entry's encoder"
