@@ -18,7 +18,7 @@ except ImportError:  # run as a script from a checkout without `pip install -e .
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ser_hpc.ensemble.aggregate import AggregateError, aggregate
-from ser_hpc.ensemble.combine import METHODS
+from ser_hpc.ensemble.settings import METHODS, SELECTIONS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="ensemble size (default: plan.json ensemble.top_k, else 3)")
     parser.add_argument("--method", choices=METHODS, default=None,
                         help="mean: average class probabilities; vote: majority vote (default: plan.json, else mean)")
-    parser.add_argument("--selection", choices=("topk", "greedy"), default=None,
+    parser.add_argument("--selection", choices=SELECTIONS, default=None,
                         help="topk: the top-k runs by dev (the paper); greedy: forward selection with replacement "
                              "on dev (Caruana et al. 2004) (default: plan.json, else topk)")
     args = parser.parse_args(argv)

@@ -18,14 +18,11 @@ from typing import Any
 
 from ser_hpc.ensemble.benchmark import benchmark_steps
 from ser_hpc.ensemble.collect import AggregateError, collect_runs, load_plan
-from ser_hpc.ensemble.combine import METHODS
 from ser_hpc.ensemble.folder import build_and_publish
-from ser_hpc.ensemble.selection import SELECTIONS
+from ser_hpc.ensemble import settings
 from ser_hpc.ensemble.steps import ensemble_steps
 
 __all__ = ["aggregate", "AggregateError"]
-
-DEFAULT_TOP_K = 3
 
 
 def aggregate(results_dir: str | Path, top_k: int | None = None, method: str | None = None,
@@ -40,16 +37,12 @@ def aggregate(results_dir: str | Path, top_k: int | None = None, method: str | N
     if not results_dir.is_dir():
         raise AggregateError(f"results directory {results_dir} does not exist")
     plan = load_plan(results_dir)
-    cfg = plan.get("ensemble") or {}
-    k = top_k if top_k is not None else cfg.get("top_k", DEFAULT_TOP_K)
-    method = method or cfg.get("method", "mean")
-    selection = selection or cfg.get("selection", "topk")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise AggregateError(f"top_k must be a positive integer, got {k!r}")
-    if method not in METHODS:
-        raise AggregateError(f"unknown ensemble method {method!r}; choose from {', '.join(METHODS)}")
-    if selection not in SELECTIONS:
-        raise AggregateError(f"unknown ensemble selection {selection!r}; choose from {', '.join(SELECTIONS)}")
+    given = {"top_k": top_k, "method": method, "selection": selection}
+    try:
+        chosen = settings.resolve({**(plan.get("ensemble") or {}), **{k: v for k, v in given.items() if v is not None}})
+    except ValueError as exc:
+        raise AggregateError(str(exc)) from None
+    k, method, selection = chosen["top_k"], chosen["method"], chosen["selection"]
 
     grid_name = plan.get("grid_name") or results_dir.name
     records = collect_runs(results_dir, plan)

@@ -6,8 +6,8 @@ from typing import Sequence
 import numpy as np
 
 from ser_hpc.ensemble.collect import AggregateError, ProbTable
+from ser_hpc.ensemble.settings import METHODS
 
-METHODS = ("mean", "vote")
 
 
 def _preview(ids: set[str], n: int = 10) -> str:

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 from ser_hpc.ensemble.analysis import Pool, SplitStats
 from ser_hpc.ensemble.collect import RunRecord
 from ser_hpc.ensemble.configurations import Configuration
-from ser_hpc.ensemble.selection import SELECTIONS, crossfit, greedy, topk
+from ser_hpc.ensemble.selection import crossfit, greedy, topk
+from ser_hpc.ensemble.settings import SELECTIONS
 from ser_hpc.ensemble.stats import LEVEL, N_RESAMPLES, SEED, chance_macro_f1
 
 SPLITS = ("dev", "test")

@@ -16,7 +16,6 @@ import numpy as np
 from ser_hpc.ensemble.combine import combine
 from ser_hpc.ensemble.stats import macro_f1_batch
 
-SELECTIONS = ("topk", "greedy")
 GREEDY_MAX_SIZE = 25   # cap on the bag (with repeats)
 GREEDY_PATIENCE = 5    # steps without improvement before stopping; macro-F1 moves in steps
 

@@ -24,6 +24,7 @@ from typing import Any
 from .. import atomic_io
 from ..config import (Config, ConfigError, apply_tree, config_tree, copy_config, flatten, read_yaml, set_key,
                       valid_keys, validate)
+from ..ensemble import settings
 from ..train.packing import group_runs, needs_own_forward
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -31,7 +32,6 @@ GRID_KEYS = {"name", "run_config", "overrides", "backbone_pairs", "axes", "pack_
              "cluster", "results_dir", "description", "corpora", "cross_corpus"}
 CORPUS_KEYS = {"name", "data", "folds"}
 PAIR_KEYS = {"name", "speech", "text"}
-ENSEMBLE_METHODS, SELECTIONS = ("mean", "vote"), ("topk", "greedy")
 MAPPING_KEYS = ("data.label_map.", "data.columns.")  # data.label_map.exc=happy sets one entry
 NEEDS = {"speech": "audio", "text": "text"}          # encoder -> the modality it serves
 OTHER = {"speech": "text", "text": "speech"}
@@ -67,7 +67,7 @@ class GridSpec:
     pairs: list[BackbonePair]
     axes: dict[str, list[Any]]
     pack_size: int = 1
-    ensemble: dict[str, Any] = field(default_factory=lambda: {"top_k": 3, "method": "mean"})
+    ensemble: dict[str, Any] = field(default_factory=lambda: dict(settings.DEFAULTS))
     cluster: str | None = None
     results_dir: str = "results"
     corpora: list[CorpusEntry] = field(default_factory=list)    # benchmark mode; empty: the run config's corpus
@@ -185,14 +185,10 @@ def load_grid(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> 
     pack_size = tree.get("pack_size", 1)
     if not isinstance(pack_size, int) or pack_size < 1:
         raise ConfigError(f"{path}: pack_size must be an integer >= 1, got {pack_size!r}")
-    ensemble = {"top_k": 3, "method": "mean", **(tree.get("ensemble") or {})}
-    top_k = ensemble["top_k"]
-    for problem, bad in (("ensemble takes top_k, method and selection", set(ensemble) - {"top_k", "method", "selection"}),
-                         ("ensemble.selection must be topk or greedy", ensemble.get("selection", "topk") not in SELECTIONS),
-                         ("ensemble.top_k must be an integer >= 1", type(top_k) is not int or top_k < 1),
-                         ("ensemble.method must be mean or vote", ensemble["method"] not in ENSEMBLE_METHODS)):
-        if bad:
-            raise ConfigError(f"{path}: {problem}, got {tree.get('ensemble')!r}")
+    try:
+        ensemble = settings.resolve(tree.get("ensemble") or {})
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return GridSpec(name, path, base, overrides, pairs, axes, pack_size, ensemble, tree.get("cluster"),
                     str(tree.get("results_dir") or "results"), corpora, cross, cli, tree.get("run_config"))
 
