@@ -388,11 +388,12 @@ def _validate_corpus(data: DataConfig) -> None:
                           + (" (EmoBox publishes its own folds: choose one with data.fold)" if data.format == "emobox" else ""))
     if data.folds and data.fold > data.folds:
         raise ConfigError(f"data.fold={data.fold} but data.folds={data.folds}: folds are numbered 1..{data.folds}")
-    if data.fold and (data.format == "emospeech" or (data.format == "manifest" and not data.folds)):
-        raise ConfigError(f"data.fold={data.fold} but this corpus has no folds (data.format {data.format}"
-                          + (", no data.folds): give the manifest data.folds: K to generate K folds" if data.folds == 0
-                             and data.format == "manifest" else ": it has fixed splits")
-                          + "; data.fold selects a test fold of an EmoBox corpus or of a manifest with data.folds")
+    if data.fold and data.format == "emospeech":
+        raise ConfigError(f"data.fold={data.fold} but this corpus has no folds (data.format emospeech has fixed "
+                          "splits); data.fold selects a test fold of an EmoBox corpus or of a manifest with data.folds")
+    if data.fold and data.format == "manifest" and not data.folds:
+        raise ConfigError(f"data.fold={data.fold} but this corpus has no folds (data.format manifest without "
+                          "data.folds): give the manifest data.folds: K to generate K folds")
     if data.labels is not None:
         if not data.labels:
             raise ConfigError("config key 'data.labels' is an empty list; give the class names, or null to derive them")

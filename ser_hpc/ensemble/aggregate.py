@@ -16,10 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ser_hpc.ensemble import settings
 from ser_hpc.ensemble.benchmark import benchmark_steps
 from ser_hpc.ensemble.collect import AggregateError, collect_runs, load_plan
 from ser_hpc.ensemble.folder import build_and_publish
-from ser_hpc.ensemble import settings
 from ser_hpc.ensemble.steps import ensemble_steps
 
 __all__ = ["aggregate", "AggregateError"]

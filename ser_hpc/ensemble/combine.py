@@ -9,7 +9,6 @@ from ser_hpc.ensemble.collect import AggregateError, ProbTable
 from ser_hpc.ensemble.settings import METHODS
 
 
-
 def _preview(ids: set[str], n: int = 10) -> str:
     shown = sorted(ids)[:n]
     return ", ".join(shown) + (f", ... ({len(ids)} in all)" if len(ids) > n else "")

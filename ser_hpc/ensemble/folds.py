@@ -306,4 +306,3 @@ def _fold_lines(result: dict | None) -> list[str]:
         figs = ", ".join(f"{k} {100 * m[k]:.2f}" + ("" if s[k] is None else f" ± {100 * s[k]:.2f}") for k in SPLIT_KEYS)
         lines.append(f"[aggregate] over {result['n_folds']} folds (test): {figs}")
     return lines
-

@@ -157,4 +157,3 @@ def run_summary(results_dir: Any, records: Sequence[RunRecord], body: Sequence[s
     lines += [f"[aggregate] failed: {r.run_id} ({r.reason})" for r in failed]
     lines += [f"[aggregate] missing (no final.json): {', '.join(missing)}"] if missing else []
     return "\n".join(lines + [f"[aggregate] note: {n}" for n in notes])
-

@@ -23,6 +23,7 @@ from .plan import PlannedRun, expand, load_grid
 
 log = logging.getLogger("ser_hpc.grid")
 
+
 class CheckError(ValueError):
     """A pre-submission check failed; nothing was submitted."""
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from .. import atomic_io
 
 
-
 def new_launch_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
